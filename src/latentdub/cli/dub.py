@@ -1,0 +1,3 @@
+"""`latentdub dub` command(s). (placeholder: filled in by its issue)"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`latentdub faces` command(s). (placeholder: filled in by its issue)"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`latentdub weights` command(s). (placeholder: filled in by its issue)"""
+
+from __future__ import annotations

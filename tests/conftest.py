@@ -1,0 +1,36 @@
+"""Shared test fixtures: locations of ../shared (reference data and real media)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (the ../shared folder beside the project root is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _require(SHARED / "reference", "reference data")
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    return _require(SHARED / "media", "test media")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny model in the official folder layout, made by `latentdub weights make-tiny`."""
+    from latentdub.weights import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny-weights")
+    make_tiny(out)
+    return out
