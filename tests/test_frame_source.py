@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from latentdub.media.frame_source import FrameSource, upright
+from latentdub.media.frame_source import FrameSource
+from latentdub.media.reader import upright
 
 
 def _sequential(path: Path) -> tuple[list[int], list[str], int]:

@@ -139,6 +139,21 @@ class _Window:
 _STOP = object()
 
 
+def read_inputs(video: str | Path, audio: str | Path) -> tuple[Any, Any]:
+    """Probe the video and decode the new speech; every unusable input is an ``InputError``.
+
+    Cheap enough to run before the model is loaded, so bad input fails in a second.
+    """
+    from latentdub.media.audio_io import load_audio
+    from latentdub.media.reader import probe_video
+
+    info = probe_video(Path(video))
+    if info.num_frames is not None and info.num_frames < 1:
+        raise InputError(f"{video} has no video frames")
+    clip = load_audio(Path(audio), min_duration_s=MIN_AUDIO_S)
+    return info, clip
+
+
 def plan_windows(source_index: np.ndarray, valid: np.ndarray, size: int = WINDOW) -> list[_Window]:
     """Split output frames into windows of ≤ ``size``, breaking wherever the face comes or goes."""
     usable = np.asarray(valid, dtype=bool)[source_index]
@@ -260,7 +275,7 @@ class LipSyncPipeline:
         timer = StageTimer()
         warnings: list[str] = []
         video, audio, output = Path(video), Path(audio), Path(output)
-        _check_output_path(output, video, audio)
+        check_output_path(output, video, audio)
 
         with timer("read_inputs"):
             info, clip = self.read_inputs(video, audio)
@@ -272,7 +287,7 @@ class LipSyncPipeline:
 
         selection = select_face(analysis, opts.face, resolution=self.resolution)
         timeline = self.plan_output(analysis, info, clip.duration_s, opts.length_policy)
-        clip = clip.padded_or_trimmed(timeline.duration_s)
+        clip = clip.with_length(round(timeline.duration_s * clip.sample_rate))
         with timer("audio_features"):
             tokens = self.encode_audio(clip, timeline)
         windows = plan_windows(timeline.source_index, selection.valid)
@@ -303,12 +318,7 @@ class LipSyncPipeline:
     # -- steps --------------------------------------------------------------------------------
     def read_inputs(self, video: Path, audio: Path) -> tuple[Any, Any]:
         """Probe the video and decode the new speech (native rate and channels)."""
-        from latentdub.media.audio_io import load_audio
-        from latentdub.media.reader import probe_video
-
-        info = probe_video(video)
-        clip = load_audio(audio, min_duration_s=MIN_AUDIO_S)
-        return info, clip
+        return read_inputs(video, audio)
 
     def fit_audio(self, clip: Any, video: Path, info: Any, opts: DubOptions) -> tuple[Any, dict[str, Any] | None]:
         """``--fit stretch|align``: change the dub's timing to fit the picture."""
@@ -593,7 +603,7 @@ def _output_passthrough_ranges(windows: list[_Window], timeline: Timeline) -> li
     return ranges
 
 
-def _check_output_path(output: Path, video: Path, audio: Path) -> None:
+def check_output_path(output: Path, video: Path, audio: Path) -> None:
     if output.suffix.lower() not in (".mp4", ".mov", ".mkv", ".m4v"):
         raise InputError(f"output {output} must end in .mp4, .mov, .mkv or .m4v")
     if not output.parent.exists():

@@ -61,7 +61,7 @@ def dub(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
 ) -> None:
     """Dub VIDEO with the speech in AUDIO and write the result to OUTPUT."""
-    from latentdub.pipeline import LipSyncPipeline
+    from latentdub.pipeline import DubOptions, LipSyncPipeline, check_output_path, read_inputs
 
     face = _parse_face(face)
     if version not in ("1.5", "1.6"):
@@ -71,6 +71,10 @@ def dub(
             raise InputError(f"{what} file {path} does not exist")
         if path.is_dir():
             raise InputError(f"{what} {path} is a folder, not a file")
+    DubOptions(steps=steps, guidance=guidance, seed=seed, length_policy=length_policy, fit=fit,
+               max_stretch=max_stretch, face=face, crf=crf).validate()
+    check_output_path(output, video, audio)
+    read_inputs(video, audio)  # fail fast on bad input, before loading a model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     status = console_err.status("loading model…") if not json_out else None

@@ -17,12 +17,7 @@ import av
 import numpy as np
 
 from latentdub.errors import InputError
-
-
-def upright(image: np.ndarray, rotation: int) -> np.ndarray:
-    """Rotate a decoded frame so it is shown as the display matrix says (counter-clockwise deg)."""
-    turns = (round(rotation / 90) % 4) if rotation else 0
-    return np.ascontiguousarray(np.rot90(image, k=turns)) if turns else image
+from latentdub.media.reader import upright
 
 
 class FrameSource:

@@ -1,0 +1,316 @@
+"""Face detection + landmark backends, reduced to what alignment needs: three anchor points.
+
+LatentSync aligns every face with a 3-point similarity: left-eyebrow centre, right-eyebrow centre
+and nose centre (``face_alignment_constants.json``). A backend finds faces in one RGB image and
+returns, per face, a box, those three anchors (same anatomical points whatever the landmark
+model), a confidence and a yaw estimate. Alignment, tracking and selection never see the
+landmark model, so another backend (InsightFace's 106 points, the official landmarks) can be
+plugged in without touching them.
+
+The default :class:`MediaPipeBackend` runs offline from the models shipped in the
+``mediapipe==0.10.21`` wheel (Apache-2.0): the full-range BlazeFace detector finds faces of any
+size in the whole frame, then Face Mesh (468 points, 3-D) runs on a square crop around each face,
+which is what makes several faces and small faces in large frames work (Face Mesh on a whole
+1080x1920 frame only finds faces that fill a good part of it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+
+from latentdub.errors import InputError
+
+# -- anchor definitions ------------------------------------------------------------------------
+# MediaPipe Face Mesh indices for the three LatentSync anchors, and why.
+#
+# Official 1.6 anchors: means of InsightFace 2d106 points {43,48,49,51,50} (image-left brow),
+# {101..105} (image-right brow) and {74,77,83,86} (nose). The official code's own 106 → 68-point
+# table (LMK_ADAPT_ORIGIN_ORDER in face_alignment_constants.json) says what these are in the
+# familiar 68-point scheme: {43,48,49,51,50} = points 17-21 and {102..105,101} = points 22-26
+# (the two brows, traced along the upper brow edge), 74 = point 28 and 86 = point 29 (the upper
+# and middle nasal bridge); 77/83 are a symmetric pair beside the bridge. So the nose anchor is a
+# point on the middle of the nasal bridge, NOT the centre of the whole nose (the 1.0/1.5 FAN rule
+# mean(27..35) sits much lower).
+#
+# Face Mesh points at the same places (standard mesh ↔ 68-point correspondence):
+#   brow 17-21 → 70, 63, 105, 66, 107      brow 22-26 → 336, 296, 334, 293, 300
+#   bridge 28 → 197, 29 → 5, and 195 between them (a symmetric side pair would only add noise).
+# Image-left / image-right is what matters (the template's first point is the image-left brow);
+# for an upright face 70..107 always lie on the image-left brow.
+#
+# Measured (bench/bench_face.py --residuals, 8 frontal clips, 80 frames): after the official
+# similarity fit the anchors sit 3.9 px (mean) from the template points in the 256 crop and the
+# nose lands 1.7 px above its template point on average; with the FAN-style nose mean(27..35)
+# equivalent (168,197,5,4,75,97,2,326,305) the mean residual is 7.6 px and the nose lands 7 px low.
+# The remaining residual is person-to-person face shape and head pitch (it is 2-3 px on some
+# clips, up to ~7 px mean on others), which the official landmarks have as well.
+MP_BROW_IMAGE_LEFT: tuple[int, ...] = (70, 63, 105, 66, 107)
+MP_BROW_IMAGE_RIGHT: tuple[int, ...] = (336, 296, 334, 293, 300)
+MP_NOSE: tuple[int, ...] = (197, 195, 5)
+#: Cheek points at the widest part of the face oval (for the yaw estimate).
+MP_CHEEK_IMAGE_LEFT = 234
+MP_CHEEK_IMAGE_RIGHT = 454
+
+
+def mesh_anchors(landmarks: np.ndarray) -> np.ndarray:
+    """The three LatentSync anchors (3, 2) from Face Mesh landmarks (468 or 478, ≥2 columns)."""
+    pts = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    return np.stack(
+        [
+            pts[list(MP_BROW_IMAGE_LEFT)].mean(axis=0),
+            pts[list(MP_BROW_IMAGE_RIGHT)].mean(axis=0),
+            pts[list(MP_NOSE)].mean(axis=0),
+        ]
+    )
+
+
+def mesh_yaw_degrees(landmarks: np.ndarray) -> float:
+    """Head yaw from the 3-D mesh: angle of the cheek-to-cheek vector out of the image plane.
+
+    Face Mesh z is in the same units as x (pixels here), so for a head turned by θ the vector
+    between the two widest oval points is (w·cosθ, ·, w·sinθ). 0 = frontal, ±90 = profile;
+    positive when the subject turns towards the image right.
+    """
+    a = landmarks[MP_CHEEK_IMAGE_LEFT]
+    b = landmarks[MP_CHEEK_IMAGE_RIGHT]
+    return float(math.degrees(math.atan2(-(b[2] - a[2]), b[0] - a[0])))
+
+
+# -- the interface ----------------------------------------------------------------------------
+@dataclass
+class FaceObservation:
+    """One face in one image. Coordinates are image pixels (x right, y down)."""
+
+    bbox: np.ndarray  # (4,) x0, y0, x1, y1 of the face (landmark extent when landmarks exist)
+    anchors: np.ndarray  # (3, 2): image-left brow centre, image-right brow centre, nose centre
+    score: float  # detector confidence in [0, 1]
+    yaw: float | None = None  # degrees, 0 = frontal, ±90 = profile (None if unknown)
+    landmarks: np.ndarray | None = field(default=None, repr=False)  # (K, 2|3) if kept
+
+    @property
+    def size(self) -> float:
+        """Face size in pixels: the larger side of the box."""
+        return float(max(self.bbox[2] - self.bbox[0], self.bbox[3] - self.bbox[1]))
+
+
+@runtime_checkable
+class FaceBackend(Protocol):
+    """Finds faces in one upright RGB uint8 image.
+
+    ``rois`` are optional boxes (x0, y0, x1, y1) where faces were on the previous frame; a
+    backend may look there first (tracking) and may skip its whole-image search when
+    ``search`` is False. Backends that cannot use them ignore both.
+    """
+
+    name: str
+
+    def detect(
+        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
+    ) -> list[FaceObservation]: ...
+
+    def close(self) -> None: ...
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _square_roi(box: np.ndarray, scale: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """A square around ``box`` scaled by ``scale``, clipped to the image; None if degenerate."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half = max(box[2] - box[0], box[3] - box[1]) * scale / 2
+    x0, y0 = max(0, int(cx - half)), max(0, int(cy - half))
+    x1, y1 = min(width, int(math.ceil(cx + half))), min(height, int(math.ceil(cy + half)))
+    if x1 - x0 < 16 or y1 - y0 < 16:
+        return None
+    return x0, y0, x1, y1
+
+
+class MediaPipeBackend:
+    """Full-range BlazeFace on the frame + Face Mesh per face crop (offline, Apache-2.0)."""
+
+    name = "mediapipe"
+
+    def __init__(
+        self,
+        *,
+        min_score: float = 0.5,
+        max_faces: int = 6,
+        roi_scale: float = 1.8,
+        max_roi_side: int = 512,
+        keep_landmarks: bool = False,
+    ) -> None:
+        try:
+            import mediapipe as mp
+        except ImportError as err:  # pragma: no cover - mediapipe is a hard dependency
+            raise InputError(
+                "the MediaPipe face backend needs the package mediapipe==0.10.21 "
+                "(pip install mediapipe==0.10.21)"
+            ) from err
+        solutions = getattr(mp, "solutions", None)
+        if solutions is None:  # pragma: no cover - guards against mediapipe >= 0.10.30
+            raise InputError(
+                f"mediapipe {getattr(mp, '__version__', '?')} has no bundled face models; "
+                "install mediapipe==0.10.21 (the newest release that ships them)"
+            )
+        self.min_score = min_score
+        self.max_faces = max_faces
+        self.roi_scale = roi_scale
+        self.max_roi_side = max_roi_side
+        self.keep_landmarks = keep_landmarks
+        # model_selection=1: the full-range (sparse) model finds faces down to ~20 px in a
+        # 1080p frame; the short-range one misses the small faces of wide and portrait shots.
+        self._detector = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_score)
+        # Scores a tracked crop that the full-frame search did not confirm on this frame.
+        self._crop_detector = solutions.face_detection.FaceDetection(
+            model_selection=0, min_detection_confidence=min_score
+        )
+        # static_image_mode: every crop is landmarked from scratch (no hidden state that could
+        # drift across cuts or swap faces); temporal stability is our own smoothing's job.
+        self._mesh = solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, refine_landmarks=False, min_detection_confidence=min_score
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        for attr in ("_detector", "_crop_detector", "_mesh"):
+            obj = getattr(self, attr, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, attr, None)
+
+    def __enter__(self) -> MediaPipeBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- detection ----------------------------------------------------------------------------
+    def _search(self, image: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        h, w = image.shape[:2]
+        result = self._detector.process(image)
+        found: list[tuple[np.ndarray, float]] = []
+        for det in result.detections or []:
+            rel = det.location_data.relative_bounding_box
+            box = np.array(
+                [rel.xmin * w, rel.ymin * h, (rel.xmin + rel.width) * w, (rel.ymin + rel.height) * h],
+                dtype=np.float64,
+            )
+            if box[2] - box[0] >= 8 and box[3] - box[1] >= 8:
+                found.append((box, float(det.score[0])))
+        found.sort(key=lambda item: -(item[0][2] - item[0][0]) * (item[0][3] - item[0][1]))
+        return found[: self.max_faces]
+
+    def _landmark(self, image: np.ndarray, roi: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Face Mesh on one crop → (landmarks (468, 3) in image pixels, crop used)."""
+        x0, y0, x1, y1 = roi
+        crop = image[y0:y1, x0:x1]
+        side = max(x1 - x0, y1 - y0)
+        scale = 1.0
+        if side > self.max_roi_side:  # the mesh model sees 192x192 anyway; shrink big crops first
+            scale = self.max_roi_side / side
+            crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        crop = np.ascontiguousarray(crop)
+        result = self._mesh.process(crop)
+        if not result.multi_face_landmarks:
+            return None
+        ch, cw = crop.shape[:2]
+        lm = result.multi_face_landmarks[0].landmark
+        pts = np.array([(p.x, p.y, p.z) for p in lm], dtype=np.float64)
+        pts[:, 0] = pts[:, 0] * cw / scale + x0
+        pts[:, 1] = pts[:, 1] * ch / scale + y0
+        pts[:, 2] = pts[:, 2] * cw / scale
+        return pts, crop
+
+    def _crop_score(self, crop: np.ndarray) -> float:
+        result = self._crop_detector.process(crop)
+        return max((float(d.score[0]) for d in result.detections or []), default=0.0)
+
+    def detect(
+        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
+    ) -> list[FaceObservation]:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        h, w = image.shape[:2]
+        detections = self._search(image) if search else []
+        # Proposals: detector boxes first, then tracked boxes that no detection already covers.
+        proposals: list[tuple[np.ndarray, float | None]] = [(b, s) for b, s in detections]
+        for roi in rois:
+            roi = np.asarray(roi, dtype=np.float64)
+            if all(box_iou(roi, b) < 0.3 for b, _ in proposals):
+                proposals.append((roi, None))
+
+        faces: list[FaceObservation] = []
+        for box, score in proposals[: self.max_faces]:
+            # A detector box is tight around eyes-to-mouth; the tracked box is the mesh extent.
+            square = _square_roi(box, self.roi_scale if score is not None else self.roi_scale * 0.85, w, h)
+            if square is None:
+                continue
+            found = self._landmark(image, square)
+            if found is None:
+                continue
+            pts, crop = found
+            bbox = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+            if any(box_iou(bbox, f.bbox) > 0.5 for f in faces):
+                continue  # the same face reached from two proposals
+            if score is None:
+                score = self._crop_score(crop)
+                if score < self.min_score:
+                    continue
+            faces.append(
+                FaceObservation(
+                    bbox=bbox,
+                    anchors=mesh_anchors(pts),
+                    score=score,
+                    yaw=mesh_yaw_degrees(pts),
+                    landmarks=pts if self.keep_landmarks else None,
+                )
+            )
+        return faces
+
+
+class InsightFaceBackend:
+    """Placeholder for the official landmarks (InsightFace ``buffalo_l``: SCRFD + 2d106).
+
+    Those weights are licensed for non-commercial research only and are not downloaded by
+    latentdub; users who own the pack will be able to point this backend at it. The anchor
+    rule would be the official one: means of 106-point indices {43,48,49,51,50}, {101..105},
+    {74,77,83,86}.
+    """
+
+    name = "insightface"
+    ANCHOR_INDICES_106: tuple[tuple[int, ...], ...] = ((43, 48, 49, 51, 50), (101, 102, 103, 104, 105), (74, 77, 83, 86))
+
+    def __init__(self, model_root: str | None = None, **_: Any) -> None:
+        try:
+            import insightface  # noqa: F401
+        except ImportError as err:
+            raise InputError(
+                "the InsightFace backend needs the `insightface` and `onnxruntime` packages and a local "
+                "copy of the buffalo_l model pack (non-commercial licence); use the default MediaPipe "
+                "backend instead"
+            ) from err
+        raise InputError("the InsightFace backend is not implemented yet; use the default MediaPipe backend")
+
+    def detect(
+        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
+    ) -> list[FaceObservation]:  # pragma: no cover - never constructed
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - never constructed
+        pass
+
+
+def default_backend() -> FaceBackend:
+    return MediaPipeBackend()

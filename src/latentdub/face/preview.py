@@ -1,0 +1,119 @@
+"""A diagnostic video: every track's box, the selected face's anchors and the pasted mouth region.
+
+Decodes the video a second time (the analysis keeps no frames) and encodes H.264 with PyAV,
+keeping the source timestamps (VFR stays VFR). Written to a temporary name beside the target
+and renamed at the end, so a failed run never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from latentdub.errors import InputError
+from latentdub.face.analysis import FaceAnalysis
+from latentdub.face.paste import blend_region_mask
+from latentdub.face.selection import FaceSelection
+from latentdub.media.reader import iter_frames
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+_ANCHOR_COLOUR = (255, 40, 40)
+_MASK_TINT = np.array([0, 120, 255], dtype=np.float32)
+
+
+def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour: tuple[int, int, int]) -> None:
+    thick = max(1, round(scale * 2))
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
+
+
+def draw_overlay(
+    image: np.ndarray, index: int, analysis: FaceAnalysis, selection: FaceSelection, boxes: dict[int, np.ndarray]
+) -> np.ndarray:
+    """One annotated frame (a new array)."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    scale = max(0.4, min(w, h) / 900)
+    if selection.valid[index]:
+        weights = blend_region_mask(selection.matrices[index], out.shape, selection.resolution)
+        touched = weights > 0
+        alpha = (weights[touched] * 0.45)[:, None]
+        out[touched] = (out[touched] * (1 - alpha) + _MASK_TINT * alpha).astype(np.uint8)
+        for x, y in selection.anchors[index]:
+            cv2.circle(out, (round(x), round(y)), max(2, round(4 * scale)), _ANCHOR_COLOUR, -1, cv2.LINE_AA)
+    chosen = int(selection.track_ids[index])
+    for tid, box in boxes.items():
+        colour = _PALETTE[tid % len(_PALETTE)]
+        x0, y0, x1, y1 = (round(v) for v in box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), colour, 3 if tid == chosen else 1, cv2.LINE_AA)
+        _text(out, f"#{tid}" + (" dub" if tid == chosen else ""), (x0, max(12, y0 - 4)), 0.5 * scale, colour)
+    status = "DUB" if selection.valid[index] else "pass-through"
+    for r in selection.passthrough_ranges:
+        if r.start_frame <= index < r.end_frame:
+            status = f"pass-through: {r.reason}"
+            break
+    _text(out, f"frame {index}  {analysis.times_s[index]:.2f}s  {status}", (8, round(24 * scale) + 4), 0.6 * scale, (255, 255, 255))
+    return out
+
+
+def render_preview(
+    analysis: FaceAnalysis,
+    selection: FaceSelection,
+    output: str | Path,
+    *,
+    crf: int = 23,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write the annotated video to ``output`` (.mp4, H.264) and return its path."""
+    output = Path(output)
+    if output.suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise InputError(f"--preview {output}: use an .mp4 (or .mov/.mkv) file name")
+    if not output.parent.exists():
+        raise InputError(f"--preview {output}: the folder {output.parent} does not exist")
+    if output.resolve() == analysis.path.resolve():
+        raise InputError(f"--preview {output} would overwrite the input video")
+    n = analysis.num_frames
+    track_ids = np.unique(analysis.obs_track)
+    tracks = {int(t): analysis.track(int(t)) for t in track_ids}
+    # Even dimensions for yuv420p; the odd last row/column is dropped.
+    w, h = analysis.width - analysis.width % 2, analysis.height - analysis.height % 2
+    tmp = output.with_name(f".{output.stem}.partial-{os.getpid()}{output.suffix}")
+    time_base = Fraction(analysis.time_base)
+    pts0 = int(analysis.pts[0])
+    try:
+        with av.open(str(tmp), mode="w", format="mp4" if output.suffix.lower() != ".mkv" else "matroska") as container:
+            rate = Fraction(analysis.fps).limit_denominator(1001)
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height = w, h
+            stream.pix_fmt = "yuv420p"
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            last_pts = -1
+            for frame in iter_frames(analysis.path, stop=n):
+                i = frame.index
+                boxes = {tid: data.bbox[i] for tid, data in tracks.items() if data.present[i]}
+                img = draw_overlay(frame.image, i, analysis, selection, boxes)[:h, :w]
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)
+                vf.pts, vf.time_base = pts, time_base
+                last_pts = pts
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+                if progress is not None and i % 10 == 0:
+                    progress(i + 1, n)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        tmp.replace(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if progress is not None:
+        progress(n, n)
+    return output

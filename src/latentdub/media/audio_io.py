@@ -1,0 +1,320 @@
+"""Audio loading (any file, or the audio track of a video) and the small audio value type.
+
+Everything is decoded with PyAV, so whatever FFmpeg reads works: WAV (16/24/32-bit, float),
+MP3, AAC/Opus in MP4/MKV/WebM, FLAC, … Samples come back as float32 in [-1, 1] at the
+file's own rate and channel count; nothing is resampled unless asked. The Whisper features
+want 16 kHz mono (:meth:`AudioClip.to_mono_16k`); the output video gets the clip at its own
+rate (the writer muxes it as is).
+
+Timing: sample placement trusts the decoder's timestamps (gaps are filled with silence,
+overlaps dropped), and the result is trimmed to the stream's stated duration when the
+container states one. That removes AAC/MP3 encoder padding: the MP4/MP3 demuxers already
+drop the priming samples (edit list / LAME header), but the last decoded frame is always a
+full 1024/1152 samples, so without the trim every AAC track would come out up to ~23 ms long.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import soxr
+
+from latentdub.errors import InputError
+
+#: Rate the Whisper front end works at.
+WHISPER_SAMPLE_RATE = 16000
+
+# A stated duration is trusted for trimming only when it is this close to what was decoded;
+# a larger disagreement means the header is wrong (e.g. a truncated download), not padding.
+_MAX_TRIM_S = 0.5
+# Timestamp jitter (in seconds) tolerated before a gap is filled with silence.
+_GAP_TOLERANCE_S = 0.002
+# FFmpeg "formats" that accept nearly any bytes (ANSI art, raw text); a file that only
+# opens as one of these is not media.
+_NON_MEDIA_FORMATS = frozenset({"tty", "txt"})
+
+
+@dataclass(frozen=True, eq=False)
+class AudioClip:
+    """Decoded audio: ``samples`` float32 shaped (num_samples, channels) at ``sample_rate``.
+
+    ``start_s`` is the time of the first sample on the source's timeline (the container
+    timestamp), so a video's own track can be lined up with its frames; it is informational
+    and every operation here keeps it consistent.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    start_s: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        samples = np.asarray(self.samples, dtype=np.float32)
+        if samples.ndim == 1:
+            samples = samples[:, None]
+        if samples.ndim != 2 or samples.shape[1] < 1:
+            raise ValueError(f"AudioClip samples must be (n, channels), got {samples.shape}")
+        if int(self.sample_rate) <= 0:
+            raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
+        # frozen dataclass: normalise through object.__setattr__
+        object.__setattr__(self, "samples", np.ascontiguousarray(samples))
+        object.__setattr__(self, "sample_rate", int(self.sample_rate))
+
+    # --- properties ---------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    def __repr__(self) -> str:
+        return (
+            f"AudioClip({self.duration_s:.3f} s, {self.sample_rate} Hz, "
+            f"{self.num_channels} ch, start {self.start_s:.3f} s)"
+        )
+
+    # --- conversions --------------------------------------------------------------------
+    def _like(self, samples: np.ndarray, sample_rate: int | None = None) -> AudioClip:
+        return AudioClip(samples, sample_rate or self.sample_rate, self.start_s)
+
+    def mono(self) -> AudioClip:
+        """Average of the channels (a (n, 1) clip); a mono clip is returned unchanged."""
+        if self.num_channels == 1:
+            return self
+        return self._like(self.samples.mean(axis=1, keepdims=True))
+
+    def resampled(self, sample_rate: int) -> AudioClip:
+        """The clip at another rate (soxr, high quality); same channels."""
+        sample_rate = int(sample_rate)
+        if sample_rate == self.sample_rate:
+            return self
+        if self.num_samples == 0:
+            return self._like(np.zeros((0, self.num_channels), np.float32), sample_rate)
+        out = soxr.resample(self.samples, self.sample_rate, sample_rate, quality="HQ")
+        return self._like(np.asarray(out, np.float32).reshape(-1, self.num_channels), sample_rate)
+
+    def to_mono_16k(self) -> np.ndarray:
+        """1-D float32 waveform at 16 kHz mono: what the Whisper features are computed from."""
+        return self.mono().resampled(WHISPER_SAMPLE_RATE).samples[:, 0].copy()
+
+    # --- length edits -------------------------------------------------------------------
+    def trimmed(self, num_samples: int) -> AudioClip:
+        """The first ``num_samples`` samples (the whole clip if it is shorter)."""
+        return self._like(self.samples[: max(0, int(num_samples))])
+
+    def padded(self, num_samples: int) -> AudioClip:
+        """The clip followed by silence up to ``num_samples`` (unchanged if already longer)."""
+        missing = int(num_samples) - self.num_samples
+        if missing <= 0:
+            return self
+        pad = np.zeros((missing, self.num_channels), np.float32)
+        return self._like(np.concatenate([self.samples, pad]))
+
+    def with_length(self, num_samples: int) -> AudioClip:
+        """Trimmed or padded with silence to exactly ``num_samples``."""
+        return self.trimmed(num_samples).padded(num_samples)
+
+    def sliced(self, start_s: float, end_s: float | None = None) -> AudioClip:
+        """Samples in [start_s, end_s) seconds from the clip's first sample (clamped)."""
+        start = min(max(0, round(start_s * self.sample_rate)), self.num_samples)
+        end = self.num_samples if end_s is None else round(end_s * self.sample_rate)
+        end = min(max(start, end), self.num_samples)
+        return AudioClip(
+            self.samples[start:end], self.sample_rate, self.start_s + start / self.sample_rate
+        )
+
+
+# --- loading ------------------------------------------------------------------------------
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"Audio file not found: {path}. Check the path and try again.")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an audio or video file.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes). Give a real audio or video file.")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path} cannot be read (permission denied).")
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(
+            f"{path} is not an audio or video file FFmpeg can read ({_reason(err)}). "
+            "Give a WAV, MP3, M4A/AAC, FLAC, OGG or a video with an audio track."
+        ) from err
+    if container.format.name in _NON_MEDIA_FORMATS:
+        container.close()
+        raise InputError(
+            f"{path} is not an audio or video file (it looks like plain text). "
+            "Give a WAV, MP3, M4A/AAC, FLAC, OGG or a video with an audio track."
+        )
+    return container
+
+
+def _reason(err: BaseException) -> str:
+    text = getattr(err, "strerror", None) or str(err)
+    return text.strip().rstrip(".") or type(err).__name__
+
+
+def _pick_stream(
+    container: av.container.InputContainer, path: Path, stream_index: int | None
+) -> av.audio.stream.AudioStream:
+    audio = list(container.streams.audio)
+    if stream_index is not None:
+        matches = [s for s in container.streams if s.index == stream_index]
+        if not matches:
+            raise InputError(
+                f"{path} has no stream #{stream_index} (it has {len(container.streams)} streams)."
+            )
+        if matches[0].type != "audio":
+            raise InputError(
+                f"Stream #{stream_index} of {path} is {matches[0].type}, not audio. "
+                f"Audio streams: {[s.index for s in audio] or 'none'}."
+            )
+        return matches[0]
+    if not audio:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
+        raise InputError(
+            f"{path} has no audio stream (it contains {kinds}). "
+            "Give an audio file, or a video that has a sound track."
+        )
+    # FFmpeg's choice of "best" stream (most channels / default disposition), else the first.
+    try:
+        best = container.streams.best("audio")
+    except Exception:  # older PyAV: no best(); fall through
+        best = None
+    return best if best is not None else audio[0]
+
+
+def _stated_end_s(stream: av.audio.stream.AudioStream, first_pts_s: float) -> float | None:
+    """Where the stream says it ends on the container timeline, if it says so."""
+    if stream.duration is None or stream.time_base is None:
+        return None
+    start = stream.start_time if stream.start_time is not None else None
+    start_s = float(start * stream.time_base) if start is not None else first_pts_s
+    return start_s + float(stream.duration * stream.time_base)
+
+
+def load_audio(
+    path: str | os.PathLike[str],
+    *,
+    stream_index: int | None = None,
+    min_duration_s: float = 0.0,
+) -> AudioClip:
+    """Decode an audio file, or the audio stream of a video, to float32 at its native rate.
+
+    ``stream_index`` picks a stream by its container index (default: FFmpeg's best audio
+    stream). ``min_duration_s`` rejects clips shorter than that with a clear message.
+    Raises :class:`~latentdub.errors.InputError` for anything the user can fix.
+    """
+    path = Path(path)
+    _check_file(path)
+    container = _open(path)
+    try:
+        stream = _pick_stream(container, path, stream_index)
+        clip = _decode(container, stream, path)
+    finally:
+        container.close()
+
+    if clip.num_samples == 0:
+        raise InputError(f"{path}: the audio stream decodes to no samples at all (empty track).")
+    if clip.duration_s < min_duration_s:
+        raise InputError(
+            f"{path}: the audio is only {clip.duration_s:.2f} s long; at least "
+            f"{min_duration_s:.2f} s is needed. Give a longer recording."
+        )
+    return clip
+
+
+def _decode(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, path: Path
+) -> AudioClip:
+    rate = int(stream.rate or stream.codec_context.sample_rate or 0)
+    channels = int(stream.codec_context.channels or 0)
+    if rate <= 0:
+        raise InputError(f"{path}: the audio stream has no sample rate; the file is damaged.")
+
+    chunks: list[np.ndarray] = []
+    written = 0  # samples placed so far
+    first_pts_s: float | None = None
+    resampler: av.AudioResampler | None = None
+    bad_packets = 0
+    good_frames = 0
+
+    def place(planar: np.ndarray, pts_s: float | None) -> None:
+        nonlocal written, first_pts_s
+        data = planar.T  # (n, ch)
+        if first_pts_s is None:
+            first_pts_s = pts_s if pts_s is not None else 0.0
+        elif pts_s is not None:
+            expected = first_pts_s + written / rate
+            drift = pts_s - expected
+            if drift > _GAP_TOLERANCE_S:  # a hole in the stream: keep timing with silence
+                gap = round(drift * rate)
+                chunks.append(np.zeros((gap, data.shape[1]), np.float32))
+                written += gap
+            elif drift < -_GAP_TOLERANCE_S:  # overlap: drop what was already covered
+                data = data[min(len(data), round(-drift * rate)) :]
+        if len(data):
+            chunks.append(np.ascontiguousarray(data, np.float32))
+            written += len(data)
+
+    def convert(frame: av.AudioFrame | None) -> list[tuple[np.ndarray, float | None]]:
+        nonlocal resampler, channels
+        if resampler is None:
+            if frame is None:
+                return []
+            channels = frame.layout.nb_channels if frame.layout else channels
+            # Same layout and rate: only the sample format changes (to planar float32).
+            resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.rate)
+        out = []
+        for f in resampler.resample(frame):
+            pts_s = float(f.pts * f.time_base) if f.pts is not None and f.time_base else None
+            out.append((f.to_ndarray().reshape(channels, -1), pts_s))
+        return out
+
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError:
+            bad_packets += 1  # like ffmpeg: skip a damaged packet, keep going
+            continue
+        for frame in frames:
+            good_frames += 1
+            # The resampler re-stamps frames itself; keep the decoder's pts for placement.
+            pts_s = (
+                float(frame.pts * frame.time_base)
+                if frame.pts is not None and frame.time_base
+                else None
+            )
+            for i, (planar, _) in enumerate(convert(frame)):
+                place(planar, pts_s if i == 0 else None)
+    for planar, _ in convert(None):
+        place(planar, None)
+
+    if good_frames == 0:
+        detail = f" ({bad_packets} damaged packets)" if bad_packets else ""
+        raise InputError(
+            f"{path}: the audio stream ({stream.codec_context.name}) could not be decoded"
+            f"{detail}. The file is damaged or uses an unsupported codec."
+        )
+
+    samples = np.concatenate(chunks) if chunks else np.zeros((0, max(channels, 1)), np.float32)
+    start_s = first_pts_s or 0.0
+    stated_end = _stated_end_s(stream, start_s)
+    if stated_end is not None:
+        stated_n = round((stated_end - start_s) * rate)
+        if 0 < stated_n < len(samples) and len(samples) - stated_n <= _MAX_TRIM_S * rate:
+            samples = samples[:stated_n]
+    return AudioClip(np.clip(samples, -1.0, 1.0), rate, start_s)

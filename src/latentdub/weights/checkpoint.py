@@ -1,0 +1,250 @@
+"""Safe, strict reading of checkpoint files and loading them into modules.
+
+Everything here turns the many ways a weights file can be wrong (empty, truncated, a pickle
+that wants to run code, the wrong model, stale conversions) into one
+:class:`~latentdub.errors.WeightsError` that names the file and says what to do. Only
+``torch.load(weights_only=True)`` and safetensors are ever used, so no file can execute code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from latentdub.errors import WeightsError
+
+log = logging.getLogger("latentdub.weights")
+
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (smoke-test model) — output is not a real dub"
+
+# Metadata keys written into converted safetensors files to tie them to their source.
+META_SOURCE_NAME = "latentdub_source"
+META_SOURCE_SIZE = "latentdub_source_size"
+META_SOURCE_MTIME = "latentdub_source_mtime_ns"
+
+M = TypeVar("M", bound=nn.Module)
+
+_LIST_LIMIT = 10
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise WeightsError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise WeightsError(f"{what}: expected a file but {path} is a folder")
+    if path.stat().st_size == 0:
+        raise WeightsError(
+            f"{what} file {path} is empty (0 bytes) — probably an interrupted download or copy. "
+            "Delete it and download it again (`latentdub weights download`)."
+        )
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` restricted to plain tensors/containers (never runs code from the file).
+
+    Zip-format files (everything ``torch.save`` wrote since torch 1.6) are memory-mapped, so a
+    5 GB checkpoint is not copied into RAM before the model takes its tensors.
+    """
+    path = Path(path)
+    _check_readable(path, what)
+    mmap = zipfile.is_zipfile(path)  # legacy (non-zip) pickles cannot be memory-mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/...
+        message = str(err)
+        if "Weights only load failed" in message:
+            blocked = re.search(r"GLOBAL (\S+)", message)
+            detail = f" (it references {blocked.group(1)})" if blocked else ""
+            raise WeightsError(
+                f"{what} file {path} contains Python objects that would run code when loaded"
+                f"{detail}. latentdub only loads plain tensors and refuses it. Use the official "
+                "file from the Hugging Face hub (`latentdub weights download`)."
+            ) from None
+        raise WeightsError(
+            f"{what} file {path} could not be read: it is truncated or corrupt, or not a "
+            f"PyTorch checkpoint ({_first_line(err)}). Delete it and download it again "
+            "(`latentdub weights download`)."
+        ) from None
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a ``.safetensors`` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_readable(path, what)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as err:  # SafetensorError, OSError, ...
+        raise WeightsError(
+            f"{what} file {path} is not a readable safetensors file: it is truncated or corrupt "
+            f"({_first_line(err)}). Delete it and create it again (`latentdub weights convert`) "
+            "or download the original."
+        ) from None
+    return tensors, metadata
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata header only (cheap); ``None`` when the file is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT])
+    more = f" … and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
+    return f"  {len(items)} {title}: {shown}{more}"
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Size | tuple[int, ...]],
+    found: Mapping[str, torch.Tensor],
+    path: Path,
+    what: str,
+    hint: str = "",
+) -> None:
+    """Raise a WeightsError listing missing, unexpected and mis-shaped keys (the official
+    loader silently ignores them, which hides wrong or damaged files)."""
+    not_tensors = [k for k, v in found.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightsError(
+            f"{what} file {path} is not a state dict of tensors: "
+            + _listing("entries are not tensors", not_tensors).strip()
+            + ". It is not a model checkpoint of the expected kind."
+        )
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k} (file {list(found[k].shape)}, model {list(expected[k])})"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{what} file {path} does not fit the model it is meant for:"]
+    if missing:
+        lines.append(_listing("missing keys (in the model, not in the file)", missing))
+    if unexpected:
+        lines.append(_listing("unexpected keys (in the file, not in the model)", unexpected))
+    if wrong:
+        lines.append(_listing("keys with the wrong shape", wrong))
+    lines.append(
+        hint
+        or "It is a different model or a damaged file; download the official weights again "
+        "(`latentdub weights download`)."
+    )
+    raise WeightsError("\n".join(lines))
+
+
+def load_module_strict(
+    factory: Callable[[], M],
+    state_dict: Mapping[str, torch.Tensor],
+    path: Path,
+    what: str,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    hint: str = "",
+) -> M:
+    """Build a module without initialising it and fill it from ``state_dict``, strictly.
+
+    The module is created on the meta device (no memory, no random init — for the 1.27 B
+    parameter UNet that init alone costs many seconds) and the checkpoint tensors are
+    assigned into it. If the module keeps non-persistent buffers (which a checkpoint cannot
+    provide), it is rebuilt normally instead, so the result is always complete.
+    """
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # a module whose __init__ computes with real values: build it normally
+        log.debug("meta-device build failed; building %s normally", what, exc_info=True)
+        model = factory()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, path, what, hint)
+
+    persistent = set(expected)
+    has_volatile_buffers = any(name not in persistent for name, _ in model.named_buffers())
+    if has_volatile_buffers:
+        model = factory()
+        model.load_state_dict(state_dict, strict=True)
+    else:
+        # The module takes the checkpoint's tensors as they are (memory-mapped, any dtype);
+        # ``to`` below casts them to one dtype and device.
+        model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    # nn.Module.to, not diffusers' override, which warns spuriously on every dtype cast.
+    nn.Module.to(model, device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def converted_is_fresh(converted: Path, source: Path) -> bool:
+    """Whether ``converted`` (a safetensors file written by ``convert``) may stand in for
+    ``source``.
+
+    A converted file records the size and mtime of the file it was made from. It is used
+    when the source is gone (the user kept only the compact file), or when the source still
+    has the recorded size and has not been modified after the conversion (a copied folder
+    changes mtimes but keeps their order). Anything else means the source was replaced: the
+    converted file is stale and ignored.
+    """
+    if not converted.is_file():
+        return False
+    if not source.exists():
+        return True
+    meta = read_safetensors_metadata(converted)
+    if meta is None:
+        return False
+    src = source.stat()
+    recorded_size = meta.get(META_SOURCE_SIZE)
+    if recorded_size is not None and recorded_size != str(src.st_size):
+        return False
+    if meta.get(META_SOURCE_MTIME) == str(src.st_mtime_ns):
+        return True
+    return src.st_mtime_ns <= converted.stat().st_mtime_ns
+
+
+def source_metadata(source: Path) -> dict[str, str]:
+    """Metadata that ties a converted file to ``source`` (see :func:`converted_is_fresh`)."""
+    st = source.stat()
+    return {
+        META_SOURCE_NAME: source.name,
+        META_SOURCE_SIZE: str(st.st_size),
+        META_SOURCE_MTIME: str(st.st_mtime_ns),
+    }
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]
+) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves a half file
+    that would later be mistaken for a good conversion."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata)
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

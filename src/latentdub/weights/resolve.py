@@ -1,0 +1,515 @@
+"""Which files make up a LatentSync model, and where they are.
+
+A version ("1.5" or "1.6"; "1.0" for local folders) is resolved to a :class:`ModelFiles`
+either from a local folder in the official layout or from the Hugging Face hub (through its
+cache, so files are fetched once, resumably, honouring ``HF_TOKEN`` / ``HF_HUB_OFFLINE`` /
+``HF_HOME``).
+
+Local folder layout (the official ``checkpoints/`` folder works as is)::
+
+    DIR/latentsync_unet.pt                  torch.save({"state_dict": ..., "global_step": ...})
+    DIR/whisper/tiny.pt                     OpenAI format {"dims": ..., "model_state_dict": ...}
+    DIR/sd-vae-ft-mse/                      diffusers AutoencoderKL folder (config.json + weights);
+                                            also accepted: DIR/vae/, DIR/stabilityai/sd-vae-ft-mse/
+                                            (searched in this order); if none is present the VAE
+                                            comes from the hub cache, as in the official code
+    DIR/latentdub.json                      optional: recorded version, non-default dims,
+                                            "random_weights" (written by download/make-tiny)
+    DIR/latentsync_unet.fp16.safetensors    optional, written by `latentdub weights convert`
+    DIR/whisper/tiny.fp16.safetensors       optional, idem
+
+1.5 and 1.6 checkpoints have identical keys and shapes (1.6 is 1.5 retrained at 512 px), so
+a file cannot tell which it is: the version — and with it the face resolution (256 / 512) —
+comes from the caller, or from ``latentdub.json`` when ``latentdub weights download --dir``
+recorded it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentdub.errors import WeightsError
+from latentdub.weights.checkpoint import converted_is_fresh, log
+
+SUPPORTED_VERSIONS = ("1.0", "1.5", "1.6")
+HUB_VERSIONS = ("1.5", "1.6")
+DEFAULT_VERSION = "1.6"
+RESOLUTIONS = {"1.0": 256, "1.5": 256, "1.6": 512}
+
+HUB_REPOS = {"1.5": "ByteDance/LatentSync-1.5", "1.6": "ByteDance/LatentSync-1.6"}
+VAE_REPO = "stabilityai/sd-vae-ft-mse"
+
+UNET_FILE = "latentsync_unet.pt"
+UNET_FP16_FILE = "latentsync_unet.fp16.safetensors"
+WHISPER_FILE = "whisper/tiny.pt"
+WHISPER_FP16_FILE = "whisper/tiny.fp16.safetensors"
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+VAE_SUBDIRS = ("sd-vae-ft-mse", "vae", "stabilityai/sd-vae-ft-mse")
+CONFIG_FILE = "latentdub.json"
+
+LAYOUT_HELP = (
+    "  DIR/latentsync_unet.pt\n"
+    "  DIR/whisper/tiny.pt\n"
+    "  DIR/sd-vae-ft-mse/config.json\n"
+    "  DIR/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"
+)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files of one model and what is needed to build it.
+
+    ``unet`` and ``whisper`` are the files that will be read: the fp16 safetensors written by
+    ``latentdub weights convert`` when present and up to date, else the official files.
+    """
+
+    version: str
+    unet: Path
+    whisper: Path
+    vae_dir: Path
+    resolution: int
+    unet_config: dict[str, Any] = field(repr=False)
+    random_weights: bool = False
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (paths as strings)."""
+        out = asdict(self)
+        for key in ("unet", "whisper", "vae_dir"):
+            out[key] = str(out[key])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# versions and configs
+
+
+def check_version(version: str, *, hub: bool = False) -> str:
+    """Normalise and validate a version string ("1.6", "v1.6", "1.6.0" → "1.6")."""
+    v = str(version).strip().lower().removeprefix("v")
+    v = v[:-2] if v.endswith(".0") and v.count(".") == 2 else v
+    allowed = HUB_VERSIONS if hub else SUPPORTED_VERSIONS
+    if v not in allowed:
+        raise WeightsError(
+            f"unknown LatentSync version {version!r}: expected one of {', '.join(allowed)}"
+            + (
+                " (1.0 weights are not fetched automatically; put them in a folder and pass it "
+                "with --weights)"
+                if v == "1.0"
+                else ""
+            )
+        )
+    return v
+
+
+def official_unet_config(version: str) -> dict[str, Any]:
+    """The official ``model:`` config of a version (1.0 = 1.5 without motion modules)."""
+    from latentdub.models.unet import unet_config
+
+    if version == "1.0":
+        try:
+            return copy.deepcopy(unet_config("1.0"))
+        except (KeyError, ValueError):
+            # Derived per the 1.0 `second_stage.yaml`: same layout, no temporal layers.
+            cfg = copy.deepcopy(unet_config("1.5"))
+            cfg["use_motion_module"] = False
+            cfg.setdefault("motion_module_kwargs", {})["temporal_position_encoding_max_len"] = 16
+            return cfg
+    return copy.deepcopy(unet_config(version))
+
+
+# --------------------------------------------------------------------------------------------
+# latentdub.json
+
+
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """``DIR/latentdub.json`` (``{}`` when absent), validated."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path} is not valid JSON ({err}); fix or delete it.") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object; fix or delete it.")
+    checks: dict[str, type | tuple[type, ...]] = {
+        "version": str,
+        "resolution": int,
+        "unet_config": dict,
+        "random_weights": bool,
+    }
+    for key, kind in checks.items():
+        if key in data and not isinstance(data[key], kind):
+            raise WeightsError(f"{path}: {key!r} has the wrong type ({type(data[key]).__name__}).")
+    if "resolution" in data and (data["resolution"] <= 0 or data["resolution"] % 8):
+        raise WeightsError(f"{path}: resolution must be a positive multiple of 8.")
+    if "version" in data:
+        data["version"] = check_version(data["version"])
+    return data
+
+
+def write_folder_config(folder: Path, data: dict[str, Any]) -> Path:
+    path = folder / CONFIG_FILE
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# local folders
+
+
+def _prefer(official: Path, converted: Path, prefer_converted: bool) -> Path | None:
+    """The file to read for one component: the fresh converted file, else the official one."""
+    if converted.is_file() and (not official.exists() or prefer_converted):
+        if converted_is_fresh(converted, official):
+            return converted
+        log.warning(
+            "ignoring %s: %s changed after it was converted (re-run `latentdub weights convert`)",
+            converted,
+            official.name,
+        )
+    return official if official.is_file() else None
+
+
+def find_local_vae(folder: Path) -> Path | None:
+    """The first VAE folder of the documented search order that holds a config.json."""
+    for sub in VAE_SUBDIRS:
+        candidate = folder / sub
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def _resolve_local(
+    folder: Path, version: str | None, *, download: bool, prefer_converted: bool
+) -> ModelFiles:
+    folder = folder.expanduser()
+    if not folder.exists():
+        raise WeightsError(f"weights folder {folder} does not exist.")
+    if not folder.is_dir():
+        raise WeightsError(
+            f"--weights must be a folder in the official layout, but {folder} is a file. "
+            f"Expected:\n{LAYOUT_HELP}"
+        )
+    folder = folder.resolve()
+    cfg = read_folder_config(folder)
+    recorded = cfg.get("version")
+    if version is not None and recorded is not None and version != recorded:
+        raise WeightsError(
+            f"{folder} holds LatentSync {recorded} weights (per {CONFIG_FILE}) but version "
+            f"{version} was requested; pass --version {recorded}, or use a folder with {version} "
+            "weights."
+        )
+    version = version or recorded or DEFAULT_VERSION
+
+    unet = _prefer(folder / UNET_FILE, folder / UNET_FP16_FILE, prefer_converted)
+    whisper = _prefer(folder / WHISPER_FILE, folder / WHISPER_FP16_FILE, prefer_converted)
+    missing = [name for name, path in ((UNET_FILE, unet), (WHISPER_FILE, whisper)) if path is None]
+    if missing:
+        raise WeightsError(
+            f"weights folder {folder} is missing {' and '.join(missing)}. Expected the official "
+            f"layout:\n{LAYOUT_HELP}\nFill it with `latentdub weights download --version "
+            f"{version if version in HUB_VERSIONS else DEFAULT_VERSION} --dir {folder}`."
+        )
+    assert unet is not None and whisper is not None
+
+    vae_dir = find_local_vae(folder)
+    source = f"local folder {folder}"
+    if vae_dir is None:
+        # The official checkpoints/ folder has no VAE: LatentSync fetches it from the hub.
+        vae_dir = _hub_files(version, download=download, components=("vae",))["vae"]
+        source += " (VAE from the Hugging Face cache)"
+
+    unet_config = cfg.get("unet_config") or official_unet_config(version)
+    return ModelFiles(
+        version=version,
+        unet=unet,
+        whisper=whisper,
+        vae_dir=vae_dir,
+        resolution=int(cfg.get("resolution", RESOLUTIONS[version])),
+        unet_config=unet_config,
+        random_weights=bool(cfg.get("random_weights", False)),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face hub
+
+
+def hub_offline() -> bool:
+    """Offline mode, read at call time (huggingface_hub only reads it when imported)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache folder, read at call time (same rules as huggingface_hub)."""
+    from huggingface_hub import constants
+
+    if value := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(value).expanduser()
+    if value := os.environ.get("HF_HOME"):
+        return Path(value).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_wanted(version: str, components: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(component, repo, filename) for what a version needs from the hub."""
+    wanted = []
+    if "unet" in components:
+        wanted.append(("unet", HUB_REPOS[version], UNET_FILE))
+    if "whisper" in components:
+        wanted.append(("whisper", HUB_REPOS[version], WHISPER_FILE))
+    if "vae" in components:
+        wanted += [("vae", VAE_REPO, name) for name in VAE_FILES]
+    return wanted
+
+
+def _describe_failure(err: Exception, offline: bool, download: bool) -> str:
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if offline:
+        return "offline mode is on (HF_HUB_OFFLINE=1) and they are not in the cache"
+    if not download:
+        return "they are not in the cache (and downloading was not allowed)"
+    if isinstance(err, GatedRepoError | RepositoryNotFoundError):
+        return (
+            "the hub refused access (set HF_TOKEN to a token that may read the repository): "
+            + str(err).splitlines()[0]
+        )
+    if not isinstance(err, HfHubHTTPError):
+        cause = err.__cause__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"the Hugging Face hub could not be reached ({first}) and they are not in the cache"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"they could not be downloaded ({first})"
+
+
+def _hub_files(
+    version: str,
+    *,
+    download: bool,
+    components: tuple[str, ...] = ("unet", "whisper", "vae"),
+    local_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Fetch (or find in the cache) the hub files; one WeightsError listing all that failed."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    offline = hub_offline()
+    cache_dir = hub_cache_dir()
+    use_network = download and not offline
+    found: dict[str, Path] = {}
+    failed: list[tuple[str, str]] = []
+    reason = ""
+    for component, repo, filename in _hub_wanted(version, components):
+        target = None
+        if local_dir is not None:
+            target = local_dir / VAE_SUBDIRS[0] if component == "vae" else local_dir
+        try:
+            path = Path(
+                hf_hub_download(
+                    repo,
+                    filename,
+                    cache_dir=cache_dir,
+                    local_dir=target,
+                    token=None,  # let huggingface_hub read HF_TOKEN / the stored login
+                    local_files_only=not use_network,
+                )
+            )
+        except Exception as err:  # network, auth, missing cache: all become one message
+            reason = reason or _describe_failure(err, offline, download)
+            failed.append((repo, filename))
+            if use_network and not isinstance(err, HfHubHTTPError):
+                # The hub is unreachable (each try costs ~30 s of retries): only look in the
+                # cache for the remaining files, to report everything that is missing.
+                use_network = False
+            continue
+        found[component] = path.parent if component == "vae" else path
+    if failed:
+        raise WeightsError(_missing_message(version, failed, reason, cache_dir))
+    return found
+
+
+def _missing_message(
+    version: str, failed: list[tuple[str, str]], reason: str, cache_dir: Path
+) -> str:
+    by_repo: dict[str, list[str]] = {}
+    for repo, filename in failed:
+        by_repo.setdefault(repo, []).append(filename)
+    need = "\n".join(f"  - {repo}: {', '.join(names)}" for repo, names in by_repo.items())
+    v = version if version in HUB_VERSIONS else DEFAULT_VERSION
+    return (
+        f"LatentSync {version} weights are not available: {reason}.\n"
+        f"Needed from the Hugging Face hub (cache: {cache_dir}):\n{need}\n"
+        "Get them with one of:\n"
+        f"  - latentdub weights download --version {v}            (into the Hugging Face cache)\n"
+        f"  - latentdub weights download --version {v} --dir DIR  (then pass --weights DIR)\n"
+        "  - or copy the files into a folder yourself and pass --weights DIR; layout:\n"
+        f"{textwrap.indent(LAYOUT_HELP, '    ')}\n"
+        "(Downloading needs network access; a token in HF_TOKEN is used if set.)"
+    )
+
+
+def _resolve_hub(version: str, *, download: bool) -> ModelFiles:
+    version = check_version(version, hub=True)
+    files = _hub_files(version, download=download)
+    return ModelFiles(
+        version=version,
+        unet=files["unet"],
+        whisper=files["whisper"],
+        vae_dir=files["vae"],
+        resolution=RESOLUTIONS[version],
+        unet_config=official_unet_config(version),
+        random_weights=False,
+        source=f"Hugging Face cache ({HUB_REPOS[version]}, {VAE_REPO})",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# public
+
+
+def resolve_weights(
+    version: str | None = DEFAULT_VERSION,
+    weights_dir: str | Path | None = None,
+    *,
+    download: bool = True,
+    prefer_converted: bool = True,
+) -> ModelFiles:
+    """Resolve a LatentSync version to its files.
+
+    With ``weights_dir``, files come from that local folder (see the module docstring for the
+    layout); ``version=None`` then means "the version recorded in its latentdub.json, else
+    1.6". Without it, they come from the Hugging Face cache, downloaded first if missing and
+    ``download`` is true. Nothing is loaded here. Raises WeightsError with instructions when
+    something is missing.
+    """
+    if version is not None:
+        version = check_version(version, hub=weights_dir is None)
+    if weights_dir is not None:
+        return _resolve_local(
+            Path(weights_dir), version, download=download, prefer_converted=prefer_converted
+        )
+    return _resolve_hub(version or DEFAULT_VERSION, download=download)
+
+
+def download_weights(
+    version: str = DEFAULT_VERSION, dest_dir: str | Path | None = None
+) -> ModelFiles:
+    """Download a version's files: into ``dest_dir`` in the official layout (plus the VAE in
+    ``dest_dir/sd-vae-ft-mse`` and a latentdub.json recording the version), or into the
+    Hugging Face cache when ``dest_dir`` is None. Already complete files are not fetched again.
+    """
+    version = check_version(version, hub=True)
+    if dest_dir is None:
+        return _resolve_hub(version, download=True)
+    dest = Path(dest_dir).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise WeightsError(f"--dir {dest} is a file; give a folder.")
+    recorded = read_folder_config(dest).get("version") if dest.is_dir() else None
+    if recorded is not None and recorded != version:
+        raise WeightsError(
+            f"{dest} already holds LatentSync {recorded} weights; download {version} into "
+            "another folder (1.5 and 1.6 files have the same names)."
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    _hub_files(version, download=True, local_dir=dest)
+    cfg = read_folder_config(dest)
+    cfg.update({"version": version, "source": f"{HUB_REPOS[version]} + {VAE_REPO}"})
+    write_folder_config(dest, cfg)
+    return _resolve_local(dest, version, download=False, prefer_converted=True)
+
+
+def _hub_cached(repo: str, filename: str, cache_dir: Path) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    except Exception:  # an odd cache layout must not break a status report
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """What is present, without downloading or loading anything.
+
+    One entry per hub version (1.5, 1.6) for the Hugging Face cache, plus one for
+    ``weights_dir`` if given. Each entry: version, where ("hf-cache" / "folder"), location,
+    unet / whisper / vae (path or None), converted (fp16 safetensors in use), random_weights,
+    complete, and error (a message, or None).
+    """
+    entries: list[dict[str, Any]] = []
+    cache_dir = hub_cache_dir()
+    for version in HUB_VERSIONS:
+        paths = {
+            component: _hub_cached(repo, filename, cache_dir)
+            for component, repo, filename in _hub_wanted(version, ("unet", "whisper"))
+        }
+        vae_hits = [_hub_cached(VAE_REPO, name, cache_dir) for name in VAE_FILES]
+        vae = vae_hits[0].parent if all(vae_hits) and vae_hits[0] is not None else None
+        entries.append(
+            {
+                "version": version,
+                "where": "hf-cache",
+                "location": str(cache_dir),
+                "unet": str(paths["unet"]) if paths["unet"] else None,
+                "whisper": str(paths["whisper"]) if paths["whisper"] else None,
+                "vae": str(vae) if vae else None,
+                "converted": False,
+                "random_weights": False,
+                "complete": all(paths.values()) and vae is not None,
+                "error": None,
+            }
+        )
+    if weights_dir is not None:
+        folder = Path(weights_dir).expanduser()
+        entry: dict[str, Any] = {
+            "version": None,
+            "where": "folder",
+            "location": str(folder),
+            "unet": None,
+            "whisper": None,
+            "vae": None,
+            "converted": False,
+            "random_weights": False,
+            "complete": False,
+            "error": None,
+        }
+        try:
+            files = _resolve_local(folder, None, download=False, prefer_converted=True)
+        except WeightsError as err:
+            entry["error"] = str(err)
+            if folder.is_dir():
+                entry["unet"] = str(folder / UNET_FILE) if (folder / UNET_FILE).is_file() else None
+                entry["whisper"] = (
+                    str(folder / WHISPER_FILE) if (folder / WHISPER_FILE).is_file() else None
+                )
+                vae_dir = find_local_vae(folder)
+                entry["vae"] = str(vae_dir) if vae_dir else None
+        else:
+            entry.update(
+                version=files.version,
+                unet=str(files.unet),
+                whisper=str(files.whisper),
+                vae=str(files.vae_dir),
+                converted=files.unet.suffix == ".safetensors",
+                random_weights=files.random_weights,
+                complete=True,
+            )
+        entries.append(entry)
+    return entries

@@ -1,0 +1,234 @@
+"""``make_tiny``: a small RANDOM model in the exact official folder layout and file formats.
+
+It lets tests and smoke runs exercise the whole program — resolving, strict loading, the
+pipeline — in seconds on a CPU, through the same code paths as the real weights. The output
+is meaningless: ``latentdub.json`` says ``"random_weights": true``, every loader warns, and a
+README says so.
+
+Dimensions: the UNet is the golden small config of the reference data (the official 1.5/1.6
+config with ``block_out_channels`` [32, 32, 64, 64]) with ``cross_attention_dim`` = the Whisper
+width; Whisper keeps the real model's structure (80 mels, 1500 audio positions, 4 layers → 5
+hidden states) at width 32; the VAE keeps 4 levels (downscale 8, 4 latent channels) at 32
+channels. Faces are 256 px (32x32 latents), as for 1.5.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentdub.errors import WeightsError
+from latentdub.weights.resolve import (
+    UNET_FILE,
+    VAE_SUBDIRS,
+    WHISPER_FILE,
+    read_folder_config,
+    write_folder_config,
+)
+
+TINY_RESOLUTION = 256
+TINY_WHISPER_DIMS: dict[str, int] = {
+    "n_mels": 80,
+    "n_audio_ctx": 1500,
+    "n_audio_state": 32,
+    "n_audio_head": 2,
+    "n_audio_layer": 4,
+    "n_vocab": 51865,
+    "n_text_ctx": 448,
+    "n_text_state": 32,
+    "n_text_head": 2,
+    "n_text_layer": 4,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [32, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+README = """\
+RANDOM WEIGHTS — NOT A REAL MODEL
+
+This folder was written by `latentdub weights make-tiny` (seed {seed}). It holds tiny, randomly
+initialised networks in the exact file layout and formats of the official LatentSync
+checkpoints (latentsync_unet.pt, whisper/tiny.pt, sd-vae-ft-mse/), so that tests and smoke runs
+can exercise the whole program quickly. Its output is noise, not a dub.
+
+For real results use the released weights: `latentdub weights download --version 1.6`.
+"""
+
+
+def tiny_unet_config(
+    cross_attention_dim: int = TINY_WHISPER_DIMS["n_audio_state"],
+) -> dict[str, Any]:
+    """The official 1.5/1.6 UNet config shrunk to block widths [32, 32, 64, 64]."""
+    from latentdub.models.unet import unet_config
+
+    cfg = copy.deepcopy(unet_config("1.5"))
+    cfg["block_out_channels"] = [32, 32, 64, 64]
+    cfg["cross_attention_dim"] = cross_attention_dim
+    return cfg
+
+
+def _recipe_(named: list[tuple[str, torch.Tensor]], generator: torch.Generator) -> None:
+    """Overwrite tensors in place with small non-zero values (the reference data's recipe):
+    matrices N(0,1)/sqrt(fan_in), norm scales 1+0.1·N, biases 0.05·N. The official init zeroes
+    conv_out and the motion-module outputs, which would make every output trivially zero."""
+    with torch.no_grad():
+        for name, p in named:
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            if p.dim() >= 2:
+                value = noise / math.sqrt(p[0].numel())
+            elif name.endswith("weight"):
+                value = 1 + 0.1 * noise
+            else:
+                value = 0.05 * noise
+            p.copy_(value.to(p.dtype))
+
+
+def _whisper_shapes(d: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every key of an OpenAI Whisper checkpoint with its shape, for dims ``d``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def block(prefix: str, s: int, cross: bool) -> None:
+        for attn in ("attn", "cross_attn") if cross else ("attn",):
+            shapes.update(
+                {
+                    f"{prefix}.{attn}.query.weight": (s, s),
+                    f"{prefix}.{attn}.query.bias": (s,),
+                    f"{prefix}.{attn}.key.weight": (s, s),  # Whisper's key projection has no bias
+                    f"{prefix}.{attn}.value.weight": (s, s),
+                    f"{prefix}.{attn}.value.bias": (s,),
+                    f"{prefix}.{attn}.out.weight": (s, s),
+                    f"{prefix}.{attn}.out.bias": (s,),
+                    f"{prefix}.{attn}_ln.weight": (s,),
+                    f"{prefix}.{attn}_ln.bias": (s,),
+                }
+            )
+        shapes.update(
+            {
+                f"{prefix}.mlp.0.weight": (4 * s, s),
+                f"{prefix}.mlp.0.bias": (4 * s,),
+                f"{prefix}.mlp.2.weight": (s, 4 * s),
+                f"{prefix}.mlp.2.bias": (s,),
+                f"{prefix}.mlp_ln.weight": (s,),
+                f"{prefix}.mlp_ln.bias": (s,),
+            }
+        )
+
+    a, t = d["n_audio_state"], d["n_text_state"]
+    shapes |= {
+        "encoder.positional_embedding": (d["n_audio_ctx"], a),
+        "encoder.conv1.weight": (a, d["n_mels"], 3),
+        "encoder.conv1.bias": (a,),
+        "encoder.conv2.weight": (a, a, 3),
+        "encoder.conv2.bias": (a,),
+    }
+    for i in range(d["n_audio_layer"]):
+        block(f"encoder.blocks.{i}", a, cross=False)
+    shapes |= {"encoder.ln_post.weight": (a,), "encoder.ln_post.bias": (a,)}
+    shapes |= {
+        "decoder.positional_embedding": (d["n_text_ctx"], t),
+        "decoder.token_embedding.weight": (d["n_vocab"], t),
+    }
+    for i in range(d["n_text_layer"]):
+        block(f"decoder.blocks.{i}", t, cross=True)
+    shapes |= {"decoder.ln.weight": (t,), "decoder.ln.bias": (t,)}
+    return shapes
+
+
+def tiny_whisper_checkpoint(dims: dict[str, int] | None = None, *, seed: int = 0) -> dict[str, Any]:
+    """A random Whisper checkpoint in OpenAI's format ``{"dims", "model_state_dict"}`` (fp16,
+    decoder included, as in ``tiny.pt``)."""
+    from latentdub.models.whisper import sinusoids
+
+    d = dict(dims or TINY_WHISPER_DIMS)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state = {k: torch.empty(shape) for k, shape in _whisper_shapes(d).items()}
+    _recipe_([(k, v) for k, v in state.items() if k != "encoder.positional_embedding"], generator)
+    state["encoder.positional_embedding"] = sinusoids(d["n_audio_ctx"], d["n_audio_state"])
+    return {
+        "dims": d,
+        "model_state_dict": {k: v.to(torch.float16) for k, v in state.items()},
+    }
+
+
+def tiny_unet_state_dict(config: dict[str, Any], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A UNet state dict for ``config`` with the small non-zero recipe applied."""
+    from latentdub.models.unet import UNet3DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet3DConditionModel.from_config(config)
+    _recipe_(list(model.named_parameters()), torch.Generator().manual_seed(seed))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _tiny_vae(seed: int) -> nn.Module:
+    from latentdub.models.vae import build_vae
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return build_vae(TINY_VAE_CONFIG)
+
+
+def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a random tiny model into ``out_dir`` in the official layout; returns ``out_dir``.
+
+    Files: ``latentsync_unet.pt`` (``{"state_dict", "global_step": 0}``), ``whisper/tiny.pt``
+    (OpenAI format, fp16, with decoder), ``sd-vae-ft-mse/`` (diffusers ``save_pretrained``),
+    ``latentdub.json`` (dims, ``"random_weights": true``) and ``README.txt``. Deterministic for a
+    given seed. Refuses to write over a folder that holds real (non-random) weights.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise WeightsError(f"{out} is a file; make-tiny needs a folder.")
+    if (out / UNET_FILE).exists() and not read_folder_config(out).get("random_weights", False):
+        raise WeightsError(
+            f"{out} already holds a {UNET_FILE} that is not a random tiny model; refusing to "
+            "overwrite it. Choose an empty folder."
+        )
+    (out / "whisper").mkdir(parents=True, exist_ok=True)
+
+    whisper = tiny_whisper_checkpoint(seed=seed)
+    width = whisper["dims"]["n_audio_state"]
+    unet_cfg = tiny_unet_config(cross_attention_dim=width)
+    torch.save(
+        {"state_dict": tiny_unet_state_dict(unet_cfg, seed=seed), "global_step": 0},
+        out / UNET_FILE,
+    )
+    torch.save(whisper, out / WHISPER_FILE)
+    _tiny_vae(seed).save_pretrained(out / VAE_SUBDIRS[0], safe_serialization=True)
+
+    # Stale conversions of an earlier tiny model would otherwise be preferred.
+    for stale in ("latentsync_unet.fp16.safetensors", "whisper/tiny.fp16.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+    (out / VAE_SUBDIRS[0] / "diffusion_pytorch_model.fp16.safetensors").unlink(missing_ok=True)
+
+    write_folder_config(
+        out,
+        {
+            "format": "latentdub-weights",
+            "random_weights": True,
+            "resolution": TINY_RESOLUTION,
+            "unet_config": unet_cfg,
+            "whisper_dims": whisper["dims"],
+            "seed": seed,
+            "created_by": "latentdub weights make-tiny",
+        },
+    )
+    (out / "README.txt").write_text(README.format(seed=seed), encoding="utf-8")
+    return out

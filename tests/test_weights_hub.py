@@ -1,0 +1,166 @@
+"""Hugging Face hub resolution without network: offline errors, a pre-filled cache, download."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from latentdub.errors import WeightsError
+from latentdub.weights import download_weights, resolve_weights, weights_status
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture()
+def empty_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF_HOME in offline mode (set at run time; huggingface_hub read its env at import)."""
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _fake_cache(home: Path, repo: str, files: dict[str, Path]) -> None:
+    """Lay files out as huggingface_hub's cache does (refs/main -> snapshots/<commit>/...)."""
+    root = home / "hub" / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    for name, src in files.items():
+        dst = root / "snapshots" / COMMIT / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+
+
+def test_offline_with_empty_cache_gives_one_clear_message(empty_hf_home: Path) -> None:
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("1.6")
+    msg = str(err.value)
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in msg
+    assert "ByteDance/LatentSync-1.6: latentsync_unet.pt, whisper/tiny.pt" in msg
+    assert "stabilityai/sd-vae-ft-mse: config.json, diffusion_pytorch_model.safetensors" in msg
+    assert "latentdub weights download --version 1.6 --dir DIR" in msg
+    assert "DIR/whisper/tiny.pt" in msg and "--weights DIR" in msg
+    assert str(empty_hf_home / "hub") in msg
+    assert err.value.__cause__ is None and "Traceback" not in msg
+
+
+def test_download_false_never_touches_the_network(
+    empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls: list[dict[str, Any]] = []
+
+    def fake(repo: str, filename: str, **kw: Any) -> str:
+        calls.append(kw)
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    with pytest.raises(WeightsError, match="not in the cache"):
+        resolve_weights("1.5", download=False)
+    assert calls and all(kw["local_files_only"] for kw in calls)
+
+
+def test_unreachable_hub_is_tried_once(empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a connection failure the remaining files are only looked up in the cache (each
+    network attempt costs ~30 s of retries)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls: list[tuple[str, bool]] = []
+
+    def fake(repo: str, filename: str, **kw: Any) -> str:
+        calls.append((filename, kw["local_files_only"]))
+        err = LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        raise err from ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("1.6")
+    assert "could not be reached (" in str(err.value) and "Name or service not known" in str(err.value)
+    assert [local_only for _, local_only in calls] == [False, True, True, True]
+    assert calls[0][0] == "latentsync_unet.pt"
+
+
+def test_resolve_from_a_filled_cache_offline(
+    empty_hf_home: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
+    _fake_cache(
+        empty_hf_home,
+        "ByteDance/LatentSync-1.6",
+        {
+            "latentsync_unet.pt": tiny_weights / "latentsync_unet.pt",
+            "whisper/tiny.pt": tiny_weights / "whisper" / "tiny.pt",
+        },
+    )
+    vae = tiny_weights / "sd-vae-ft-mse"
+    _fake_cache(
+        empty_hf_home,
+        "stabilityai/sd-vae-ft-mse",
+        {n: vae / n for n in ("config.json", "diffusion_pytorch_model.safetensors")},
+    )
+    files = resolve_weights("1.6")
+    snap = empty_hf_home / "hub" / "models--ByteDance--LatentSync-1.6" / "snapshots" / COMMIT
+    assert files.unet == snap / "latentsync_unet.pt"
+    assert files.whisper == snap / "whisper" / "tiny.pt"
+    assert (files.vae_dir / "config.json").is_file()
+    assert files.resolution == 512 and files.random_weights is False
+    assert files.unet_config["block_out_channels"] == [320, 640, 1280, 1280]
+    assert "Hugging Face cache" in files.source
+
+    status = {(e["version"], e["where"]): e for e in weights_status(tiny_weights)}
+    assert status[("1.6", "hf-cache")]["complete"] is True
+    assert status[("1.5", "hf-cache")]["complete"] is False
+    assert status[("1.5", "hf-cache")]["vae"] is not None  # shared VAE is found for both
+    folder = status[("1.6", "folder")]
+    assert folder["complete"] and folder["random_weights"] and folder["error"] is None
+    json.dumps(list(status.values()))
+
+    # The official checkpoints/ folder has no VAE: it then comes from the cache.
+    official = tmp_path / "official-layout"
+    shutil.copytree(tiny_weights, official, ignore=shutil.ignore_patterns("sd-vae-ft-mse"))
+    files = resolve_weights("1.6", official)
+    assert files.vae_dir.parent.parent.name == "models--stabilityai--sd-vae-ft-mse"
+    assert "VAE from the Hugging Face cache" in files.source
+
+
+def test_download_into_dir_records_the_version(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """download --dir writes the official layout + latentdub.json {"version"} (hub mocked)."""
+    sources = {
+        "latentsync_unet.pt": tiny_weights / "latentsync_unet.pt",
+        "whisper/tiny.pt": tiny_weights / "whisper" / "tiny.pt",
+        "config.json": tiny_weights / "sd-vae-ft-mse" / "config.json",
+        "diffusion_pytorch_model.safetensors": tiny_weights
+        / "sd-vae-ft-mse"
+        / "diffusion_pytorch_model.safetensors",
+    }
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    seen: list[tuple[str, str]] = []
+
+    def fake(repo: str, filename: str, *, local_dir: Path, token: Any, **kw: Any) -> str:
+        assert token is None  # huggingface_hub then reads HF_TOKEN itself
+        seen.append((repo, filename))
+        dst = Path(local_dir) / filename
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[filename], dst)
+        return str(dst)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    dest = tmp_path / "ckpt"
+    files = download_weights("1.5", dest)
+    assert ("ByteDance/LatentSync-1.5", "latentsync_unet.pt") in seen
+    assert ("stabilityai/sd-vae-ft-mse", "config.json") in seen
+    assert files.unet == dest.resolve() / "latentsync_unet.pt"
+    assert files.vae_dir == dest.resolve() / "sd-vae-ft-mse"
+    assert json.loads((dest / "latentdub.json").read_text())["version"] == "1.5"
+    assert resolve_weights(None, dest).resolution == 256  # the recorded version decides
+    with pytest.raises(WeightsError, match="already holds LatentSync 1.5"):
+        download_weights("1.6", dest)
