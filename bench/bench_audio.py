@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def _speech(seconds: float) -> np.ndarray:
     return np.tile(wave, reps)[: int(seconds * rate)]
 
 
-def _best(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def _best(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

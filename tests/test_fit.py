@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,9 @@ def test_align_mismatched_real_pairs(media_dir: Path, video: str, speech: str) -
     assert res.clip.num_channels == new.num_channels
     for m in res.matches:
         assert 1 / 1.25 - 1e-3 <= m.ratio <= 1.25 + 1e-3
+    report = json.loads(json.dumps(res.report()))  # JSON-ready, for the CLI summary
+    assert report["achieved_s"] == pytest.approx(res.achieved_s, abs=1e-3)
+    assert len(report["runs"]) == len(res.matches)
     # matched boundaries land closer to the speaker's than with a uniform stretch
     assert np.mean(res.errors_aligned_s) < np.mean(res.errors_uniform_s)
     # and so do all pauses, by an independent measure on the rendered audio

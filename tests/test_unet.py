@@ -106,10 +106,10 @@ def test_golden_comparison_can_fail(small_config, golden1):
     swapped = audio.reshape(b, -1, *audio.shape[1:]).transpose(0, 1).flatten(0, 1)
     assert _maxdiff(model(sample, t, swapped), ref) > 100 * ATOL
 
-    # a perturbation of 1e-3 in one bias of the deepest motion module
+    # a perturbation of 1e-2 in one bias of the deepest motion module
     key = "down_blocks.3.motion_modules.1.temporal_transformer.proj_out.bias"
     with torch.no_grad():
-        model.get_parameter(key).add_(1e-3)
+        model.get_parameter(key).add_(1e-2)
     assert _maxdiff(model(sample, t, audio), ref) > ATOL
 
 

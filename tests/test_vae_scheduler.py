@@ -157,7 +157,7 @@ def test_load_vae_strict(tmp_path: Path) -> None:
 def test_load_vae_missing_folder_parts(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="does not exist"):
         load_vae(tmp_path / "nope")
-    with pytest.raises(WeightsError, match="no config.json"):
+    with pytest.raises(WeightsError, match=r"no config\.json"):
         load_vae(tmp_path)
     _save_tiny_vae(tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()

@@ -208,8 +208,7 @@ def test_vae_search_order(tiny_weights: Path, tmp_path: Path) -> None:
     assert resolve_weights("1.6", folder).vae_dir == folder.resolve() / "vae"
     shutil.rmtree(folder / "vae")
     assert (
-        resolve_weights("1.6", folder).vae_dir
-        == folder.resolve() / "stabilityai" / "sd-vae-ft-mse"
+        resolve_weights("1.6", folder).vae_dir == folder.resolve() / "stabilityai" / "sd-vae-ft-mse"
     )
 
 
@@ -240,7 +239,10 @@ def _tampered(tiny_weights: Path, tmp_path: Path, kind: str) -> tuple[Path, str]
     if kind == "shape":
         sd["conv_in.weight"] = torch.zeros(32, 9, 3, 3)
         torch.save(ckpt, path)
-        return folder, r"wrong shape.*conv_in\.weight \(file \[32, 9, 3, 3\], model \[32, 13, 3, 3\]\)"
+        return (
+            folder,
+            r"wrong shape.*conv_in\.weight \(file \[32, 9, 3, 3\], model \[32, 13, 3, 3\]\)",
+        )
     if kind == "truncated":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -265,7 +267,17 @@ def _tampered(tiny_weights: Path, tmp_path: Path, kind: str) -> tuple[Path, str]
 
 @pytest.mark.parametrize(
     "kind",
-    ["missing", "extra", "shape", "truncated", "empty", "whisper", "no_state_dict", "not_a_dict", "text"],
+    [
+        "missing",
+        "extra",
+        "shape",
+        "truncated",
+        "empty",
+        "whisper",
+        "no_state_dict",
+        "not_a_dict",
+        "text",
+    ],
 )
 def test_tampered_unet_raises_weights_error(tiny_weights: Path, tmp_path: Path, kind: str) -> None:
     folder, expected = _tampered(tiny_weights, tmp_path, kind)
@@ -284,7 +296,9 @@ def test_pickle_that_runs_code_is_refused(tiny_weights: Path, tmp_path: Path) ->
     evil.marker = marker
     _Evil.marker = marker
     torch.save({"state_dict": {"conv_in.weight": evil}}, folder / "latentsync_unet.pt")
-    with pytest.raises(WeightsError, match=r"would run code when loaded \(it references posix\.system\)") as err:
+    with pytest.raises(
+        WeightsError, match=r"would run code when loaded \(it references posix\.system\)"
+    ) as err:
         load_unet(resolve_weights("1.6", folder))
     assert str(folder / "latentsync_unet.pt") in str(err.value)
     assert not marker.exists()
@@ -349,7 +363,9 @@ def test_v10_checkpoint_is_mapped(tiny_weights: Path, tmp_path: Path) -> None:
 
 def test_v10_checkpoint_with_wrong_version(tiny_weights: Path, tmp_path: Path) -> None:
     folder, _ = _v10_folder(tiny_weights, tmp_path, record_version=False)
-    with pytest.raises(WeightsError, match=r"looks like a LatentSync 1\.0 checkpoint .* 1\.6 was requested"):
+    with pytest.raises(
+        WeightsError, match=r"looks like a LatentSync 1\.0 checkpoint .* 1\.6 was requested"
+    ):
         load_unet(resolve_weights("1.6", folder))
 
 

@@ -69,7 +69,9 @@ def test_download_false_never_touches_the_network(
     assert calls and all(kw["local_files_only"] for kw in calls)
 
 
-def test_unreachable_hub_is_tried_once(empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_is_tried_once(
+    empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a connection failure the remaining files are only looked up in the cache (each
     network attempt costs ~30 s of retries)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -83,7 +85,8 @@ def test_unreachable_hub_is_tried_once(empty_hf_home: Path, monkeypatch: pytest.
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     with pytest.raises(WeightsError) as err:
         resolve_weights("1.6")
-    assert "could not be reached (" in str(err.value) and "Name or service not known" in str(err.value)
+    msg = str(err.value)
+    assert "could not be reached (" in msg and "Name or service not known" in msg
     assert [local_only for _, local_only in calls] == [False, True, True, True]
     assert calls[0][0] == "latentsync_unet.pt"
 
@@ -162,5 +165,5 @@ def test_download_into_dir_records_the_version(
     assert files.vae_dir == dest.resolve() / "sd-vae-ft-mse"
     assert json.loads((dest / "latentdub.json").read_text())["version"] == "1.5"
     assert resolve_weights(None, dest).resolution == 256  # the recorded version decides
-    with pytest.raises(WeightsError, match="already holds LatentSync 1.5"):
+    with pytest.raises(WeightsError, match=r"already holds LatentSync 1\.5"):
         download_weights("1.6", dest)

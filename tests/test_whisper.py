@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from latentdub.errors import WeightsError
 from latentdub.models.whisper import (
     TINY_DIMS,
+    LayerNorm,
     WhisperDims,
     WhisperEncoder,
     load_whisper_checkpoint,
@@ -145,6 +146,20 @@ def test_half_precision_inputs_stay_close(dtype: torch.dtype) -> None:
     assert encoder.conv1.weight.dtype == torch.float32  # weights cast on the fly, not changed
     rel = ((low.float() - ref).norm() / ref.norm()).item()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_runs_in_fp32(dtype: torch.dtype) -> None:
+    """Half-precision inputs are normalised with fp32 statistics and weights, then cast back
+    (a LayerNorm evaluated in half precision differs in about a third of the values here)."""
+    gen = torch.Generator().manual_seed(7)
+    ln = LayerNorm(384)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(384, generator=gen))
+        ln.bias.copy_(0.3 * torch.randn(384, generator=gen))
+    x = (30 + 3 * torch.randn(8, 384, generator=gen)).to(dtype)
+    expected = F.layer_norm(x.float(), (384,), ln.weight, ln.bias, 1e-5).to(dtype)
+    assert torch.equal(ln(x), expected)
 
 
 # -------------------------------------------------------------------------------- checkpoints

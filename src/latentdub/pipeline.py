@@ -357,11 +357,11 @@ class LipSyncPipeline:
 
     def encode_audio(self, clip: Any, timeline: Timeline) -> torch.Tensor:
         """Whisper features for the whole track, then the 10×layers tokens at every output frame."""
-        from latentdub.audio.features import AudioFeatureExtractor
+        from latentdub.audio.features import AudioFeatureExtractor, tokens_for_times
 
         extractor = AudioFeatureExtractor(self.audio_encoder, device=self.device, dtype=self.dtype)
         features = extractor(clip.to_mono_16k())
-        return extractor.tokens_for_times(features, torch.as_tensor(timeline.times_s))
+        return tokens_for_times(features, torch.as_tensor(timeline.times_s))
 
     # -- pass 2: streamed -----------------------------------------------------------------------
     def stream(
@@ -439,6 +439,7 @@ class LipSyncPipeline:
                     fps=info.fps,
                     crf=opts.crf,
                     audio=clip,
+                    rotation=info.rotation,
                 ) as writer:
                     done = 0
                     while True:

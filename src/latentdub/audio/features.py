@@ -110,7 +110,10 @@ def _as_waveform(waveform: Tensor | np.ndarray) -> Tensor:
     """A 1-D float32 tensor from a mono waveform (float, or int16 PCM scaled by 1/32768)."""
     wave = waveform
     if isinstance(waveform, np.ndarray):
-        wave = torch.from_numpy(np.ascontiguousarray(waveform))
+        try:
+            wave = torch.from_numpy(np.ascontiguousarray(waveform))
+        except TypeError:
+            raise InputError(f"audio samples of numpy dtype {waveform.dtype} are not numbers") from None
     if not isinstance(wave, Tensor):
         raise InputError(f"expected the audio as a tensor or numpy array, got {type(waveform).__name__}")
     if wave.ndim == 2 and 1 in wave.shape:
@@ -211,9 +214,10 @@ def feature_indices_at_times(num_rows: int, times_s: Tensor | np.ndarray | list[
     reproduces its table exactly. A timestamp that float rounding put a hair below a row
     boundary (``float32(3 / 25) * 50 = 5.9999998``) must not lose a whole row (20 ms), so ``50 t``
     gets a tolerance of one relative epsilon of the input's own precision (at least 1e-6 row
-    = 20 ns) before rounding down. With float64 times this equals ``frame_feature_indices``
-    at any constant rate; float32 cannot resolve row boundaries of long clips (> ~1 min at
-    29.97 fps), so pass float64 timestamps.
+    = 20 ns) before rounding down. With float64 times ``i / fps`` this agrees with
+    ``frame_feature_indices`` (checked for 30 000 frames at 15–60 fps, 29.97 and 23.976
+    included); float32 cannot resolve row boundaries of long clips (beyond ~1 min at 29.97
+    fps), so pass float64 timestamps.
     """
     raw = torch.as_tensor(times_s).reshape(-1).cpu()
     precision = torch.finfo(raw.dtype if raw.is_floating_point() else torch.float64).eps

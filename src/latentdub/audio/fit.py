@@ -18,9 +18,10 @@ offsets by raw cross-correlation (biased towards loud candidates). Here the simi
 search runs once on the mono mix with normalised cross-correlation and the same offsets are
 applied to every channel; windows are ~46 ms at any rate; the output length is exact to the
 sample. A stretch there and back is measurably closer to the original than pytsmod's
-(tests/test_fit.py::test_stretch_keeps_content). It is
-driven by a piecewise-linear time map (anchor points), so a whole clip with different ratios
-per segment is rendered in one pass with no seams inside speech.
+(tests/test_fit.py::test_stretch_keeps_content). It is driven by a piecewise-linear time map
+(anchor points), so a whole clip with different ratios per segment is rendered in one pass
+with no seams inside speech. Pauses are never stretched: they are cut or padded with silence
+in their middle (8 ms fades), then pass through the WSOLA at ratio 1.
 
 Why DTW over *segments* and not over frame features: a dub is different words (often
 another language) than the original, so spectral features (MFCC, mel) do not correspond
@@ -29,9 +30,10 @@ pause. The alignment therefore works on pause boundaries. Each DTW step maps a r
 voiced segments onto a run of original voiced segments (a many-to-many step, i.e. the
 pauses inside a run are "skipped": they stay inside a stretched span). The step cost is
 
-* stretch cost ``W_RATIO · (x+y)/2 · ln(y/x)²`` for mapping x seconds of new speech onto y
-  seconds of original speech, plus a steep penalty beyond ``max_ratio`` — distorting long
-  spans a lot is expensive;
+* stretch cost ``W_RATIO · (x + r·x)/2 · ln(r)²`` for playing x seconds of new speech in y
+  seconds of original speech at the ratio r = y/x clamped to ``max_ratio`` — distorting long
+  spans a lot is expensive — plus ``W_ERR · |y − r·x|``, the boundary error a clamped
+  stretch leaves (the next pause soaks it up);
 * skip cost ``W_SKIP · (total length of the pauses skipped on both sides)`` — leaving a long
   pause unmatched is expensive, a short breath is cheap;
 * a small cost for how different the two matched pauses are (they are cut/padded to fit).
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.signal
@@ -173,6 +176,40 @@ class FitResult:
     def error_s(self) -> float:
         """achieved − target (positive: longer than wanted)."""
         return self.achieved_s - self.target_s
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-ready summary (seconds rounded to the millisecond)."""
+        out: dict[str, Any] = {
+            "target_s": round(self.target_s, 3),
+            "achieved_s": round(self.achieved_s, 3),
+            "ratio": round(self.ratio, 4),
+            "clamped": self.clamped,
+            "message": self.message,
+        }
+        if self.new_segments or self.ref_segments:
+            out["speech_segments"] = {
+                "new": len(self.new_segments),
+                "original": len(self.ref_segments),
+            }
+        if self.matches:
+            out["runs"] = [
+                {
+                    "new_s": [round(m.new_start_s, 3), round(m.new_end_s, 3)],
+                    "original_s": [round(m.ref_start_s, 3), round(m.ref_end_s, 3)],
+                    "output_s": [round(m.out_start_s, 3), round(m.out_end_s, 3)],
+                    "ratio": round(m.ratio, 4),
+                }
+                for m in self.matches
+            ]
+            out["boundary_error_ms"] = {
+                name: {"mean": round(_mean(v) * 1000, 1), "max": round(max(v) * 1000, 1)}
+                for name, v in (
+                    ("as_given", self.errors_raw_s),
+                    ("uniform_stretch", self.errors_uniform_s),
+                    ("aligned", self.errors_aligned_s),
+                )
+            }
+        return out
 
 
 def _mean(values: tuple[float, ...]) -> float:
@@ -538,7 +575,7 @@ def align_to_reference(
     message = (
         f"aligned {len(new_segs)} new speech segments to {len(ref_segs)} original ones in "
         f"{len(matches)} runs (stretch {min(ratios):.2f}x–{max(ratios):.2f}x); "
-        f"{achieved:.2f} s for a {target:.2f} s target; mean boundary error "
+        f"{achieved:.3f} s for a {target:.3f} s target; mean boundary error "
         f"{_mean(tuple(uni_err)) * 1000:.0f} ms (uniform stretch) -> {_mean(tuple(ali_err)) * 1000:.0f} ms"
     )
     if clamped:

@@ -16,7 +16,12 @@ from latentdub.face.alignment import (
     warp_face,
 )
 from latentdub.face.analysis import FaceAnalysis, TrackData, TrackInfo, analyze_video
-from latentdub.face.backend import FaceBackend, FaceObservation, InsightFaceBackend, MediaPipeBackend
+from latentdub.face.backend import (
+    FaceBackend,
+    FaceObservation,
+    InsightFaceBackend,
+    MediaPipeBackend,
+)
 from latentdub.face.mask import blend_weights, mouth_masks
 from latentdub.face.paste import blend_region_mask, paste_back
 from latentdub.face.selection import FaceSelection, PassthroughRange, parse_policy, select_face

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from latentdub.face.alignment import SUPPORTED_RESOLUTIONS, AlignGeometry, align_matrices, geometry, warp_face
+from latentdub.face.alignment import (
+    SUPPORTED_RESOLUTIONS,
+    AlignGeometry,
+    align_matrices,
+    geometry,
+    warp_face,
+)
 from latentdub.face.mask import blend_weights, mouth_masks
 from latentdub.face.paste import paste_back
 
@@ -40,7 +46,9 @@ class Aligner:
         """uint8 (res, res, 3) crop of one RGB frame."""
         return warp_face(frame, matrix, self.resolution, interpolation=self.interpolation)
 
-    def warp_batch(self, frames: Sequence[np.ndarray] | np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    def warp_batch(
+        self, frames: Sequence[np.ndarray] | np.ndarray, matrices: np.ndarray
+    ) -> np.ndarray:
         """Crops (N, res, res, 3) uint8 for N frames and their (N, 2, 3) matrices.
 
         Each warp reads only the frame region under its crop, so this is a tight loop of small
@@ -55,7 +63,12 @@ class Aligner:
         return out
 
     def paste_back(
-        self, frame: np.ndarray, generated_crop: np.ndarray, matrix: np.ndarray, *, blend_mask: np.ndarray | None = None
+        self,
+        frame: np.ndarray,
+        generated_crop: np.ndarray,
+        matrix: np.ndarray,
+        *,
+        blend_mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Copy of ``frame`` with the lower face of ``generated_crop`` blended in (see :func:`paste_back`)."""
         return paste_back(

@@ -103,7 +103,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     c_dst = dst.mean(axis=1, keepdims=True)
     s_src = (src - c_src).reshape(len(src), -1).std(axis=1, ddof=1)
     s_dst = (dst - c_dst).reshape(len(src), -1).std(axis=1, ddof=1)
-    s_src = np.where(s_src > 1e-12, s_src, 1e-12)  # degenerate input: avoid nan, result is junk anyway
+    s_src = np.where(
+        s_src > 1e-12, s_src, 1e-12
+    )  # degenerate input: avoid nan, result is junk anyway
     a = (src - c_src) / s_src[:, None, None]
     b = (dst - c_dst) / s_dst[:, None, None]
     u, _, vt = np.linalg.svd(np.einsum("nki,nkj->nij", a, b))
@@ -152,7 +154,7 @@ def invert_affine(mat: np.ndarray) -> np.ndarray:
     a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
     d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
     det = a * e - b * d
-    out = np.empty(m.shape[:-2] + (2, 3))
+    out = np.empty((*m.shape[:-2], 2, 3))
     out[..., 0, 0] = e / det
     out[..., 0, 1] = -b / det
     out[..., 1, 0] = -d / det
@@ -211,7 +213,9 @@ def resample(
         src = cv2.resize(src, (rw, rh), interpolation=cv2.INTER_AREA)
         # small = (p + 0.5)·f − 0.5  ⇒  p = (small + 0.5)/f − 0.5
         m = compose(m, np.array([[1 / fx, 0, 0.5 / fx - 0.5], [0, 1 / fy, 0.5 / fy - 0.5]]))
-    return cv2.warpAffine(src, m, dsize, flags=interpolation, borderMode=border_mode, borderValue=border_value)
+    return cv2.warpAffine(
+        src, m, dsize, flags=interpolation, borderMode=border_mode, borderValue=border_value
+    )
 
 
 def warp_face(

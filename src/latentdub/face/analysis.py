@@ -7,6 +7,7 @@ costs ≈ 20 MB. No image is kept, so the dubbing pass decodes the video again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -173,7 +174,7 @@ class FaceAnalysis:
         detected[frames] = True
         present = detected.copy()
         # Bridge short gaps (drop-outs, or frames skipped by every_n) by linear interpolation.
-        for a, b in zip(frames[:-1], frames[1:], strict=True):
+        for a, b in itertools.pairwise(frames):
             gap = int(b - a - 1)
             if 0 < gap <= self.max_gap:
                 t = (np.arange(1, gap + 1) / (gap + 1))[:, None]
@@ -350,7 +351,9 @@ def _summarise_tracks(analysis: FaceAnalysis) -> list[TrackInfo]:
                 detected_frames=int(frames.size),
                 mean_size=float(sizes.mean()),
                 mean_score=float(analysis.obs_score[sel].mean()),
-                median_abs_yaw=float(np.nanmedian(np.abs(yaw))) if np.isfinite(yaw).any() else float("nan"),
+                median_abs_yaw=float(np.nanmedian(np.abs(yaw)))
+                if np.isfinite(yaw).any()
+                else float("nan"),
             )
         )
     return tracks

@@ -126,12 +126,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def _square_roi(box: np.ndarray, scale: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+def _square_roi(
+    box: np.ndarray, scale: float, width: int, height: int
+) -> tuple[int, int, int, int] | None:
     """A square around ``box`` scaled by ``scale``, clipped to the image; None if degenerate."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half = max(box[2] - box[0], box[3] - box[1]) * scale / 2
     x0, y0 = max(0, int(cx - half)), max(0, int(cy - half))
-    x1, y1 = min(width, int(math.ceil(cx + half))), min(height, int(math.ceil(cy + half)))
+    x1, y1 = min(width, math.ceil(cx + half)), min(height, math.ceil(cy + half))
     if x1 - x0 < 16 or y1 - y0 < 16:
         return None
     return x0, y0, x1, y1
@@ -171,7 +173,9 @@ class MediaPipeBackend:
         self.keep_landmarks = keep_landmarks
         # model_selection=1: the full-range (sparse) model finds faces down to ~20 px in a
         # 1080p frame; the short-range one misses the small faces of wide and portrait shots.
-        self._detector = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_score)
+        self._detector = solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=min_score
+        )
         # Scores a tracked crop that the full-frame search did not confirm on this frame.
         self._crop_detector = solutions.face_detection.FaceDetection(
             model_selection=0, min_detection_confidence=min_score
@@ -179,7 +183,10 @@ class MediaPipeBackend:
         # static_image_mode: every crop is landmarked from scratch (no hidden state that could
         # drift across cuts or swap faces); temporal stability is our own smoothing's job.
         self._mesh = solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=False, min_detection_confidence=min_score
+            static_image_mode=True,
+            max_num_faces=1,
+            refine_landmarks=False,
+            min_detection_confidence=min_score,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -204,7 +211,12 @@ class MediaPipeBackend:
         for det in result.detections or []:
             rel = det.location_data.relative_bounding_box
             box = np.array(
-                [rel.xmin * w, rel.ymin * h, (rel.xmin + rel.width) * w, (rel.ymin + rel.height) * h],
+                [
+                    rel.xmin * w,
+                    rel.ymin * h,
+                    (rel.xmin + rel.width) * w,
+                    (rel.ymin + rel.height) * h,
+                ],
                 dtype=np.float64,
             )
             if box[2] - box[0] >= 8 and box[3] - box[1] >= 8:
@@ -212,7 +224,9 @@ class MediaPipeBackend:
         found.sort(key=lambda item: -(item[0][2] - item[0][0]) * (item[0][3] - item[0][1]))
         return found[: self.max_faces]
 
-    def _landmark(self, image: np.ndarray, roi: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _landmark(
+        self, image: np.ndarray, roi: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Face Mesh on one crop → (landmarks (468, 3) in image pixels, crop used)."""
         x0, y0, x1, y1 = roi
         crop = image[y0:y1, x0:x1]
@@ -241,7 +255,9 @@ class MediaPipeBackend:
         self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
     ) -> list[FaceObservation]:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}"
+            )
         h, w = image.shape[:2]
         detections = self._search(image) if search else []
         # Proposals: detector boxes first, then tracked boxes that no detection already covers.
@@ -254,7 +270,9 @@ class MediaPipeBackend:
         faces: list[FaceObservation] = []
         for box, score in proposals[: self.max_faces]:
             # A detector box is tight around eyes-to-mouth; the tracked box is the mesh extent.
-            square = _square_roi(box, self.roi_scale if score is not None else self.roi_scale * 0.85, w, h)
+            square = _square_roi(
+                box, self.roi_scale if score is not None else self.roi_scale * 0.85, w, h
+            )
             if square is None:
                 continue
             found = self._landmark(image, square)
@@ -290,7 +308,11 @@ class InsightFaceBackend:
     """
 
     name = "insightface"
-    ANCHOR_INDICES_106: tuple[tuple[int, ...], ...] = ((43, 48, 49, 51, 50), (101, 102, 103, 104, 105), (74, 77, 83, 86))
+    ANCHOR_INDICES_106: tuple[tuple[int, ...], ...] = (
+        (43, 48, 49, 51, 50),
+        (101, 102, 103, 104, 105),
+        (74, 77, 83, 86),
+    )
 
     def __init__(self, model_root: str | None = None, **_: Any) -> None:
         try:
@@ -301,7 +323,9 @@ class InsightFaceBackend:
                 "copy of the buffalo_l model pack (non-commercial licence); use the default MediaPipe "
                 "backend instead"
             ) from err
-        raise InputError("the InsightFace backend is not implemented yet; use the default MediaPipe backend")
+        raise InputError(
+            "the InsightFace backend is not implemented yet; use the default MediaPipe backend"
+        )
 
     def detect(
         self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True

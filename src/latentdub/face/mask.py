@@ -78,7 +78,9 @@ def _blend_weights(resolution: int, inner: float, outer: float) -> np.ndarray:
     return w
 
 
-def blend_weights(resolution: int, *, inner: float | None = None, outer: float | None = None) -> np.ndarray:
+def blend_weights(
+    resolution: int, *, inner: float | None = None, outer: float | None = None
+) -> np.ndarray:
     """Paste-back weights in crop space, (res, res) float32 in [0, 1] (read-only, cached).
 
     1 inside the generated region except for a thin band (``inner`` px, default res/64) along

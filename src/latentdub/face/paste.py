@@ -37,7 +37,9 @@ def frame_region(
     x0, y0, x1, y1 = box
     inv = invert_affine(matrix)
     # Pixel centres of the support span [x0, x1-1]; half a pixel plus the kernel reach around it.
-    corners = apply_affine(inv, np.array([[x0 - 1, y0 - 1], [x1, y0 - 1], [x0 - 1, y1], [x1, y1]], dtype=np.float64))
+    corners = apply_affine(
+        inv, np.array([[x0 - 1, y0 - 1], [x1, y0 - 1], [x0 - 1, y1], [x1, y1]], dtype=np.float64)
+    )
     h, w = frame_shape[:2]
     fx0 = int(np.clip(np.floor(corners[:, 0].min()) - 1, 0, w))
     fy0 = int(np.clip(np.floor(corners[:, 1].min()) - 1, 0, h))
@@ -73,7 +75,9 @@ def paste_back(
     """
     res = generated_crop.shape[0]
     if generated_crop.shape != (res, res, 3) or generated_crop.dtype != np.uint8:
-        raise ValueError(f"generated_crop must be (res, res, 3) uint8, got {generated_crop.dtype} {generated_crop.shape}")
+        raise ValueError(
+            f"generated_crop must be (res, res, 3) uint8, got {generated_crop.dtype} {generated_crop.shape}"
+        )
     weights = blend_weights(res) if blend_mask is None else np.asarray(blend_mask, dtype=np.float32)
     if weights.shape != (res, res):
         raise ValueError(f"blend_mask must be ({res}, {res}), got {weights.shape}")
@@ -84,12 +88,21 @@ def paste_back(
     x0, y0, x1, y1 = region
     fwd = _local_inverse(matrix, x0, y0)
     size = (x1 - x0, y1 - y0)
-    w = resample(weights, fwd, size, interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, border_value=0)
+    w = resample(
+        weights,
+        fwd,
+        size,
+        interpolation=cv2.INTER_LINEAR,
+        border_mode=cv2.BORDER_CONSTANT,
+        border_value=0,
+    )
     # Weights in 1/256 steps; 0 → the original pixel exactly ((o·256 + 128) >> 8 == o).
     w16 = np.rint(np.clip(w, 0.0, 1.0) * 256.0).astype(np.uint16)
     if not w16.any():
         return out
-    face = resample(generated_crop, fwd, size, interpolation=interpolation, border_mode=cv2.BORDER_REPLICATE)
+    face = resample(
+        generated_crop, fwd, size, interpolation=interpolation, border_mode=cv2.BORDER_REPLICATE
+    )
     orig = out[y0:y1, x0:x1]
     wb = w16[..., None]
     blended = (orig.astype(np.uint16) * (256 - wb) + face.astype(np.uint16) * wb + 128) >> 8
@@ -98,10 +111,18 @@ def paste_back(
 
 
 def blend_region_mask(
-    matrix: np.ndarray, frame_shape: tuple[int, ...], resolution: int, *, blend_mask: np.ndarray | None = None
+    matrix: np.ndarray,
+    frame_shape: tuple[int, ...],
+    resolution: int,
+    *,
+    blend_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """The frame-space blend weights (H, W) float32 that :func:`paste_back` applies (for previews/tests)."""
-    weights = blend_weights(resolution) if blend_mask is None else np.asarray(blend_mask, dtype=np.float32)
+    weights = (
+        blend_weights(resolution)
+        if blend_mask is None
+        else np.asarray(blend_mask, dtype=np.float32)
+    )
     full = np.zeros(frame_shape[:2], dtype=np.float32)
     region = frame_region(matrix, frame_shape, weights)
     if region is None:

@@ -22,19 +22,34 @@ from latentdub.face.paste import blend_region_mask
 from latentdub.face.selection import FaceSelection
 from latentdub.media.reader import iter_frames
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+]
 _ANCHOR_COLOUR = (255, 40, 40)
 _MASK_TINT = np.array([0, 120, 255], dtype=np.float32)
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour: tuple[int, int, int]) -> None:
+def _text(
+    img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour: tuple[int, int, int]
+) -> None:
     thick = max(1, round(scale * 2))
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
 
 
 def draw_overlay(
-    image: np.ndarray, index: int, analysis: FaceAnalysis, selection: FaceSelection, boxes: dict[int, np.ndarray]
+    image: np.ndarray,
+    index: int,
+    analysis: FaceAnalysis,
+    selection: FaceSelection,
+    boxes: dict[int, np.ndarray],
 ) -> np.ndarray:
     """One annotated frame (a new array)."""
     out = image.copy()
@@ -46,19 +61,33 @@ def draw_overlay(
         alpha = (weights[touched] * 0.45)[:, None]
         out[touched] = (out[touched] * (1 - alpha) + _MASK_TINT * alpha).astype(np.uint8)
         for x, y in selection.anchors[index]:
-            cv2.circle(out, (round(x), round(y)), max(2, round(4 * scale)), _ANCHOR_COLOUR, -1, cv2.LINE_AA)
+            cv2.circle(
+                out, (round(x), round(y)), max(2, round(4 * scale)), _ANCHOR_COLOUR, -1, cv2.LINE_AA
+            )
     chosen = int(selection.track_ids[index])
     for tid, box in boxes.items():
         colour = _PALETTE[tid % len(_PALETTE)]
         x0, y0, x1, y1 = (round(v) for v in box)
         cv2.rectangle(out, (x0, y0), (x1, y1), colour, 3 if tid == chosen else 1, cv2.LINE_AA)
-        _text(out, f"#{tid}" + (" dub" if tid == chosen else ""), (x0, max(12, y0 - 4)), 0.5 * scale, colour)
+        _text(
+            out,
+            f"#{tid}" + (" dub" if tid == chosen else ""),
+            (x0, max(12, y0 - 4)),
+            0.5 * scale,
+            colour,
+        )
     status = "DUB" if selection.valid[index] else "pass-through"
     for r in selection.passthrough_ranges:
         if r.start_frame <= index < r.end_frame:
             status = f"pass-through: {r.reason}"
             break
-    _text(out, f"frame {index}  {analysis.times_s[index]:.2f}s  {status}", (8, round(24 * scale) + 4), 0.6 * scale, (255, 255, 255))
+    _text(
+        out,
+        f"frame {index}  {analysis.times_s[index]:.2f}s  {status}",
+        (8, round(24 * scale) + 4),
+        0.6 * scale,
+        (255, 255, 255),
+    )
     return out
 
 
@@ -87,7 +116,9 @@ def render_preview(
     time_base = Fraction(analysis.time_base)
     pts0 = int(analysis.pts[0])
     try:
-        with av.open(str(tmp), mode="w", format="mp4" if output.suffix.lower() != ".mkv" else "matroska") as container:
+        with av.open(
+            str(tmp), mode="w", format="mp4" if output.suffix.lower() != ".mkv" else "matroska"
+        ) as container:
             rate = Fraction(analysis.fps).limit_denominator(1001)
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height = w, h

@@ -24,6 +24,7 @@ lags behind moving heads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -68,7 +69,7 @@ class FaceSelection:
 
     policy: str
     resolution: int
-    matrices: np.ndarray  # (N, 2, 3) float64 frame px → res x res crop px (held across invalid frames)
+    matrices: np.ndarray  # (N, 2, 3) frame px → crop px; held over invalid frames
     valid: np.ndarray  # (N,) bool: dub this frame
     track_ids: np.ndarray  # (N,) int32 selected track per frame, -1 where none
     anchors: np.ndarray  # (N, 3, 2) smoothed anchors of the selected face (NaN where invalid)
@@ -228,7 +229,8 @@ def _pick_point(analysis: FaceAnalysis, cands: dict[int, _Candidate], pol: _Poli
                 best = (key, tid)
     if best is None:
         faces = ", ".join(
-            f"track {tid} at x {box[0]:.0f}-{box[2]:.0f}, y {box[1]:.0f}-{box[3]:.0f}" for tid, box in here
+            f"track {tid} at x {box[0]:.0f}-{box[2]:.0f}, y {box[1]:.0f}-{box[3]:.0f}"
+            for tid, box in here
         )
         raise InputError(
             f"face policy {pol.x:g},{pol.y:g}@{pol.t:g}: no face at that point on frame {f} "
@@ -244,8 +246,24 @@ def _default_matrix(analysis: FaceAnalysis, resolution: int) -> np.ndarray:
     w, h = analysis.width, analysis.height
     s = min(w, h) / 3
     cx, cy = w / 2, h / 2
-    anchors = np.array([[cx - 0.55 * s, cy - 0.3 * s], [cx + 0.55 * s, cy - 0.3 * s], [cx, cy + 0.2 * s]])
+    anchors = np.array(
+        [[cx - 0.55 * s, cy - 0.3 * s], [cx + 0.55 * s, cy - 0.3 * s], [cx, cy + 0.2 * s]]
+    )
     return align_matrices(anchors, resolution)
+
+
+def _merge_brief(ranges: list[PassthroughRange]) -> list[PassthroughRange]:
+    """Fold "visible too briefly" ranges into an adjacent pass-through range (less noise)."""
+    out: list[PassthroughRange] = []
+    for r in ranges:
+        adjacent = bool(out) and out[-1].end_frame == r.start_frame
+        if adjacent and (TOO_BRIEF in (r.reason, out[-1].reason) or r.reason == out[-1].reason):
+            prev = out[-1]
+            reason = prev.reason if r.reason == TOO_BRIEF else r.reason
+            out[-1] = PassthroughRange(prev.start_frame, r.end_frame, prev.start_s, r.end_s, reason)
+        else:
+            out.append(r)
+    return out
 
 
 def select_face(
@@ -297,7 +315,9 @@ def select_face(
         target = pol.track if pol.kind == "track" else _pick_point(analysis, cands, pol)
         if target not in cands:
             known = ", ".join(str(t) for t in sorted(cands)) or "none (no face was found)"
-            raise InputError(f"face policy track:{target}: there is no such track; tracks found: {known}")
+            raise InputError(
+                f"face policy track:{target}: there is no such track; tracks found: {known}"
+            )
         chosen[cands[target].usable] = target
 
     # Runs: same track, same shot, consecutive frames; too-short runs are not worth dubbing.
@@ -306,7 +326,7 @@ def select_face(
     run_list: list[tuple[int, int]] = []
     change = np.flatnonzero((np.diff(chosen) != 0) | (np.diff(shots) != 0)) + 1
     bounds = np.concatenate([[0], change, [n]])
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         if chosen[a] < 0:
             continue
         if b - a < min(min_run, 3):
@@ -347,7 +367,9 @@ def select_face(
             if c is not None and c.data.present[f]:
                 reasons[f] = c.reason[f] or TOO_BRIEF
             else:
-                reasons[f] = NOT_SELECTED if any(o.data.present[f] for o in cands.values()) else NO_FACE
+                reasons[f] = (
+                    NOT_SELECTED if any(o.data.present[f] for o in cands.values()) else NO_FACE
+                )
             continue
         present = [c for c in cands.values() if c.data.present[f]]
         if not present:
@@ -360,7 +382,7 @@ def select_face(
     change = np.flatnonzero(reasons[1:] != reasons[:-1]) + 1
     bounds = np.concatenate([[0], change, [n]])
     end_time = analysis.duration_s
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         if valid[a]:
             continue
         ranges.append(
@@ -372,6 +394,8 @@ def select_face(
                 reason=str(reasons[a]),
             )
         )
+
+    ranges = _merge_brief(ranges)
 
     track_id: int | None = None
     if target is not None:

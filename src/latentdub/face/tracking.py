@@ -28,7 +28,13 @@ class SceneCutDetector:
     single-shot clips.
     """
 
-    def __init__(self, *, pixel_threshold: float = 15.0, hist_threshold: float = 0.2, hist_alone: float = 0.45) -> None:
+    def __init__(
+        self,
+        *,
+        pixel_threshold: float = 15.0,
+        hist_threshold: float = 0.2,
+        hist_alone: float = 0.45,
+    ) -> None:
         self.pixel_threshold = pixel_threshold
         self.hist_threshold = hist_threshold
         self.hist_alone = hist_alone
@@ -53,7 +59,9 @@ class SceneCutDetector:
         pixel = float(np.abs(feats[0] - prev[0]).mean())
         hist = float(np.abs(feats[1] - prev[1]).sum() / 4.0)  # two normalised histograms → [0, 1]
         self.last_scores = (pixel, hist)
-        return (pixel > self.pixel_threshold and hist > self.hist_threshold) or hist > self.hist_alone
+        return (
+            pixel > self.pixel_threshold and hist > self.hist_threshold
+        ) or hist > self.hist_alone
 
 
 @dataclass
@@ -72,7 +80,9 @@ class Tracker:
     to the face size. Ids are assigned in order of first appearance, starting at 0.
     """
 
-    def __init__(self, *, max_gap: int = 10, min_iou: float = 0.2, max_centre_dist: float = 0.6) -> None:
+    def __init__(
+        self, *, max_gap: int = 10, min_iou: float = 0.2, max_centre_dist: float = 0.6
+    ) -> None:
         self.max_gap = max_gap
         self.min_iou = min_iou
         self.max_centre_dist = max_centre_dist
@@ -81,7 +91,11 @@ class Tracker:
 
     def active_boxes(self, frame_index: int) -> list[np.ndarray]:
         """Predicted boxes of tracks still alive at ``frame_index`` (ROIs for the backend)."""
-        return [self._predict(t, frame_index) for t in self._active if frame_index - t.last_frame <= self.max_gap]
+        return [
+            self._predict(t, frame_index)
+            for t in self._active
+            if frame_index - t.last_frame <= self.max_gap
+        ]
 
     def cut(self) -> None:
         """A new shot: every current track ends."""
@@ -97,7 +111,11 @@ class Tracker:
         if iou >= self.min_iou:
             return 1.0 + iou
         size = max(pred[2] - pred[0], pred[3] - pred[1], 1.0)
-        dist = float(np.hypot((pred[0] + pred[2] - box[0] - box[2]) / 2, (pred[1] + pred[3] - box[1] - box[3]) / 2))
+        dist = float(
+            np.hypot(
+                (pred[0] + pred[2] - box[0] - box[2]) / 2, (pred[1] + pred[3] - box[1] - box[3]) / 2
+            )
+        )
         ratio = (box[2] - box[0]) / max(pred[2] - pred[0], 1e-6)
         if dist / size < self.max_centre_dist and 0.6 < ratio < 1.6:
             return 1.0 - dist / size  # in (0.4, 1]: weaker than any overlap match
@@ -128,7 +146,9 @@ class Tracker:
             used_tracks.add(ti)
         for oi, obs in enumerate(observations):
             if ids[oi] == -1:
-                track = _Track(id=self._next_id, last_frame=frame_index, bbox=obs.bbox.astype(np.float64))
+                track = _Track(
+                    id=self._next_id, last_frame=frame_index, bbox=obs.bbox.astype(np.float64)
+                )
                 self._next_id += 1
                 self._active.append(track)
                 ids[oi] = track.id

@@ -113,7 +113,9 @@ def _open(path: Path) -> av.container.InputContainer:
         raise InputError(f"{path} cannot be opened: {err}") from err
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+def _video_stream(
+    container: av.container.InputContainer, path: Path
+) -> av.video.stream.VideoStream:
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["nothing"]
         raise InputError(
@@ -188,11 +190,13 @@ def probe_video(path: str | Path) -> VideoInfo:
                     break
         except av.error.FFmpegError as err:
             if first is None:
-                raise InputError(f"{path}: no frame of the video stream can be decoded ({err})") from err
+                raise InputError(
+                    f"{path}: no frame of the video stream can be decoded ({err})"
+                ) from err
         if first is None:
             raise InputError(f"{path}: the video stream has no decodable frames (empty or corrupt)")
 
-        rotation = int(round(first.rotation or 0))
+        rotation = round(first.rotation or 0)
         coded_w, coded_h = first.width, first.height
         width, height = (coded_h, coded_w) if rotation_turns(rotation) % 2 else (coded_w, coded_h)
 
@@ -265,7 +269,12 @@ def iter_frames(path: str | Path, *, start: int = 0, stop: int | None = None) ->
             except av.error.FFmpegError as err:
                 if index == 0:
                     raise InputError(f"{path}: the video stream cannot be decoded ({err})") from err
-                log.warning("%s: decoding stopped after %d frames (%s); the file looks truncated", path, index, err)
+                log.warning(
+                    "%s: decoding stopped after %d frames (%s); the file looks truncated",
+                    path,
+                    index,
+                    err,
+                )
                 break
             if size is None:
                 _check_size(path, frame.width, frame.height)
@@ -302,4 +311,4 @@ def read_image(path: str | Path) -> np.ndarray:
     """The first frame of a file (a still image or a video) as upright RGB uint8."""
     for frame in iter_frames(path, stop=1):
         return frame.image
-    raise InputError(f"{path}: no frame could be decoded")  # pragma: no cover - iter_frames raises first
+    raise InputError(f"{path}: no frame could be decoded")  # pragma: no cover

@@ -95,10 +95,15 @@ def _layout_for(channels: int) -> str:
     return _LAYOUTS[channels]
 
 
-def _current_umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once at import: os.umask() can only be read by setting it, which is not thread-safe,
+# and the writer is closed from the pipeline's writer thread.
+_UMASK = _read_umask()
 
 
 class VideoWriter:
@@ -163,9 +168,14 @@ class VideoWriter:
         self._audio_fed = 0
         self._done = False
 
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.partial-", suffix=self.path.suffix, dir=self.path.parent
-        )
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{self.path.name}.partial-", suffix=self.path.suffix, dir=self.path.parent
+            )
+        except OSError as err:
+            raise InputError(
+                f"Cannot write {self.path}: {err.strerror or err}. Choose another output path."
+            ) from err
         os.close(fd)
         self._tmp = Path(tmp)
         # Removes the partial file even if the writer is dropped without close()/abort().
@@ -356,7 +366,7 @@ class VideoWriter:
                 for packet in self._astream.encode(None):
                     self._container.mux(packet)
             self._guarded(self._container.close)
-            os.chmod(self._tmp, 0o666 & ~_current_umask())  # mkstemp made it 0600
+            os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

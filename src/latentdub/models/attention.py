@@ -57,7 +57,9 @@ class Attention(nn.Module):
         else:
             out = torch.cat(
                 [
-                    F.scaled_dot_product_attention(q[i : i + step], k[i : i + step], v[i : i + step])
+                    F.scaled_dot_product_attention(
+                        q[i : i + step], k[i : i + step], v[i : i + step]
+                    )
                     for i in range(0, n, step)
                 ]
             )

@@ -58,7 +58,7 @@ class VideoGroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, F, H, W)
-        b, c, f, h, w = x.shape
+        b, c, f = x.shape[:3]
         xt = x.transpose(1, 2)
         if not xt.is_contiguous():
             return super().forward(x)  # not frame-major: let the native kernel do it

@@ -68,7 +68,12 @@ _CONFIG_15: dict[str, Any] = {
         "DownBlock3D",
     ],
     "mid_block_type": "UNetMidBlock3DCrossAttn",
-    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
+    "up_block_types": [
+        "UpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+    ],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -203,7 +208,9 @@ class UNetConfig:
     def validate(self) -> None:
         n = len(self.block_out_channels)
         if not (len(self.down_block_types) == len(self.up_block_types) == n):
-            raise ValueError("block_out_channels, down_block_types, up_block_types differ in length")
+            raise ValueError(
+                "block_out_channels, down_block_types, up_block_types differ in length"
+            )
         for t in self.down_block_types:
             if t not in (_CROSS_DOWN, _PLAIN_DOWN):
                 raise ValueError(f"unsupported down block type {t!r}")
@@ -461,7 +468,9 @@ class UNet3DConditionModel(nn.Module):
     def _timesteps(self, timestep: Any, batch: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=device)
         if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
-            raise ValueError(f"timestep must be a number or have shape ({batch},), got {tuple(t.shape)}")
+            raise ValueError(
+                f"timestep must be a number or have shape ({batch},), got {tuple(t.shape)}"
+            )
         return t.reshape(-1).expand(batch)
 
     def _audio(self, ehs: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor | None:

@@ -34,7 +34,9 @@ class BlockSpec:
 def _motion_modules(channels: int, count: int, spec: BlockSpec, enabled: bool) -> nn.ModuleList:
     if not enabled or spec.motion_kwargs is None:
         return nn.ModuleList()
-    return nn.ModuleList(VanillaTemporalModule(channels, **spec.motion_kwargs) for _ in range(count))
+    return nn.ModuleList(
+        VanillaTemporalModule(channels, **spec.motion_kwargs) for _ in range(count)
+    )
 
 
 def _transformers(channels: int, count: int, spec: BlockSpec, enabled: bool) -> nn.ModuleList:
@@ -93,9 +95,7 @@ class DownBlock3D(_LayeredBlock):
             )
             for i in range(num_layers)
         )
-        self.motion_modules = _motion_modules(
-            out_channels, num_layers, spec, use_motion_module
-        )
+        self.motion_modules = _motion_modules(out_channels, num_layers, spec, use_motion_module)
         self.downsamplers = (
             nn.ModuleList([Downsample3D(out_channels, padding=downsample_padding)])
             if add_downsample
@@ -140,9 +140,7 @@ class UNetMidBlock3DCrossAttn(nn.Module):
             )
             for _ in range(num_layers + 1)
         )
-        self.motion_modules = _motion_modules(
-            channels, num_layers, spec, use_motion_module
-        )
+        self.motion_modules = _motion_modules(channels, num_layers, spec, use_motion_module)
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None
@@ -186,9 +184,7 @@ class UpBlock3D(_LayeredBlock):
                 )
             )
         self.resnets = nn.ModuleList(resnets)
-        self.motion_modules = _motion_modules(
-            out_channels, num_layers, spec, use_motion_module
-        )
+        self.motion_modules = _motion_modules(out_channels, num_layers, spec, use_motion_module)
         self.upsamplers = nn.ModuleList([Upsample3D(out_channels)]) if add_upsample else None
 
     def layer_with_skip(
@@ -229,4 +225,3 @@ class UpBlock3D(_LayeredBlock):
                 penultimate.append(x)
             x = self.layer_with_skip(i, x, skips[n - 1 - i], temb, context)
         return self.upsample(x, upsample_size)
-

@@ -310,7 +310,7 @@ def _read_openai_checkpoint(path: Path) -> tuple[WhisperDims, dict[str, Tensor]]
     except Exception as err:  # torch raises many unrelated types for unreadable files
         # weights_only names the first class/function it refused ("GLOBAL posix.system");
         # other weights_only failures ("Unsupported operand") are just damaged bytes.
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
         if refused:
             raise WeightsError(
                 f"Refusing to load {path}: it contains a pickled Python object "
