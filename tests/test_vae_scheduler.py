@@ -117,9 +117,9 @@ def test_load_vae_old_attention_names_from_bin(tmp_path: Path) -> None:
     assert any(".proj_attn." in k for k in old)
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(old, tmp_path / "diffusion_pytorch_model.bin")
-    vae = load_vae(tmp_path)
+    loaded = load_vae(tmp_path).state_dict()
     for k, v in ref.state_dict().items():
-        torch.testing.assert_close(vae.state_dict()[k], v)
+        torch.testing.assert_close(loaded[k], v)
 
 
 def test_load_vae_bin_with_code_is_refused(tmp_path: Path) -> None:

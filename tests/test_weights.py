@@ -129,9 +129,10 @@ def test_round_trip_strict_load(tiny_weights: Path, caplog: pytest.LogCaptureFix
     assert caplog.text.count(RANDOM_WEIGHTS_WARNING) == 3
 
     saved = torch.load(files.unet, weights_only=True)["state_dict"]
-    assert set(unet.state_dict()) == set(saved)
-    assert all(torch.equal(unet.state_dict()[k], v) for k, v in saved.items())
-    assert not any(t.is_meta for t in unet.state_dict().values())
+    loaded = unet.state_dict()
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    assert not any(t.is_meta for t in loaded.values())
     assert not unet.training and not any(p.requires_grad for p in unet.parameters())
 
     sample, audio = _unet_inputs(32)

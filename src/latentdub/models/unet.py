@@ -147,6 +147,14 @@ _FIXED_KEYS: dict[str, Any] = {
 }
 
 
+_TUPLE_FIELDS = {
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "motion_module_resolutions",
+}
+
+
 @dataclass
 class UNetConfig:
     """Typed view of the official config dict (defaults = LatentSync 1.5/1.6)."""
@@ -190,10 +198,8 @@ class UNetConfig:
                     f"unsupported U-Net config value {key}={value!r} (only {wanted!r} is supported)"
                 )
         kwargs = {k: cfg[k] for k in own if k in cfg}
-        for key in ("block_out_channels", "down_block_types", "up_block_types",
-                    "motion_module_resolutions"):  # fmt: skip
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
+        for key in _TUPLE_FIELDS & set(kwargs):
+            kwargs[key] = tuple(kwargs[key])
         heads = kwargs.get("attention_head_dim", 8)
         if isinstance(heads, (list, tuple)):
             if len(set(heads)) != 1:
@@ -263,9 +269,8 @@ def timestep_sinusoid(
     k = torch.arange(half, dtype=torch.float32, device=timesteps.device)
     freqs = torch.exp(-math.log(10000.0) * k / (half - freq_shift))
     args = timesteps.float()[:, None] * freqs[None]
-    first, second = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (
-        torch.sin(args), torch.cos(args))  # fmt: skip
-    emb = torch.cat([first, second], dim=-1)
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -495,6 +500,29 @@ class UNet3DConditionModel(nn.Module):
             )
         return ehs.to(self.dtype)
 
+    def _body(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None,
+        penultimate: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Everything between ``conv_in`` and the output head (skip stack as officially)."""
+        skips: list[torch.Tensor] = [x]
+        for block in self.down_blocks:
+            x, res = block(x, emb, context)
+            skips.extend(res)
+        x = self.mid_block(x, emb, context)
+        # latents that are not a multiple of 2^n: upsample to the next skip's exact size
+        odd = any(s % (2**self._num_upsamplers) for s in skips[0].shape[-2:])
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            res, skips = tuple(skips[-n:]), skips[:-n]
+            size = tuple(skips[-1].shape[-2:]) if odd and skips else None
+            is_last = i == len(self.up_blocks) - 1
+            x = block(x, res, emb, context, size, penultimate if is_last else None)
+        return x
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -508,7 +536,7 @@ class UNet3DConditionModel(nn.Module):
             raise ValueError(
                 f"sample must be (B, {self.cfg.in_channels}, F, h, w), got {tuple(sample.shape)}"
             )
-        b, _, f, h, w = sample.shape
+        b, _, f = sample.shape[:3]
         max_f = self.max_frames
         if max_f is not None and f > max_f:
             raise ValueError(
@@ -522,35 +550,21 @@ class UNet3DConditionModel(nn.Module):
         t = self._timesteps(timestep, b, sample.device)
         emb = self.time_embedding(self.time_proj(t).to(self.dtype))
         x = self.conv_in(sample.to(self.dtype))
-        last = self.up_blocks[-1]
 
-        # the cached tensor feeds the last layer together with the conv_in skip
-        cached_channels = last.resnets[-1].norm1.num_channels - x.shape[1]
-        full = deep_cache is None or deep_cache.is_full_step(x, cached_channels)
-        if full:
-            penultimate: list[torch.Tensor] | None = [] if deep_cache is not None else None
-            skips: list[torch.Tensor] = [x]
-            y = x
-            for block in self.down_blocks:
-                y, res = block(y, emb, context)
-                skips.extend(res)
-            y = self.mid_block(y, emb, context)
-            # non-multiple-of-2^n latents: upsample to the skip's exact size
-            odd = any(s % (2**self._num_upsamplers) for s in (h, w))
-            for i, block in enumerate(self.up_blocks):
-                n = len(block.resnets)
-                res, skips = tuple(skips[-n:]), skips[:-n]
-                size = tuple(skips[-1].shape[-2:]) if odd and skips else None
-                y = block(
-                    y, res, emb, context, upsample_size=size,
-                    penultimate=penultimate if i == len(self.up_blocks) - 1 else None,
-                )  # fmt: skip
-            if deep_cache is not None:
-                deep_cache.features = penultimate[0]
+        if deep_cache is None:
+            y = self._body(x, emb, context)
         else:
-            y = last.layer_with_skip(len(last.resnets) - 1, deep_cache.features, x, emb, context)
-            y = last.upsample(y, None)
-        if deep_cache is not None:
+            last = self.up_blocks[-1]
+            # the cached tensor feeds the last layer together with the conv_in skip
+            if deep_cache.is_full_step(x, last.resnets[-1].norm1.num_channels - x.shape[1]):
+                kept: list[torch.Tensor] = []
+                y = self._body(x, emb, context, penultimate=kept)
+                deep_cache.features = kept[0]
+            else:
+                i = len(last.resnets) - 1
+                y = last.upsample(
+                    last.layer_with_skip(i, deep_cache.features, x, emb, context), None
+                )
             deep_cache.step += 1
 
         y = self.conv_out(self.conv_act(self.conv_norm_out(y)))
