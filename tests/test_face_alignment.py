@@ -9,7 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from latentdub.face import Aligner, MediaPipeBackend, align_matrices, geometry, paste_back, similarity_transform
+from latentdub.face import (
+    Aligner,
+    MediaPipeBackend,
+    align_matrices,
+    geometry,
+    paste_back,
+    similarity_transform,
+)
 from latentdub.face.alignment import apply_affine, invert_affine, warp_face
 from latentdub.face.paste import blend_region_mask
 from latentdub.media.reader import iter_frames, read_image
@@ -33,7 +40,9 @@ def backend():
 
 
 @pytest.fixture(scope="module")
-def real_faces(media_dir: Path, backend: MediaPipeBackend) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def real_faces(
+    media_dir: Path, backend: MediaPipeBackend
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, frame, anchors of the largest face) for a few real frames."""
     out = []
     for name, index in FRAMES:
@@ -56,7 +65,9 @@ def test_geometry_matches_official_constants(reference_dir: Path) -> None:
         assert geo.scale_y == pytest.approx(ref["scale_y_warp_to_square"])
         # Our square-crop template uses OpenCV's pixel-centre convention: within 0.15 px of the
         # constants file, which multiplies without the half-pixel offset.
-        np.testing.assert_allclose(geo.template_square, ref["template_points_in_final_square_crop_xy"], atol=0.15)
+        np.testing.assert_allclose(
+            geo.template_square, ref["template_points_in_final_square_crop_xy"], atol=0.15
+        )
 
 
 def test_similarity_recovers_a_known_transform() -> None:
@@ -92,7 +103,9 @@ def test_one_warp_equals_official_warp_then_resize(real_faces) -> None:
             geo = geometry(res)
             sim = similarity_transform(anchors, geo.template)
             # Official: warp to (crop_w, crop_h) (bilinear, grey fill), then Lanczos resize.
-            official = cv2.warpAffine(image, sim, (geo.crop_w, geo.crop_h), flags=cv2.INTER_LINEAR, borderValue=(127,) * 3)
+            official = cv2.warpAffine(
+                image, sim, (geo.crop_w, geo.crop_h), flags=cv2.INTER_LINEAR, borderValue=(127,) * 3
+            )
             official = cv2.resize(official, (res, res), interpolation=cv2.INTER_LANCZOS4)
             ours = warp_face(image, align_matrices(anchors, res), res)
             mse = np.mean((ours[4:-4, 4:-4].astype(np.float64) - official[4:-4, 4:-4]) ** 2)
@@ -132,7 +145,7 @@ def test_identity_round_trip_is_seamless(real_faces, res: int) -> None:
 
 
 def test_paste_back_replaces_only_the_lower_face(real_faces) -> None:
-    name, image, anchors = real_faces[0]
+    _name, image, anchors = real_faces[0]
     aligner = Aligner(256)
     matrix = aligner.matrices(anchors[None])[0]
     generated = np.zeros((256, 256, 3), np.uint8)

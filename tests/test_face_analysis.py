@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +34,26 @@ def hamilton(media_dir: Path, backend: MediaPipeBackend) -> FaceAnalysis:
 
 
 @pytest.mark.parametrize("name", FRONTAL)
-def test_frontal_talking_heads_found_on_99_percent(name: str, media_dir: Path, backend: MediaPipeBackend) -> None:
-    a = analyze_video(media_dir / name, backend=backend, max_frames=50)  # 2 s per clip keeps CI fast
+def test_frontal_talking_heads_found_on_99_percent(
+    name: str, media_dir: Path, backend: MediaPipeBackend
+) -> None:
+    a = analyze_video(
+        media_dir / name, backend=backend, max_frames=50
+    )  # 2 s per clip keeps CI fast
     assert a.num_frames == 50
     assert a.frames_with_face >= 0.99 * a.num_frames
     assert len(a.tracks) >= 1 and max(t.coverage for t in a.tracks) >= 0.99  # one continuous track
     sel = select_face(a)
     assert sel.valid.mean() >= 0.99
-    assert sel.passthrough_ranges == [] or sum(r.end_frame - r.start_frame for r in sel.passthrough_ranges) <= 1
+    assert (
+        sel.passthrough_ranges == []
+        or sum(r.end_frame - r.start_frame for r in sel.passthrough_ranges) <= 1
+    )
 
 
-def test_no_face_clip_gives_no_face_and_no_error(media_dir: Path, backend: MediaPipeBackend) -> None:
+def test_no_face_clip_gives_no_face_and_no_error(
+    media_dir: Path, backend: MediaPipeBackend
+) -> None:
     a = analyze_video(media_dir / "opencv_tree_noface_15fps_cinepak.avi", backend=backend)
     assert a.num_frames == 68 and a.frames_with_face == 0 and a.tracks == []
     sel = select_face(a)
@@ -69,7 +79,9 @@ def test_multiface_clip_with_cuts(hamilton: FaceAnalysis) -> None:
     audience = [t for t in a.tracks if t.first_frame >= 211]
     assert len(audience) >= 2
     singer = max(a.tracks, key=lambda t: t.frames)
-    assert 80 <= singer.first_frame <= 84 and 205 <= singer.last_frame <= 211 and singer.coverage > 0.4
+    assert (
+        80 <= singer.first_frame <= 84 and 205 <= singer.last_frame <= 211 and singer.coverage > 0.4
+    )
 
     sel = select_face(a)
     assert sel.track_id == singer.id
@@ -79,7 +91,7 @@ def test_multiface_clip_with_cuts(hamilton: FaceAnalysis) -> None:
     assert ranges[0].start_frame == 0 and ranges[0].reason == "face too small"
     # Ranges are ordered, disjoint, and cover exactly the frames that are not dubbed.
     covered = np.zeros(a.num_frames, bool)
-    for prev, r in zip(ranges, ranges[1:], strict=False):
+    for prev, r in itertools.pairwise(ranges):
         assert prev.end_frame <= r.start_frame
     for r in ranges:
         assert r.start_frame < r.end_frame and r.start_s < r.end_s and r.reason
@@ -90,7 +102,7 @@ def test_multiface_clip_with_cuts(hamilton: FaceAnalysis) -> None:
 def test_point_policy_follows_the_clicked_face(hamilton: FaceAnalysis) -> None:
     singer = max(hamilton.tracks, key=lambda t: t.frames)
     f = (singer.first_frame + singer.last_frame) // 2
-    box = hamilton.track(singer.id).bbox[f]
+    box = hamilton.track(singer.id).at(f)
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     sel = select_face(hamilton, f"{x:.0f},{y:.0f}@{hamilton.times_s[f]:.3f}", resolution=512)
     assert sel.track_id == singer.id
@@ -109,11 +121,19 @@ def test_rotated_clip_is_analysed_upright(media_dir: Path, backend: MediaPipeBac
     brows_y = anchors[:, :2, 1].mean(axis=1)
     assert np.all(anchors[:, 2, 1] > brows_y)  # nose below the brows: upright
     assert np.all(anchors[:, 0, 0] < anchors[:, 1, 0])  # image-left brow is left
-    assert np.all(np.abs(anchors[:, 0, 1] - anchors[:, 1, 1]) < 0.3 * (anchors[:, 1, 0] - anchors[:, 0, 0]))
+    # Roll below 45° (the sitting person tilts her head by up to ~20°; sideways would be 90°).
+    assert np.all(np.abs(anchors[:, 0, 1] - anchors[:, 1, 1]) < anchors[:, 1, 0] - anchors[:, 0, 0])
 
 
-def test_every_n_interpolates_between_detections(media_dir: Path, backend: MediaPipeBackend) -> None:
-    a = analyze_video(media_dir / "vexpress_hdtf_radio10_29.97fps_2s.mp4", backend=backend, every_n=3, max_frames=30)
+def test_every_n_interpolates_between_detections(
+    media_dir: Path, backend: MediaPipeBackend
+) -> None:
+    a = analyze_video(
+        media_dir / "vexpress_hdtf_radio10_29.97fps_2s.mp4",
+        backend=backend,
+        every_n=3,
+        max_frames=30,
+    )
     assert a.sampled.sum() == 10
     assert a.frames_with_face == 30  # skipped frames are bridged by interpolation
     sel = select_face(a)

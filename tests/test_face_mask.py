@@ -14,7 +14,9 @@ from latentdub.face.mask import generated_region, load_mask_png
 
 
 def test_packaged_mask_is_the_official_png(reference_dir: Path) -> None:
-    official = cv2.cvtColor(cv2.imread(str(reference_dir / "latentsync_mask.png")), cv2.COLOR_BGR2RGB)
+    official = cv2.cvtColor(
+        cv2.imread(str(reference_dir / "latentsync_mask.png")), cv2.COLOR_BGR2RGB
+    )
     assert np.array_equal(load_mask_png(), official)
 
 
@@ -40,12 +42,16 @@ def test_blend_weights_cover_generated_region_and_feather_outwards(res: int) -> 
     w = blend_weights(res)
     region = generated_region(res)
     assert w.shape == (res, res) and w.dtype == np.float32
-    assert 0.0 <= w.min() and w.max() <= 1.0
+    assert w.min() >= 0.0 and w.max() <= 1.0
     # The generated region gets full weight except for a thin band (res/64 px) along its edge.
-    core = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=res // 64 + 1).astype(bool)
+    core = cv2.erode(
+        region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=res // 64 + 1
+    ).astype(bool)
     assert np.all(w[core] == 1.0)
     # Beyond res/32 px outside the region nothing is pasted: the upper face stays original.
-    far = ~cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=res // 32 + 1).astype(bool)
+    far = ~cv2.dilate(
+        region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=res // 32 + 1
+    ).astype(bool)
     assert np.all(w[far] == 0.0)
     assert not w[: res // 3].any()  # eyes and brows are never touched
     # Feathered: there are intermediate values, and they vary smoothly (no step > 0.35).

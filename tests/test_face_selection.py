@@ -21,10 +21,18 @@ FPS = 25
 def _anchors(box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    return np.array([[x0 + 0.27 * w, y0 + 0.3 * h], [x0 + 0.73 * w, y0 + 0.3 * h], [x0 + 0.5 * w, y0 + 0.52 * h]])
+    return np.array(
+        [
+            [x0 + 0.27 * w, y0 + 0.3 * h],
+            [x0 + 0.73 * w, y0 + 0.3 * h],
+            [x0 + 0.5 * w, y0 + 0.52 * h],
+        ]
+    )
 
 
-def make_analysis(n: int, tracks: dict[int, list[tuple[int, np.ndarray, float]]], cuts=()) -> FaceAnalysis:
+def make_analysis(
+    n: int, tracks: dict[int, list[tuple[int, np.ndarray, float]]], cuts=()
+) -> FaceAnalysis:
     """tracks: id -> [(frame, box, yaw)]; a 640x360 video at 25 fps."""
     info = VideoInfo(
         path=Path("synthetic.mp4"), width=640, height=360, coded_width=640, coded_height=360, rotation=0,
@@ -71,7 +79,9 @@ def test_largest_face_per_shot_and_reasons() -> None:
     assert sel.valid[:100].all() and not sel.valid[100:].any()
     assert np.all(sel.track_ids[:50] == 0) and np.all(sel.track_ids[50:100] == 1)
     assert sel.track_id in (0, 1)
-    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [(100, 150, TOO_SMALL)]
+    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [
+        (100, 150, TOO_SMALL)
+    ]
     r = sel.passthrough_ranges[0]
     assert r.start_s == pytest.approx(4.0) and r.end_s == pytest.approx(6.0)
 
@@ -81,7 +91,9 @@ def test_turned_missing_and_gap_bridging() -> None:
     obs = _still(range(0, 30), box)
     obs += _still(range(30, 50), box, yaw=70.0)  # head turned away for 0.8 s
     obs += _still(range(50, 60), box)
-    obs += [o for o in _still(range(60, 100), box) if not 70 <= o[0] < 73]  # 3-frame drop-out: bridged
+    obs += [
+        o for o in _still(range(60, 100), box) if not 70 <= o[0] < 73
+    ]  # 3-frame drop-out: bridged
     # frames 100-119: nobody; 120-149 back (same track id after a long gap is a new track)
     obs2 = _still(range(120, 150), box)
     a = make_analysis(150, {0: obs, 1: obs2})
@@ -101,7 +113,9 @@ def test_track_and_point_policies() -> None:
     assert sel.valid.all() and sel.track_id == 0
     sel = select_face(a, "465,150@1.0")  # a point inside the right face at t = 1 s
     assert sel.track_id == 1 and sel.valid[20:].all() and not sel.valid[:20].any()
-    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [(0, 20, NOT_SELECTED)]
+    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [
+        (0, 20, NOT_SELECTED)
+    ]
     assert select_face(a, "100,150").track_id == 0  # no time: t = 0
     with pytest.raises(InputError, match="no face at that point"):
         select_face(a, "300,300@1")
@@ -117,7 +131,9 @@ def test_no_face_at_all_is_not_an_error() -> None:
     a = make_analysis(40, {})
     sel = select_face(a, resolution=512)
     assert not sel.valid.any() and sel.track_id is None
-    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [(0, 40, NO_FACE)]
+    assert [(r.start_frame, r.end_frame, r.reason) for r in sel.passthrough_ranges] == [
+        (0, 40, NO_FACE)
+    ]
     assert sel.matrices.shape == (40, 2, 3) and np.isfinite(sel.matrices).all()
 
 
@@ -126,7 +142,9 @@ def test_smoothing_removes_jitter_without_lag() -> None:
     n = 120
     t = np.arange(n)
     # A head moving right at 6 px/frame (fast: 150 px/s), landmarks with 1.5 px noise.
-    truth = np.stack([np.stack([100 + 6.0 * t, 100 + 0 * t], 1)] * 3, 1) + np.array([[0, 0], [80, 0], [40, 45]])
+    truth = np.stack([np.stack([100 + 6.0 * t, 100 + 0 * t], 1)] * 3, 1) + np.array(
+        [[0, 0], [80, 0], [40, 45]]
+    )
     noisy = truth + rng.normal(0, 1.5, truth.shape)
     smooth = smooth_local_linear(noisy, sigma=1.5)
     err_raw = np.abs(noisy - truth)[5:-5].mean()
@@ -135,7 +153,9 @@ def test_smoothing_removes_jitter_without_lag() -> None:
     # Zero lag: no systematic trailing (a one-frame lag would be 6 px; the official 0.2/0.8
     # exponential smoothing trails by 1.5 px here).
     assert abs((smooth - truth)[5:-5, :, 0].mean()) < 0.5
-    np.testing.assert_allclose(smooth_local_linear(truth, 1.5), truth, atol=1e-9)  # linear passes exactly
+    np.testing.assert_allclose(
+        smooth_local_linear(truth, 1.5), truth, atol=1e-9
+    )  # linear passes exactly
 
     boxes = [(i, np.array([100 + 6.0 * i, 60, 230 + 6.0 * i, 220]), 0.0) for i in range(n)]
     a = make_analysis(n, {0: boxes})
@@ -151,3 +171,18 @@ def test_smoothing_removes_jitter_without_lag() -> None:
         return float(np.abs(np.diff(landed - geo.template_square, 2, axis=0)).mean())
 
     assert jitter(smoothed) < 0.4 * jitter(raw)
+
+
+def test_track_spans_bridge_short_gaps_only() -> None:
+    box = np.array([200.0, 60, 330, 220])
+    frames = [*range(10, 20), *range(23, 30), *range(45, 50)]  # a 3-frame gap, then a 15-frame gap
+    a = make_analysis(80, {0: [(f, box + f, 0.0) for f in frames]})
+    t = a.track(0)
+    assert (t.start, t.stop) == (10, 50)
+    assert t.present[: 30 - 10].all() and not t.present[30 - 10 : 45 - 10].any()
+    assert not t.detected[20 - 10 : 23 - 10].any()
+    np.testing.assert_allclose(t.at(21), box + 21)  # interpolated inside the short gap
+    assert not t.is_present(60) and np.isnan(t.at(60)).all()
+    dense = t.dense(80)
+    assert dense.present.shape == (80,) and dense.present.sum() == t.present.sum() == 25
+    assert a.faces_per_frame().sum() == 25 and a.tracks[0].frames == 25

@@ -44,7 +44,10 @@ def test_probe_vfr_from_timestamps_not_nominal_rate(media_dir: Path) -> None:
 
 
 def test_vfr_frame_times_follow_pts(media_dir: Path) -> None:
-    frames = [(f.index, f.time_s, f.pts) for f in iter_frames(media_dir / "retalking_face1_man_vfr.mp4", stop=6)]
+    frames = [
+        (f.index, f.time_s, f.pts)
+        for f in iter_frames(media_dir / "retalking_face1_man_vfr.mp4", stop=6)
+    ]
     assert [i for i, _, _ in frames] == list(range(6))
     assert frames[0][1] == 0.0
     tb = Fraction(1, 15360)
@@ -64,7 +67,9 @@ def test_rotation_display_matrix_frames_are_upright(media_dir: Path) -> None:
     original = next(iter_frames(media_dir / PORTRAIT, start=10))
     assert rotated.index == 10 and rotated.time_s == pytest.approx(0.4)
     assert rotated.image.shape == (960, 540, 3) and rotated.image.flags.c_contiguous
-    reference = cv2.resize(original.image, (540, 960), interpolation=cv2.INTER_AREA).astype(np.int16)
+    reference = cv2.resize(original.image, (540, 960), interpolation=cv2.INTER_AREA).astype(
+        np.int16
+    )
     upright_err = np.abs(rotated.image.astype(np.int16) - reference).mean()
     upside_down_err = np.abs(np.rot90(rotated.image, 2).astype(np.int16) - reference).mean()
     assert upright_err < 5.0, upright_err  # re-encoded at crf 23: small differences only
@@ -108,9 +113,17 @@ def test_truncated_file_decodes_what_is_there(media_dir: Path, tmp_path: Path) -
     [
         (lambda d, m: d / "missing.mp4", "no such file"),
         (lambda d, m: _write(d / "empty.mp4", b""), "empty"),
-        (lambda d, m: _write(d / "notes.mp4", b"these are my notes, not a video\n" * 20), "cannot be read as a video"),
+        (
+            lambda d, m: _write(d / "notes.mp4", b"these are my notes, not a video\n" * 20),
+            "cannot be read as a video",
+        ),
         # MP4 with its index at the end, cut in half: the container cannot even be opened.
-        (lambda d, m: _write(d / "half.mp4", (m / "retalking_face2_man_25fps.mp4").read_bytes()[:200_000]), "truncated"),
+        (
+            lambda d, m: _write(
+                d / "half.mp4", (m / "retalking_face2_man_25fps.mp4").read_bytes()[:200_000]
+            ),
+            "truncated",
+        ),
         (lambda d, m: m / "audio_echomimic_en_24k.wav", "no video stream"),
         (lambda d, m: d, "is a folder"),
         (lambda d, m: _huge_png(d / "huge.png"), "too large"),

@@ -167,6 +167,7 @@ def test_load_module_strict_rebuilds_modules_with_volatile_buffers() -> None:
     sd = {"lin.weight": torch.ones(2, 2), "lin.bias": torch.zeros(2)}
     m = load_module_strict(WithVolatile, sd, Path("x.pt"), "Toy", dtype=torch.float32, device="cpu")
     assert torch.equal(m.table, torch.arange(3.0)) and torch.equal(m.lin.weight, torch.ones(2, 2))
+    assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
 
 
 def test_missing_whisper_lists_the_layout(tiny_weights: Path, tmp_path: Path) -> None:
@@ -177,6 +178,19 @@ def test_missing_whisper_lists_the_layout(tiny_weights: Path, tmp_path: Path) ->
     msg = str(err.value)
     assert "whisper/tiny.pt" in msg and "DIR/sd-vae-ft-mse/config.json" in msg
     assert f"--dir {folder.resolve()}" in msg
+
+
+def test_invalid_config_in_latentdub_json(tiny_weights: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_weights, tmp_path / "w")
+    cfg = json.loads((folder / "latentdub.json").read_text())
+    cfg["unet_config"]["motion_module_type"] = "Sparse"
+    (folder / "latentdub.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="cannot build the UNet") as err:
+        load_unet(resolve_weights("1.6", folder))
+    assert "Sparse" in str(err.value)
+    (folder / "latentdub.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="latentdub.json is not valid JSON"):
+        resolve_weights("1.6", folder)
 
 
 def test_missing_or_wrong_folder(tmp_path: Path) -> None:

@@ -51,6 +51,8 @@ def test_offline_with_empty_cache_gives_one_clear_message(empty_hf_home: Path) -
     assert "DIR/whisper/tiny.pt" in msg and "--weights DIR" in msg
     assert str(empty_hf_home / "hub") in msg
     assert err.value.__cause__ is None and "Traceback" not in msg
+    with pytest.raises(WeightsError, match=r"1\.0 weights are not fetched automatically"):
+        resolve_weights("1.0")
 
 
 def test_download_false_never_touches_the_network(

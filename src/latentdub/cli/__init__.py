@@ -23,7 +23,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except LatentdubError as err:
-        console_err.print(f"[bold red]error:[/] {err}", highlight=False)
+        console_err.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except typer.Abort:
         console_err.print("aborted")

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -59,19 +60,25 @@ class TrackInfo:
 
 @dataclass
 class TrackData:
-    """Dense per-frame arrays of one track over the whole video (NaN where absent).
+    """Per-frame arrays of one track over its own span of frames [start, stop) (NaN where absent).
 
     ``present`` includes short detection drop-outs bridged by linear interpolation
-    (``detected`` is False there).
+    (``detected`` is False there). Spans keep memory proportional to the track's length, not
+    the video's; :meth:`at` and :meth:`dense` give whole-video indexing.
     """
 
     track_id: int
-    present: np.ndarray  # (N,) bool
-    detected: np.ndarray  # (N,) bool
-    bbox: np.ndarray  # (N, 4) float64
-    anchors: np.ndarray  # (N, 3, 2) float64
-    score: np.ndarray  # (N,) float64
-    yaw: np.ndarray  # (N,) float64
+    start: int  # frame index of element 0
+    present: np.ndarray  # (L,) bool
+    detected: np.ndarray  # (L,) bool
+    bbox: np.ndarray  # (L, 4) float64
+    anchors: np.ndarray  # (L, 3, 2) float64
+    score: np.ndarray  # (L,) float64
+    yaw: np.ndarray  # (L,) float64
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.present)
 
     @property
     def width(self) -> np.ndarray:
@@ -80,6 +87,34 @@ class TrackData:
     @property
     def height(self) -> np.ndarray:
         return self.bbox[:, 3] - self.bbox[:, 1]
+
+    def is_present(self, frame: int) -> bool:
+        return self.start <= frame < self.stop and bool(self.present[frame - self.start])
+
+    def at(self, frame: int) -> np.ndarray:
+        """Box (4,) at a whole-video frame index (NaN where absent)."""
+        if not self.start <= frame < self.stop:
+            return np.full(4, np.nan)
+        return self.bbox[frame - self.start]
+
+    def dense(self, num_frames: int) -> TrackData:
+        """The same track on whole-video indexing (arrays of length ``num_frames``)."""
+
+        def widen(x: np.ndarray, fill: float | bool) -> np.ndarray:
+            out = np.full((num_frames, *x.shape[1:]), fill, dtype=x.dtype)
+            out[self.start : self.stop] = x
+            return out
+
+        return TrackData(
+            self.track_id,
+            0,
+            widen(self.present, False),
+            widen(self.detected, False),
+            widen(self.bbox, np.nan),
+            widen(self.anchors, np.nan),
+            widen(self.score, np.nan),
+            widen(self.yaw, np.nan),
+        )
 
 
 @dataclass
@@ -138,7 +173,9 @@ class FaceAnalysis:
         """(N,) number of faces found (counting bridged drop-outs of tracks)."""
         delta = np.zeros(self.num_frames + 1, dtype=np.int32)
         for tid in np.unique(self.obs_track):
-            for a, b in present_spans(self.obs_frame[self.obs_track == tid], self.max_gap):
+            for a, b in present_spans(
+                self.obs_frame[self.obs_track == tid], self.max_gap, self.sampled
+            ):
                 delta[a] += 1
                 delta[b] -= 1
         return np.cumsum(delta[:-1])
@@ -155,26 +192,32 @@ class FaceAnalysis:
         i = int(np.searchsorted(self.times_s, t + 1e-9, side="right")) - 1
         return int(np.clip(i, 0, self.num_frames - 1))
 
-    # -- per-track dense view ------------------------------------------------------------------
+    # -- per-track view -----------------------------------------------------------------------
     def track(self, track_id: int) -> TrackData:
+        """Arrays of one track over its span (see :class:`TrackData`); KeyError if unknown."""
         n = self.num_frames
         sel = np.flatnonzero(self.obs_track == track_id)
         if sel.size == 0:
             raise KeyError(track_id)
-        frames = self.obs_frame[sel]
-        bbox = np.full((n, 4), np.nan)
-        anchors = np.full((n, 3, 2), np.nan)
-        score = np.full(n, np.nan)
-        yaw = np.full(n, np.nan)
-        bbox[frames] = self.obs_bbox[sel]
-        anchors[frames] = self.obs_anchors[sel]
-        score[frames] = self.obs_score[sel]
-        yaw[frames] = self.obs_yaw[sel]
-        detected = np.zeros(n, dtype=bool)
-        detected[frames] = True
+        frames = self.obs_frame[sel].astype(np.int64)
+        start = int(frames[0])
+        stop = int(frames[-1]) + 1 + _unsampled_run_after(self.sampled, int(frames[-1]))
+        stop = min(stop, n)
+        length = stop - start
+        rel = frames - start
+        bbox = np.full((length, 4), np.nan)
+        anchors = np.full((length, 3, 2), np.nan)
+        score = np.full(length, np.nan)
+        yaw = np.full(length, np.nan)
+        bbox[rel] = self.obs_bbox[sel]
+        anchors[rel] = self.obs_anchors[sel]
+        score[rel] = self.obs_score[sel]
+        yaw[rel] = self.obs_yaw[sel]
+        detected = np.zeros(length, dtype=bool)
+        detected[rel] = True
         present = detected.copy()
         # Bridge short gaps (drop-outs, or frames skipped by every_n) by linear interpolation.
-        for a, b in itertools.pairwise(frames):
+        for a, b in itertools.pairwise(rel):
             gap = int(b - a - 1)
             if 0 < gap <= self.max_gap:
                 t = (np.arange(1, gap + 1) / (gap + 1))[:, None]
@@ -183,7 +226,17 @@ class FaceAnalysis:
                 score[a + 1 : b] = min(score[a], score[b])
                 yaw[a + 1 : b] = (yaw[a] * (1 - t) + yaw[b] * t)[:, 0]
                 present[a + 1 : b] = True
-        return TrackData(track_id, present, detected, bbox, anchors, score, yaw)
+        # Hold the face over never-examined frames after a span's last detection (every_n > 1).
+        for a in rel:
+            if a + 1 < length and not present[a + 1]:
+                k = min(_unsampled_run_after(self.sampled, int(a) + start), length - 1 - int(a))
+                if k:
+                    bbox[a + 1 : a + 1 + k] = bbox[a]
+                    anchors[a + 1 : a + 1 + k] = anchors[a]
+                    score[a + 1 : a + 1 + k] = score[a]
+                    yaw[a + 1 : a + 1 + k] = yaw[a]
+                    present[a + 1 : a + 1 + k] = True
+        return TrackData(track_id, start, present, detected, bbox, anchors, score, yaw)
 
     # -- reporting -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -207,14 +260,31 @@ class FaceAnalysis:
         return json.dumps(self.to_dict())
 
 
-def present_spans(frames: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
-    """Sorted detection frames of one track → [start, stop) spans with gaps ≤ max_gap bridged."""
+def _unsampled_run_after(sampled: np.ndarray, frame: int) -> int:
+    """How many frames right after ``frame`` were never examined (every_n > 1)."""
+    k = 0
+    while frame + 1 + k < len(sampled) and not sampled[frame + 1 + k]:
+        k += 1
+    return k
+
+
+def present_spans(
+    frames: np.ndarray, max_gap: int, sampled: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+    """Detection frames of one track → [start, stop) spans where the face counts as present.
+
+    Gaps of ≤ ``max_gap`` frames are bridged; after the last detection of a span the face is
+    also held over frames that were never examined (``sampled`` False, i.e. skipped by
+    ``every_n``), up to the next examined frame.
+    """
     if len(frames) == 0:
         return []
     frames = np.sort(np.asarray(frames))
     breaks = np.flatnonzero(np.diff(frames) > max_gap + 1)
     starts = np.concatenate([[frames[0]], frames[breaks + 1]])
     stops = np.concatenate([frames[breaks], [frames[-1]]]) + 1
+    if sampled is not None:
+        stops = np.array([b + _unsampled_run_after(sampled, int(b) - 1) for b in stops])
     return [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
@@ -251,16 +321,18 @@ def analyze_video(
     tracker = Tracker(max_gap=max_gap)
     cuts = SceneCutDetector()
 
-    pts: list[int] = []
-    times: list[float] = []
-    sampled: list[bool] = []
+    # Compact typed buffers (8 bytes per number, no Python object per value): a 2-hour video
+    # with two faces per frame needs ~40 MB here.
+    pts = array("q")
+    times = array("d")
+    sampled = array("b")
     scene_cuts: list[int] = []
-    o_frame: list[int] = []
-    o_track: list[int] = []
-    o_bbox: list[np.ndarray] = []
-    o_anchor: list[np.ndarray] = []
-    o_score: list[float] = []
-    o_yaw: list[float] = []
+    o_frame = array("l")
+    o_track = array("l")
+    o_bbox = array("d")
+    o_anchor = array("d")
+    o_score = array("f")
+    o_yaw = array("f")
     last_duration: int | None = None
     total = info.num_frames if max_frames is None else min(info.num_frames, max_frames)
     try:
@@ -283,8 +355,8 @@ def analyze_video(
                 for face, tid in zip(faces, ids, strict=True):
                     o_frame.append(i)
                     o_track.append(tid)
-                    o_bbox.append(face.bbox)
-                    o_anchor.append(face.anchors)
+                    o_bbox.extend(np.asarray(face.bbox, dtype=np.float64).ravel()[:4])
+                    o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
                     o_score.append(face.score)
                     o_yaw.append(np.nan if face.yaw is None else face.yaw)
             if progress is not None and (i % 10 == 0):
@@ -340,7 +412,7 @@ def _summarise_tracks(analysis: FaceAnalysis) -> list[TrackInfo]:
         boxes = analysis.obs_bbox[sel]
         sizes = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         yaw = analysis.obs_yaw[sel]
-        present = sum(b - a for a, b in present_spans(frames, analysis.max_gap))
+        present = sum(b - a for a, b in present_spans(frames, analysis.max_gap, analysis.sampled))
         tracks.append(
             TrackInfo(
                 id=int(tid),

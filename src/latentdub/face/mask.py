@@ -51,14 +51,16 @@ def _mouth_masks(resolution: int) -> tuple[np.ndarray, np.ndarray]:
 def mouth_masks(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """(pixel mask (1, res, res), latent mask (1, res/8, res/8)), float32, 1 = keep, 0 = generate.
 
-    Identical to the tensors the official pipeline feeds the model (read-only arrays, cached).
+    Identical to the tensors the official pipeline feeds the model. Fresh writable copies
+    (``torch.from_numpy`` warns on read-only arrays); the resize itself is cached.
     """
-    return _mouth_masks(int(resolution))
+    pixel, latent = _mouth_masks(int(resolution))
+    return pixel.copy(), latent.copy()
 
 
 def generated_region(resolution: int) -> np.ndarray:
     """Boolean (res, res): the pixels the model regenerates (pixel mask < 0.5)."""
-    return mouth_masks(resolution)[0][0] < 0.5
+    return _mouth_masks(int(resolution))[0][0] < 0.5
 
 
 @lru_cache(maxsize=8)

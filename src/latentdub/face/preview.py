@@ -129,7 +129,7 @@ def render_preview(
             last_pts = -1
             for frame in iter_frames(analysis.path, stop=n):
                 i = frame.index
-                boxes = {tid: data.bbox[i] for tid, data in tracks.items() if data.present[i]}
+                boxes = {tid: data.at(i) for tid, data in tracks.items() if data.is_present(i)}
                 img = draw_overlay(frame.image, i, analysis, selection, boxes)[:h, :w]
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
                 pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)

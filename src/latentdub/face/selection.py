@@ -182,10 +182,28 @@ def _running_median(values: np.ndarray, present: np.ndarray, width: int) -> np.n
 # -- selection --------------------------------------------------------------------------------
 @dataclass
 class _Candidate:
+    """One track's usability over its span [data.start, data.stop)."""
+
     data: TrackData
-    usable: np.ndarray  # (N,) bool
-    reason: np.ndarray  # (N,) object: why not usable where present
-    area: np.ndarray  # (N,) float, 0 where absent
+    usable: np.ndarray  # (L,) bool
+    reason: np.ndarray  # (L,) object: why not usable where present ("" if usable or absent)
+    area: np.ndarray  # (L,) float, 0 where absent
+
+    @property
+    def start(self) -> int:
+        return self.data.start
+
+    @property
+    def stop(self) -> int:
+        return self.data.stop
+
+    def on(self, a: int, b: int, values: np.ndarray, fill: float | bool | str) -> np.ndarray:
+        """``values`` (span-indexed) placed on frames [a, b), ``fill`` outside the span."""
+        out = np.full(b - a, fill, dtype=values.dtype)
+        lo, hi = max(a, self.start), min(b, self.stop)
+        if lo < hi:
+            out[lo - a : hi - a] = values[lo - self.start : hi - self.start]
+        return out
 
 
 def _candidates(
@@ -200,7 +218,7 @@ def _candidates(
         score = np.where(present, data.score, 0.0)
         size_f = _running_median(size, present, 5)
         yaw_f = _running_median(yaw, present, 5)
-        reason = np.full(analysis.num_frames, "", dtype=object)
+        reason = np.full(len(present), "", dtype=object)
         reason[present & (score < min_score)] = LOW_SCORE
         reason[present & (yaw_f > max_yaw)] = TURNED
         reason[present & (size_f < min_face_px)] = TOO_SMALL
@@ -216,7 +234,7 @@ def _pick_point(analysis: FaceAnalysis, cands: dict[int, _Candidate], pol: _Poli
             f"face policy {pol.x:g},{pol.y:g}@{pol.t:g}: the time is outside the video (0 … {analysis.duration_s:.2f} s)"
         )
     f = analysis.frame_at_time(pol.t)
-    here = [(tid, c.data.bbox[f]) for tid, c in cands.items() if c.data.present[f]]
+    here = [(tid, c.data.at(f)) for tid, c in cands.items() if c.data.is_present(f)]
     best: tuple[float, int] | None = None
     for tid, box in here:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -294,22 +312,31 @@ def select_face(
     target: int | None = None  # the one track a point / track policy follows
 
     if pol.kind == "largest":
-        for shot in np.unique(shots):
-            in_shot = shots == shot
-            free = in_shot.copy()
+        shot_bounds = [0, *analysis.scene_cuts.tolist(), n]
+        for s0, s1 in itertools.pairwise(shot_bounds):
+            # Tracks end at cuts, so only a few overlap a shot; work in shot coordinates.
+            local = {
+                tid: (c.on(s0, s1, c.usable, False), c.on(s0, s1, c.area, 0.0))
+                for tid, c in cands.items()
+                if c.start < s1 and c.stop > s0
+            }
+            free = np.ones(s1 - s0, dtype=bool)
             first = True
-            while True:
-                scores = {tid: float(c.area[c.usable & free].sum()) for tid, c in cands.items()}
-                best = max(scores, key=lambda t: scores[t], default=None)
-                if best is None or scores[best] <= 0:
+            while local:
+                scores = {
+                    tid: float(area[usable & free].sum()) for tid, (usable, area) in local.items()
+                }
+                best = max(scores, key=lambda t: scores[t])
+                if scores[best] <= 0:
                     break
-                take = cands[best].usable & free
+                usable = local.pop(best)[0]
+                take = usable & free
+                free &= ~take
                 if not first:  # fill-ins by another face only for stretches worth dubbing
                     for a, b in _runs(take):
                         if b - a < min_run:
                             take[a:b] = False
-                chosen[take] = best
-                free &= ~(cands[best].usable & free)
+                chosen[s0:s1][take] = best
                 first = False
     else:
         target = pol.track if pol.kind == "track" else _pick_point(analysis, cands, pol)
@@ -318,7 +345,8 @@ def select_face(
             raise InputError(
                 f"face policy track:{target}: there is no such track; tracks found: {known}"
             )
-        chosen[cands[target].usable] = target
+        c = cands[target]
+        chosen[c.start : c.stop][c.usable] = target
 
     # Runs: same track, same shot, consecutive frames; too-short runs are not worth dubbing.
     valid = chosen >= 0
@@ -339,9 +367,9 @@ def select_face(
     boxes = np.full((n, 4), np.nan)
     sigma = smooth_s * fps
     for a, b in run_list:
-        data = cands[int(chosen[a])].data
-        anchors[a:b] = smooth_local_linear(data.anchors[a:b], sigma)
-        boxes[a:b] = data.bbox[a:b]
+        data = cands[int(chosen[a])].data  # a run lies inside its track's span
+        anchors[a:b] = smooth_local_linear(data.anchors[a - data.start : b - data.start], sigma)
+        boxes[a:b] = data.bbox[a - data.start : b - data.start]
 
     matrices = np.empty((n, 2, 3))
     if valid.any():
@@ -356,27 +384,31 @@ def select_face(
     else:
         matrices[:] = _default_matrix(analysis, resolution)
 
-    # Reasons for every pass-through frame.
+    # Reasons for every pass-through frame (vectorised over tracks: O(frames) memory).
+    any_face = np.zeros(n, dtype=bool)
+    best_area = np.full(n, -1.0)
+    best_reason = np.full(n, "", dtype=object)  # reason of the largest face present
+    for c in cands.values():
+        span = slice(c.start, c.stop)
+        any_face[span] |= c.data.present
+        better = c.data.present & (c.area > best_area[span])
+        best_area[span][better] = c.area[better]
+        best_reason[span][better] = c.reason[better]
     reasons = np.full(n, "", dtype=object)
-    for f in np.flatnonzero(~valid):
-        if brief[f]:
-            reasons[f] = TOO_BRIEF
-            continue
-        if target is not None:
-            c = cands.get(target)
-            if c is not None and c.data.present[f]:
-                reasons[f] = c.reason[f] or TOO_BRIEF
-            else:
-                reasons[f] = (
-                    NOT_SELECTED if any(o.data.present[f] for o in cands.values()) else NO_FACE
-                )
-            continue
-        present = [c for c in cands.values() if c.data.present[f]]
-        if not present:
-            reasons[f] = NO_FACE
-            continue
-        biggest = max(present, key=lambda c: c.area[f])
-        reasons[f] = biggest.reason[f] or TOO_BRIEF
+    invalid = ~valid
+    if target is not None:
+        c = cands[target]
+        mine = c.on(0, n, c.data.present, False)
+        mine_reason = c.on(0, n, c.reason, "")
+        reasons[invalid & ~any_face] = NO_FACE
+        reasons[invalid & any_face & ~mine] = NOT_SELECTED
+        sel = invalid & mine
+        reasons[sel] = np.where(mine_reason[sel] != "", mine_reason[sel], TOO_BRIEF)
+    else:
+        reasons[invalid & ~any_face] = NO_FACE
+        sel = invalid & any_face
+        reasons[sel] = np.where(best_reason[sel] != "", best_reason[sel], TOO_BRIEF)
+    reasons[brief] = TOO_BRIEF
 
     ranges: list[PassthroughRange] = []
     change = np.flatnonzero(reasons[1:] != reasons[:-1]) + 1

@@ -83,6 +83,14 @@ def rotation_turns(rotation: int | float) -> int:
     return round(float(rotation) / 90.0) % 4 if rotation else 0
 
 
+def _frame_rotation(frame: av.VideoFrame) -> int:
+    """Display-matrix rotation of a decoded frame in degrees (``VideoFrame.rotation``, PyAV ≥ 14)."""
+    try:
+        return round(float(frame.rotation or 0))
+    except AttributeError:  # pragma: no cover - older PyAV: no display-matrix support
+        return 0
+
+
 def upright(image: np.ndarray, rotation: int | float) -> np.ndarray:
     """Rotate a decoded frame the way its display matrix says, as a contiguous array."""
     turns = rotation_turns(rotation)
@@ -196,7 +204,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         if first is None:
             raise InputError(f"{path}: the video stream has no decodable frames (empty or corrupt)")
 
-        rotation = round(first.rotation or 0)
+        rotation = _frame_rotation(first)
         coded_w, coded_h = first.width, first.height
         width, height = (coded_h, coded_w) if rotation_turns(rotation) % 2 else (coded_w, coded_h)
 
@@ -279,7 +287,7 @@ def iter_frames(path: str | Path, *, start: int = 0, stop: int | None = None) ->
             if size is None:
                 _check_size(path, frame.width, frame.height)
                 size = (frame.width, frame.height)
-                turns = rotation_turns(frame.rotation or 0)
+                turns = rotation_turns(_frame_rotation(frame))
             # Timestamps: trust pts; fall back to dts, then to "previous + typical step".
             pts = frame.pts if frame.pts is not None else frame.dts
             if pts is None or (last_pts is not None and pts <= last_pts):

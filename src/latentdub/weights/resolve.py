@@ -95,15 +95,14 @@ def check_version(version: str, *, hub: bool = False) -> str:
     v = str(version).strip().lower().removeprefix("v")
     v = v[:-2] if v.endswith(".0") and v.count(".") == 2 else v
     allowed = HUB_VERSIONS if hub else SUPPORTED_VERSIONS
+    if v in SUPPORTED_VERSIONS and v not in allowed:
+        raise WeightsError(
+            f"LatentSync {v} weights are not fetched automatically: put its latentsync_unet.pt "
+            "and whisper/tiny.pt in a folder and pass the folder with --weights."
+        )
     if v not in allowed:
         raise WeightsError(
             f"unknown LatentSync version {version!r}: expected one of {', '.join(allowed)}"
-            + (
-                " (1.0 weights are not fetched automatically; put them in a folder and pass it "
-                "with --weights)"
-                if v == "1.0"
-                else ""
-            )
         )
     return v
 
