@@ -45,9 +45,12 @@ def _child(mode: str, folder: str, dtype_name: str) -> None:
         model.load_state_dict(state, strict=True)
         model.to(dtype)
     else:
+        from dataclasses import replace
+
         files = resolve_weights("1.5", folder, prefer_converted=mode == "safetensors")
-        expected = ".safetensors" if mode == "safetensors" else ".pt"
-        assert files.unet.suffix == expected, files.unet
+        if mode == "safetensors":  # force the converted file, whatever the dtype
+            assert files.unet_fp16 is not None
+            files = replace(files, unet=files.unet_fp16)
         model = load_unet(files, dtype=dtype)
     seconds = time.perf_counter() - start
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -189,7 +189,7 @@ def test_invalid_config_in_latentdub_json(tiny_weights: Path, tmp_path: Path) ->
         load_unet(resolve_weights("1.6", folder))
     assert "Sparse" in str(err.value)
     (folder / "latentdub.json").write_text("{not json")
-    with pytest.raises(WeightsError, match="latentdub.json is not valid JSON"):
+    with pytest.raises(WeightsError, match=r"latentdub\.json is not valid JSON"):
         resolve_weights("1.6", folder)
 
 

@@ -45,8 +45,8 @@ def test_make_tiny_info_convert_list(tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = runner.invoke(app, ["weights", "info", "--dir", str(folder), "--json"])
     info = _last_json(result.output)
     assert isinstance(info, dict)
-    assert info["unet"].endswith("latentsync_unet.fp16.safetensors")
-    assert info["unet_checkpoint"]["dtypes"] == ["F16"]
+    assert info["unet"].endswith("latentsync_unet.pt")
+    assert info["unet_fp16"].endswith("latentsync_unet.fp16.safetensors")
 
     result = runner.invoke(app, ["weights", "list", "--dir", str(folder), "--json"])
     assert result.exit_code == 0, result.output

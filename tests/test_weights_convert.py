@@ -45,19 +45,34 @@ def test_convert_writes_fp16_files_that_are_preferred(converted: Path) -> None:
     assert (converted / UNET16).stat().st_size < 0.55 * pt_size
 
     files = resolve_weights("1.6", converted)
-    assert files.unet == converted.resolve() / UNET16
-    assert files.whisper == converted.resolve() / WHISPER16
+    root = converted.resolve()
+    assert files.unet == root / "latentsync_unet.pt" and files.unet_fp16 == root / UNET16
+    assert files.whisper_fp16 == root / WHISPER16
+    # 16-bit inference reads the converted file; fp32 the exact official one.
+    assert files.unet_file(torch.float16) == files.unet_file(torch.bfloat16) == root / UNET16
+    assert files.unet_file(torch.float32) == root / "latentsync_unet.pt"
+    assert files.whisper_file() == root / WHISPER16  # lossless: tiny.pt is fp16 already
 
     original = torch.load(converted / "latentsync_unet.pt", weights_only=True)["state_dict"]
-    _assert_fp16_close(load_unet(files).state_dict(), original)
-    whisper_ref = load_whisper(converted / "whisper" / "tiny.pt")
-    _assert_fp16_close(load_whisper(files).state_dict(), whisper_ref.state_dict())
-    vae_ref = load_vae(files, prefer_converted=False)
-    _assert_fp16_close(load_vae(files).state_dict(), vae_ref.state_dict())
+    half = load_unet(files, dtype=torch.float16).state_dict()
+    _assert_fp16_close(half, original)
+    assert all(torch.equal(half[k], v.half()) for k, v in original.items())
+    exact = load_unet(files).state_dict()
+    assert all(torch.equal(exact[k], v) for k, v in original.items())
 
-    # prefer_converted=False gives the official files back.
+    whisper_ref = load_whisper(converted / "whisper" / "tiny.pt").state_dict()
+    whisper = load_whisper(files).state_dict()
+    assert all(torch.equal(whisper[k], v) for k, v in whisper_ref.items())
+
+    vae_ref = load_vae(files).state_dict()  # fp32: the original safetensors
+    vae_half = load_vae(files, dtype=torch.float16).state_dict()
+    assert all(torch.equal(vae_half[k], v.half()) for k, v in vae_ref.items())
+    (converted / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").unlink()
+    _assert_fp16_close(load_vae(files).state_dict(), vae_ref)  # only the fp16 file is left
+
+    # prefer_converted=False ignores the converted files.
     plain = resolve_weights("1.6", converted, prefer_converted=False)
-    assert plain.unet.name == "latentsync_unet.pt" and plain.whisper.name == "tiny.pt"
+    assert plain.unet_fp16 is None and plain.whisper_fp16 is None
 
 
 def test_convert_skips_up_to_date_and_force_rewrites(converted: Path) -> None:
@@ -77,7 +92,7 @@ def test_stale_conversion_is_ignored(converted: Path, caplog: pytest.LogCaptureF
     os.utime(src, ns=(later, later))
     with caplog.at_level(logging.WARNING, logger="latentdub.weights"):
         files = resolve_weights("1.6", converted)
-    assert files.unet == src.resolve()
+    assert files.unet_fp16 is None and files.unet_file(torch.float16) == src.resolve()
     assert "re-run `latentdub weights convert`" in caplog.text
 
 
@@ -85,10 +100,10 @@ def test_same_size_but_newer_source_is_stale(converted: Path) -> None:
     src = converted / "whisper" / "tiny.pt"
     later = (converted / WHISPER16).stat().st_mtime_ns + 5_000_000_000
     os.utime(src, ns=(later, later))
-    assert resolve_weights("1.6", converted).whisper.name == "tiny.pt"
+    assert resolve_weights("1.6", converted).whisper_file().name == "tiny.pt"
     # A copied folder (new mtimes, same order, same sizes) keeps using the conversion.
     os.utime(converted / WHISPER16, ns=(later + 1, later + 1))
-    assert resolve_weights("1.6", converted).whisper.name == "tiny.fp16.safetensors"
+    assert resolve_weights("1.6", converted).whisper_file().name == "tiny.fp16.safetensors"
 
 
 def test_converted_files_alone_are_enough(converted: Path) -> None:
@@ -97,7 +112,7 @@ def test_converted_files_alone_are_enough(converted: Path) -> None:
     (converted / "whisper" / "tiny.pt").unlink()
     (converted / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").unlink()
     files = resolve_weights("1.6", converted)
-    assert files.unet.name == UNET16
+    assert files.unet.name == UNET16 and files.unet_file(torch.float32).name == UNET16
     load_unet(files)
     load_whisper(files)
     load_vae(files)

@@ -49,8 +49,16 @@ def _files_table(files: Any) -> Table:
     table.add_row("version", files.version)
     table.add_row("source", files.source)
     table.add_row("resolution", f"{files.resolution} px")
-    for label, path in (("unet", files.unet), ("whisper", files.whisper), ("vae", files.vae_dir)):
-        table.add_row(label, f"{path}  [dim]({_size(_file_size(path))})[/]")
+    rows = [
+        ("unet", files.unet),
+        ("unet fp16", files.unet_fp16 if files.unet_fp16 != files.unet else None),
+        ("whisper", files.whisper),
+        ("whisper fp16", files.whisper_fp16 if files.whisper_fp16 != files.whisper else None),
+        ("vae", files.vae_dir),
+    ]
+    for label, path in rows:
+        if path is not None:
+            table.add_row(label, f"{path}  [dim]({_size(_file_size(path))})[/]")
     if files.random_weights:
         table.add_row("[bold yellow]note[/]", "RANDOM WEIGHTS (smoke-test model), not a real model")
     return table
@@ -175,7 +183,7 @@ def info(
     files = resolve_weights(
         version if version or weights is not None else "1.6", weights, download=False
     )
-    unet = inspect_unet_file(files.unet)
+    unet = inspect_unet_file(files.unet)  # the official file (or the converted one alone)
     if json_out:
         print(json.dumps({**files.to_dict(), "unet_checkpoint": unet}, default=str))
         return

@@ -64,12 +64,15 @@ def build_vae(config: dict[str, Any] | MappingProxyType[str, Any] | None = None)
     return AutoencoderKL.from_config(_forced(dict(config or SD_VAE_FT_MSE_CONFIG)))
 
 
-def vae_weights_file(folder: Path, *, prefer_converted: bool = True) -> tuple[Path, Path | None]:
+def vae_weights_file(
+    folder: Path, *, prefer_converted: bool = True, dtype: torch.dtype | None = None
+) -> tuple[Path, Path | None]:
     """The weights file :func:`load_vae` would read from ``folder``, and the original it stands
     for (``None`` when it is the original).
 
     Order: the fp16 safetensors written by ``latentdub weights convert`` (only while it is
-    not older than its source), then ``diffusion_pytorch_model.safetensors``, then ``.bin``.
+    not older than its source, and only for 16-bit ``dtype``s or ``dtype`` None: fp32 reads
+    the exact original), then ``diffusion_pytorch_model.safetensors``, then ``.bin``.
     """
     from latentdub.weights.checkpoint import converted_is_fresh
 
@@ -85,7 +88,7 @@ def vae_weights_file(folder: Path, *, prefer_converted: bool = True) -> tuple[Pa
     if converted.is_file():
         if original is None:
             return converted, None
-        if prefer_converted:
+        if prefer_converted and dtype in (None, torch.float16, torch.bfloat16):
             if converted_is_fresh(converted, original):
                 return converted, original
             log.warning(
@@ -160,6 +163,7 @@ def load_vae(
 
     ``path_or_folder`` is the folder, or a weights file inside one (its ``config.json`` is
     read from beside it). ``.bin`` files are read with ``weights_only`` (no code execution).
+    The fp16 weights written by ``latentdub weights convert`` are used for 16-bit ``dtype``s.
     """
     from latentdub.weights.checkpoint import (
         load_module_strict,
@@ -173,7 +177,7 @@ def load_vae(
     folder = path if path.is_dir() else path.parent
     config = _forced(read_vae_config(folder))
     if path.is_dir():
-        weights, _ = vae_weights_file(folder, prefer_converted=prefer_converted)
+        weights, _ = vae_weights_file(folder, prefer_converted=prefer_converted, dtype=dtype)
     else:
         weights = path
 

@@ -148,21 +148,22 @@ def load_unet(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> UNet3DConditionModel:
-    """Build the UNet from ``files.unet_config`` and load ``files.unet`` strictly.
+    """Build the UNet from ``files.unet_config`` and load ``files.unet_file(dtype)`` strictly.
 
     The model is built on the meta device and takes the (memory-mapped) checkpoint tensors
     directly, so no time or memory goes into a random init that would be overwritten.
     """
     from latentdub.models.unet import UNet3DConditionModel
 
-    state, info = read_unet_checkpoint(files.unet)
-    state = prepare_unet_state_dict(state, files.unet_config, files.version, files.unet)
+    path = files.unet_file(dtype)
+    state, info = read_unet_checkpoint(path)
+    state = prepare_unet_state_dict(state, files.unet_config, files.version, path)
     _warn_random(files, "UNet")
     config = files.unet_config
     model = load_module_strict(
         lambda: UNet3DConditionModel.from_config(config),
         state,
-        files.unet,
+        path,
         "UNet",
         dtype=dtype,
         device=device,
@@ -172,7 +173,7 @@ def load_unet(
             "(`latentdub weights download`)."
         ),
     )
-    log.debug("loaded UNet %s (global_step %s)", files.unet, info.get("global_step"))
+    log.debug("loaded UNet %s (global_step %s)", path, info.get("global_step"))
     return model
 
 
@@ -181,12 +182,12 @@ def load_whisper(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> WhisperEncoder:
-    """The Whisper audio encoder from ``files.whisper`` (OpenAI ``tiny.pt`` or the converted
-    fp16 safetensors, which resolve_weights prefers when up to date), loaded strictly."""
+    """The Whisper audio encoder from OpenAI's ``tiny.pt`` or its converted fp16 safetensors
+    (preferred when up to date), loaded strictly."""
     from latentdub.models.whisper import load_whisper_checkpoint
 
     if isinstance(files, ModelFiles):
-        path = files.whisper
+        path = files.whisper_file()
         _warn_random(files, "Whisper")
     else:
         path = Path(files)
@@ -202,12 +203,13 @@ def load_vae(
     *,
     prefer_converted: bool = True,
 ) -> AutoencoderKL:
-    """The VAE of ``files`` (or of a diffusers folder), strictly; scaling 0.18215, shift 0."""
+    """The VAE of ``files`` (or of a diffusers folder), strictly; scaling 0.18215, shift 0.
+    The converted fp16 weights are used for 16-bit inference, the original ones for fp32."""
     from latentdub.models.vae import load_vae as _load_vae
 
     if isinstance(files, ModelFiles):
         _warn_random(files, "VAE")
-        return _load_vae(files.vae_dir, dtype, device, prefer_converted=prefer_converted)
+        files = files.vae_dir
     return _load_vae(files, dtype, device, prefer_converted=prefer_converted)
 
 

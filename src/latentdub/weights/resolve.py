@@ -15,8 +15,8 @@ Local folder layout (the official ``checkpoints/`` folder works as is)::
                                             comes from the hub cache, as in the official code
     DIR/latentdub.json                      optional: recorded version, non-default dims,
                                             "random_weights" (written by download/make-tiny)
-    DIR/latentsync_unet.fp16.safetensors    optional, written by `latentdub weights convert`
-    DIR/whisper/tiny.fp16.safetensors       optional, idem
+    DIR/latentsync_unet.fp16.safetensors    optional, written by `latentdub weights convert`;
+    DIR/whisper/tiny.fp16.safetensors       used (while up to date) for fp16/bf16 inference
 
 1.5 and 1.6 checkpoints have identical keys and shapes (1.6 is 1.5 retrained at 512 px), so
 a file cannot tell which it is: the version — and with it the face resolution (256 / 512) —
@@ -33,6 +33,8 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from latentdub.errors import WeightsError
 from latentdub.weights.checkpoint import converted_is_fresh, log
@@ -65,8 +67,9 @@ LAYOUT_HELP = (
 class ModelFiles:
     """The files of one model and what is needed to build it.
 
-    ``unet`` and ``whisper`` are the files that will be read: the fp16 safetensors written by
-    ``latentdub weights convert`` when present and up to date, else the official files.
+    ``unet`` / ``whisper`` are the official files (or the converted ones when only those
+    exist); ``unet_fp16`` / ``whisper_fp16`` are the up-to-date fp16 safetensors written by
+    ``latentdub weights convert``, if any. The loaders pick per dtype (see :meth:`unet_file`).
     """
 
     version: str
@@ -77,12 +80,30 @@ class ModelFiles:
     unet_config: dict[str, Any] = field(repr=False)
     random_weights: bool = False
     source: str = ""
+    unet_fp16: Path | None = None
+    whisper_fp16: Path | None = None
+
+    def unet_file(self, dtype: torch.dtype) -> Path:
+        """The UNet file to read for inference in ``dtype``.
+
+        16-bit inference reads the converted fp16 safetensors (half the bytes, no unpickling,
+        the values casting the fp32 file would give). fp32 reads the official file: widening
+        fp16 back would be slower and would lose the weights' low bits.
+        """
+        if self.unet_fp16 is not None and dtype in (torch.float16, torch.bfloat16):
+            return self.unet_fp16
+        return self.unet
+
+    def whisper_file(self) -> Path:
+        """The Whisper file to read: the converted one when present (lossless: the official
+        tiny.pt is fp16 already)."""
+        return self.whisper_fp16 or self.whisper
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (paths as strings)."""
         out = asdict(self)
-        for key in ("unet", "whisper", "vae_dir"):
-            out[key] = str(out[key])
+        for key in ("unet", "whisper", "vae_dir", "unet_fp16", "whisper_fp16"):
+            out[key] = None if out[key] is None else str(out[key])
         return out
 
 
@@ -166,17 +187,22 @@ def write_folder_config(folder: Path, data: dict[str, Any]) -> Path:
 # local folders
 
 
-def _prefer(official: Path, converted: Path, prefer_converted: bool) -> Path | None:
-    """The file to read for one component: the fresh converted file, else the official one."""
-    if converted.is_file() and (not official.exists() or prefer_converted):
+def _pick(
+    official: Path, converted: Path, prefer_converted: bool
+) -> tuple[Path | None, Path | None]:
+    """(main file, up-to-date converted file) for one component."""
+    fresh = None
+    if converted.is_file() and (prefer_converted or not official.exists()):
         if converted_is_fresh(converted, official):
-            return converted
-        log.warning(
-            "ignoring %s: %s changed after it was converted (re-run `latentdub weights convert`)",
-            converted,
-            official.name,
-        )
-    return official if official.is_file() else None
+            fresh = converted
+        else:
+            log.warning(
+                "ignoring %s: %s changed after it was converted (re-run `latentdub weights "
+                "convert`)",
+                converted,
+                official.name,
+            )
+    return (official if official.is_file() else fresh), fresh
 
 
 def find_local_vae(folder: Path) -> Path | None:
@@ -210,8 +236,10 @@ def _resolve_local(
         )
     version = version or recorded or DEFAULT_VERSION
 
-    unet = _prefer(folder / UNET_FILE, folder / UNET_FP16_FILE, prefer_converted)
-    whisper = _prefer(folder / WHISPER_FILE, folder / WHISPER_FP16_FILE, prefer_converted)
+    unet, unet_fp16 = _pick(folder / UNET_FILE, folder / UNET_FP16_FILE, prefer_converted)
+    whisper, whisper_fp16 = _pick(
+        folder / WHISPER_FILE, folder / WHISPER_FP16_FILE, prefer_converted
+    )
     missing = [name for name, path in ((UNET_FILE, unet), (WHISPER_FILE, whisper)) if path is None]
     if missing:
         raise WeightsError(
@@ -238,6 +266,8 @@ def _resolve_local(
         unet_config=unet_config,
         random_weights=bool(cfg.get("random_weights", False)),
         source=source,
+        unet_fp16=unet_fp16,
+        whisper_fp16=whisper_fp16,
     )
 
 
@@ -506,7 +536,7 @@ def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]
                 unet=str(files.unet),
                 whisper=str(files.whisper),
                 vae=str(files.vae_dir),
-                converted=files.unet.suffix == ".safetensors",
+                converted=files.unet_fp16 is not None,
                 random_weights=files.random_weights,
                 complete=True,
             )
