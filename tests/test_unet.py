@@ -127,15 +127,23 @@ def test_timestep_forms(small_config, golden1):
         model(sample, torch.tensor([1, 2, 3]), audio)
 
 
+def _half_precision_error(config, g, dtype) -> float:
+    model = _model(config, g).to(dtype)
+    sample, t, audio = _inputs(g)
+    out = model(sample.to(dtype), t, audio.to(dtype))
+    assert out.dtype == dtype
+    ref = g["output.sample"]
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
 @torch.inference_mode()
 def test_bf16_forward_close_to_fp32(small_config, golden):
-    model = _model(small_config, golden).to(torch.bfloat16)
-    sample, t, audio = _inputs(golden)
-    ref = golden["output.sample"]
-    out = model(sample.bfloat16(), t, audio.bfloat16())
-    assert out.dtype == torch.bfloat16
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel < 5e-2, rel
+    assert _half_precision_error(small_config, golden, torch.bfloat16) < 5e-2
+
+
+@torch.inference_mode()
+def test_fp16_forward_close_to_fp32(small_config, golden1):
+    assert _half_precision_error(small_config, golden1, torch.float16) < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------

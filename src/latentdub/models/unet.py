@@ -429,6 +429,12 @@ class UNet3DConditionModel(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = InflatedConv3d(boc[0], cfg.out_channels, 3, padding=1)
         self._num_upsamplers = n_blocks - 1
+        limits = [
+            m.max_frames
+            for m in self.modules()
+            if isinstance(m, VanillaTemporalModule) and m.max_frames is not None
+        ]
+        self._max_frames = min(limits) if limits else None
 
         # as the official constructor: a fresh model is zero at conv_in / conv_out
         for conv in (self.conv_in, self.conv_out):
@@ -452,12 +458,7 @@ class UNet3DConditionModel(nn.Module):
     @property
     def max_frames(self) -> int | None:
         """Longest window the motion modules accept (``None``: no limit)."""
-        limits = [
-            m.max_frames
-            for m in self.modules()
-            if isinstance(m, VanillaTemporalModule) and m.max_frames is not None
-        ]
-        return min(limits) if limits else None
+        return self._max_frames
 
     def set_attention_batch_chunk(self, max_batch: int | None) -> None:
         """Split every attention call into batches of at most ``max_batch`` sequences
