@@ -5,7 +5,7 @@ new speech is a real 60 s recording looped to the same length. Each dub runs in 
 process with the tiny random model (so the figures measure the pipeline, not the weights) and
 reports its own peak RSS. Target: the 10-minute run uses at most 10 % more memory.
 
-    python bench/bench_memory.py [--minutes 10] [--steps 2] [--clip NAME]
+    python bench/bench_memory.py [--minutes 10] [--steps 2] [--guidance 1.5] [--clip NAME]
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def loop_audio(src: Path, dst: Path, seconds: float) -> None:
     sf.write(str(dst), np.tile(data, (reps, 1))[:need], rate)
 
 
-def run_child(video: Path, audio: Path, weights: Path, out: Path, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(video), str(audio), str(weights), str(out), str(steps)]
+def run_child(video: Path, audio: Path, weights: Path, out: Path, steps: int, guidance: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(video), str(audio), str(weights), str(out), str(steps),
+           str(guidance)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -69,11 +70,11 @@ def run_child(video: Path, audio: Path, weights: Path, out: Path, steps: int) ->
     return result
 
 
-def child(video: str, audio: str, weights: str, out: str, steps: str) -> None:
+def child(video: str, audio: str, weights: str, out: str, steps: str, guidance: str) -> None:
     from latentdub.pipeline import LipSyncPipeline
 
     pipe = LipSyncPipeline.from_pretrained(weights, version="1.5")
-    result = pipe(video, audio, out, steps=int(steps), deepcache=True)
+    result = pipe(video, audio, out, steps=int(steps), guidance=float(guidance), deepcache=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"frames": result.frames, "duration_s": result.duration_s, "peak_rss_mb": round(peak_mb, 1),
                       "timings": result.timings}))
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--short-seconds", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--clip", default="infinitetalk_hdtf_man_25fps.mp4")
     parser.add_argument("--speech", default="audio_musetalk_eng_60s_16k.wav")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
             video, audio = tmpdir / f"{label}.mp4", tmpdir / f"{label}.wav"
             loop_video(MEDIA / args.clip, video, seconds)
             loop_audio(MEDIA / args.speech, audio, seconds)
-            res = run_child(video, audio, weights, tmpdir / f"{label}_out.mp4", args.steps)
+            res = run_child(video, audio, weights, tmpdir / f"{label}_out.mp4", args.steps, args.guidance)
             res["input_s"] = seconds
             rows.append(res)
             print(f"{label:5s} input {seconds:7.1f}s  frames {res['frames']:6d}  peak RSS {res['peak_rss_mb']:8.1f} MB"
@@ -112,6 +114,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:7])
+        child(*sys.argv[2:8])
     else:
         main()

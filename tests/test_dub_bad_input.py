@@ -80,7 +80,7 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, media_dir: Path, spe
 def test_bad_options_fail_cleanly(tmp_path: Path, media_dir: Path, speech: Path,
                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     video = media_dir / "vexpress_hdtf_radio10_29.97fps_2s.mp4"
-    for extra, hint in ([["--length-policy", "bounce"], "length-policy"], [["--face", "left"], "--face"],
+    for extra, hint in ([["--length-policy", "bounce"], "length-policy"], [["--face", "left"], "face policy"],
                         [["--fit", "warp"], "--fit"], [["--steps", "0"], "--steps"]):
         code, text = run_cli(["dub", str(video), str(speech), "-o", str(tmp_path / "o.mp4"), *extra], capsys, monkeypatch)
         assert code != 0 and hint in text and "Traceback" not in text

@@ -10,13 +10,12 @@ import sys
 
 import typer
 
+# Importing the command modules registers their commands on ``app``.
+from latentdub.cli import dub as _dub  # noqa: F401
+from latentdub.cli import faces as _faces  # noqa: F401
+from latentdub.cli import weights as _weights  # noqa: F401
 from latentdub.cli._app import app, console_err
 from latentdub.errors import LatentdubError
-
-# Importing the command modules registers their commands on ``app``.
-from latentdub.cli import dub as _dub  # noqa: F401, E402
-from latentdub.cli import faces as _faces  # noqa: F401, E402
-from latentdub.cli import weights as _weights  # noqa: F401, E402
 
 
 def main() -> None:

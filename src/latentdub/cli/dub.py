@@ -9,31 +9,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from latentdub.cli._app import app, console, console_err
 from latentdub.errors import InputError
-
-
-def _parse_face(face: str) -> str:
-    """Accept ``largest``, ``X,Y`` / ``X,Y@T`` (pixel point at time T s) or ``track:N``."""
-    f = face.strip()
-    if f == "largest" or f.startswith("track:"):
-        if f.startswith("track:") and not f[6:].isdigit():
-            raise InputError(f"--face {face!r}: a track id must be a number, e.g. track:2")
-        return f
-    point = f.split("@", 1)[0]
-    parts = point.split(",")
-    try:
-        [float(p) for p in parts]
-        if "@" in f:
-            float(f.split("@", 1)[1])
-    except ValueError:
-        parts = []
-    if len(parts) != 2:
-        raise InputError(f"--face {face!r} is not one of: largest, X,Y, X,Y@T (seconds), track:N")
-    return f
 
 
 @app.command("dub")
@@ -61,9 +48,10 @@ def dub(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
 ) -> None:
     """Dub VIDEO with the speech in AUDIO and write the result to OUTPUT."""
+    from latentdub.face import parse_policy
     from latentdub.pipeline import DubOptions, LipSyncPipeline, check_output_path, read_inputs
 
-    face = _parse_face(face)
+    parse_policy(face)  # a clear error for a malformed --face before anything runs
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     for path, what in ((video, "video"), (audio, "audio")):
