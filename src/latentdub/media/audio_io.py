@@ -24,6 +24,7 @@ import numpy as np
 import soxr
 
 from latentdub.errors import InputError
+from latentdub.media.files import check_input_file
 
 #: Rate the Whisper front end works at.
 WHISPER_SAMPLE_RATE = 16000
@@ -135,14 +136,7 @@ class AudioClip:
 
 # --- loading ------------------------------------------------------------------------------
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"Audio file not found: {path}. Check the path and try again.")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an audio or video file.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes). Give a real audio or video file.")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path} cannot be read (permission denied).")
+    check_input_file(path, "audio or video")
 
 
 def _open(path: Path) -> av.container.InputContainer:

@@ -28,6 +28,7 @@ import av
 import numpy as np
 
 from latentdub.errors import InputError
+from latentdub.media.files import check_input_file
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,7 @@ def upright(image: np.ndarray, rotation: int | float) -> np.ndarray:
 
 # -- opening ------------------------------------------------------------------------------------
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give the path of a video file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes); the file was not written completely")
+    check_input_file(path, "video")
 
 
 def _open(path: Path) -> av.container.InputContainer:

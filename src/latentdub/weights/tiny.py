@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from latentdub.errors import WeightsError
+from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG
 from latentdub.weights.resolve import (
     UNET_FILE,
     VAE_SUBDIRS,
@@ -45,18 +46,10 @@ TINY_WHISPER_DIMS: dict[str, int] = {
     "n_text_layer": 4,
 }
 TINY_VAE_CONFIG: dict[str, Any] = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
+    **SD_VAE_FT_MSE_CONFIG,  # same architecture, narrower: still 4 levels, so downscale 8
     "block_out_channels": [32, 32, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
     "layers_per_block": 1,
     "norm_num_groups": 8,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
 }
 
 README = """\
