@@ -170,5 +170,18 @@ def doctor(
         return
     table = Table(title="latentdub doctor", show_header=False)
     for key, value in report.items():
-        table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else str(value))
+        if key != "weights":
+            table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else str(value))
     console.print(table)
+    weights_rows = report["weights"]
+    if not isinstance(weights_rows, list):
+        console.print(f"weights: {weights_rows}")
+        return
+    wt = Table(title="weights")
+    for col in ("version", "where", "location", "complete", "converted", "random"):
+        wt.add_column(col)
+    for row in weights_rows:
+        wt.add_row(str(row.get("version")), str(row.get("where")), str(row.get("location")),
+                   "yes" if row.get("complete") else "no", "yes" if row.get("converted") else "no",
+                   "[yellow]RANDOM[/]" if row.get("random_weights") else "")
+    console.print(wt)
