@@ -71,13 +71,22 @@ def run_child(video: Path, audio: Path, weights: Path, out: Path, steps: int, gu
 
 
 def child(video: str, audio: str, weights: str, out: str, steps: str, guidance: str) -> None:
+    import psutil
+
     from latentdub.pipeline import LipSyncPipeline
 
+    proc = psutil.Process()
+    samples: list[tuple[str, int, float]] = []  # RSS over the run: flat means bounded
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if done % 500 < 16 or done == total:
+            samples.append((stage, done, round(proc.memory_info().rss / 2**20, 1)))
+
     pipe = LipSyncPipeline.from_pretrained(weights, version="1.5")
-    result = pipe(video, audio, out, steps=int(steps), guidance=float(guidance), deepcache=True)
+    result = pipe(video, audio, out, steps=int(steps), guidance=float(guidance), deepcache=True, progress=progress)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"frames": result.frames, "duration_s": result.duration_s, "peak_rss_mb": round(peak_mb, 1),
-                      "timings": result.timings}))
+                      "timings": result.timings, "rss_mb_over_time": samples}))
 
 
 def main() -> None:
@@ -107,6 +116,8 @@ def main() -> None:
             rows.append(res)
             print(f"{label:5s} input {seconds:7.1f}s  frames {res['frames']:6d}  peak RSS {res['peak_rss_mb']:8.1f} MB"
                   f"  wall {res['wall_s']:7.1f}s", flush=True)
+            print(f"      timings {res['timings']}", flush=True)
+            print(f"      RSS MB over the run {[m for _, _, m in res['rss_mb_over_time']]}", flush=True)
         ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         print(f"long/short peak RSS ratio: {ratio:.3f} (target <= 1.10)")
         print(json.dumps({"runs": rows, "ratio": round(ratio, 4)}))

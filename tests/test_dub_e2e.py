@@ -250,3 +250,25 @@ def test_cli_json_summary_is_the_last_stdout_line(tiny_weights: Path, media_dir:
         assert key in summary
     assert summary["frames"] == 15 and summary["model"]["random_weights"] is True
     assert Path(summary["output"]) == out and out.exists()
+
+
+def test_a_window_is_deterministic_for_a_seed(pipe: LipSyncPipeline, media_dir: Path) -> None:
+    import torch
+
+    from latentdub.pipeline import DubOptions
+
+    frames = [f.image for f in iter_frames(media_dir / "retalking_face3_woman_25fps.mp4", stop=4)]
+    selection = select_face(analyze_video(media_dir / "retalking_face3_woman_25fps.mp4", max_frames=4),
+                            resolution=256)
+    crops = pipe.aligner.warp_batch(frames, selection.matrices[:4])
+    audio = torch.randn(4, 50, pipe.unet.config["cross_attention_dim"], generator=torch.Generator().manual_seed(0))
+    opts = DubOptions(steps=2)
+
+    def once(seed: int) -> np.ndarray:
+        noise = torch.randn((1, 4, 1, 32, 32), generator=torch.Generator().manual_seed(seed))
+        return pipe.dub_window(crops, audio, noise, torch.Generator().manual_seed(seed), opts)
+
+    first, again, other = once(1247), once(1247), once(7)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert first.shape == (4, 256, 256, 3) and first.dtype == np.uint8

@@ -387,10 +387,16 @@ class LipSyncPipeline:
         to_write: queue.Queue[Any] = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         cancel = threading.Event()
-        generator = torch.Generator(device="cpu").manual_seed(opts.seed)
         latent_hw = self.resolution // 8
-        # Official: ONE noise tensor, repeated over every frame of every window.
-        noise = torch.randn((1, 4, 1, latent_hw, latent_hw), generator=generator, dtype=torch.float32)
+        # Official: ONE noise tensor, repeated over every frame of every window. It is drawn on
+        # the CPU so a seed gives the same noise on every device.
+        noise = torch.randn(
+            (1, 4, 1, latent_hw, latent_hw),
+            generator=torch.Generator(device="cpu").manual_seed(opts.seed),
+            dtype=torch.float32,
+        )
+        # The VAE posterior is sampled on the model's device, from a generator seeded alike.
+        generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         matrices = selection.matrices
 
         def put(q: queue.Queue[Any], item: Any) -> bool:
@@ -511,7 +517,7 @@ class LipSyncPipeline:
 
         # Masked and reference frames go through the encoder as one batch.
         posterior = self.vae.encode(torch.cat([masked, pixels]).to(device, dtype)).latent_dist
-        latents_in = posterior.sample(generator=_generator_for(generator, device)) * VAE_SCALING
+        latents_in = posterior.sample(generator=generator) * VAE_SCALING
         masked_latents, ref_latents = (_to_video(x) for x in latents_in.chunk(2))
         latent_mask = self.latent_mask.to(device, dtype).expand(1, 1, frames, -1, -1)
 
@@ -562,11 +568,6 @@ def _to_video(latents: torch.Tensor) -> torch.Tensor:
 def _to_frames(latents: torch.Tensor) -> torch.Tensor:
     """(1, C, F, h, w) → (F, C, h, w)."""
     return latents.squeeze(0).permute(1, 0, 2, 3)
-
-
-def _generator_for(generator: torch.Generator, device: torch.device) -> torch.Generator | None:
-    # diffusers samples on the latent's device; a CPU generator only works for CPU tensors.
-    return generator if device.type == "cpu" else None
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
