@@ -223,6 +223,7 @@ def test_faceless_video_passes_through_unchanged_under_every_length_policy(
         res = run(pipe, video, audio, out, length_policy=policy, crf=8)
         assert res["dubbed_frames"] == 0
         assert res["passthrough_ranges"][0]["start_frame"] == 0
+        assert res["passthrough_ranges"][0]["reason"] == "no face"
         assert res["passthrough_ranges"][-1]["end_frame"] == res["frames"]
         frames, times = decode(out)
         shown = times[-1] + durations[min(len(frames) - 1, len(src) - 1)]

@@ -286,7 +286,7 @@ class LipSyncPipeline:
         from latentdub.face import select_face
 
         selection = select_face(analysis, opts.face, resolution=self.resolution)
-        timeline = self.plan_output(analysis, info, clip.duration_s, opts.length_policy)
+        timeline = self.plan_output(analysis, clip.duration_s, opts.length_policy)
         clip = clip.with_length(round(timeline.duration_s * clip.sample_rate))
         with timer("audio_features"):
             tokens = self.encode_audio(clip, timeline)
@@ -307,7 +307,7 @@ class LipSyncPipeline:
             audio_duration_s=round(clip.duration_s, 4),
             width=info.width,
             height=info.height,
-            passthrough_ranges=_output_passthrough_ranges(windows, timeline),
+            passthrough_ranges=_output_passthrough_ranges(windows, timeline, selection),
             timings=timer.totals(),
             options=asdict(opts),
             model=dict(self.model_info),
@@ -349,7 +349,7 @@ class LipSyncPipeline:
 
         return analyze_video(video, progress=on_frame)
 
-    def plan_output(self, analysis: Any, info: Any, audio_s: float, policy: str) -> Timeline:
+    def plan_output(self, analysis: Any, audio_s: float, policy: str) -> Timeline:
         pts = np.asarray(analysis.pts, dtype=np.int64)
         time_base = Fraction(analysis.time_base)
         end_pts = int(analysis.end_pts)
@@ -587,17 +587,21 @@ def _average_fps(timeline: Timeline) -> float:
     return round((timeline.num_frames - 1) / span, 4) if span > 0 else 0.0
 
 
-def _output_passthrough_ranges(windows: list[_Window], timeline: Timeline) -> list[dict[str, Any]]:
-    """Output frame ranges left untouched because the selected face was not usable."""
+def _output_passthrough_ranges(windows: list[_Window], timeline: Timeline, selection: Any) -> list[dict[str, Any]]:
+    """Output frame ranges left untouched because the selected face was not usable, with why."""
+    reasons = np.full(selection.num_frames, "", dtype=object)
+    for r in selection.passthrough_ranges:
+        reasons[r.start_frame : r.end_frame] = r.reason
     ranges: list[dict[str, Any]] = []
     times = timeline.times_s
     for w in windows:
         if w.dub:
             continue
-        if ranges and ranges[-1]["end_frame"] == w.start:
+        reason = reasons[int(timeline.source_index[w.start])] or "no usable face"
+        if ranges and ranges[-1]["end_frame"] == w.start and ranges[-1]["reason"] == reason:
             ranges[-1]["end_frame"] = w.stop
         else:
-            ranges.append({"start_frame": w.start, "end_frame": w.stop})
+            ranges.append({"start_frame": w.start, "end_frame": w.stop, "reason": reason})
     for r in ranges:
         r["start_s"] = round(float(times[r["start_frame"]]), 4)
         end = r["end_frame"]

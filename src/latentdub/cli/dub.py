@@ -125,7 +125,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("duration", f"{summary['duration_s']:.2f} s")
     table.add_row("size", f"{summary['width']}x{summary['height']}")
     for r in summary["passthrough_ranges"]:
-        table.add_row("untouched", f"{r['start_s']:.2f}–{r['end_s']:.2f} s (frames {r['start_frame']}–{r['end_frame'] - 1})")
+        table.add_row("untouched", f"{r['start_s']:.2f}–{r['end_s']:.2f} s (frames {r['start_frame']}–{r['end_frame'] - 1}): {r['reason']}")
     if summary.get("fit"):
         table.add_row("fit", json.dumps(summary["fit"], default=str))
     table.add_row("timings", ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items()))
