@@ -191,6 +191,7 @@ class LipSyncPipeline:
         device: torch.device,
         dtype: torch.dtype,
         model_info: dict[str, Any] | None = None,
+        vae_batch: int = 8,
     ) -> None:
         self.unet = unet.eval()
         self.vae = vae.eval()
@@ -200,6 +201,7 @@ class LipSyncPipeline:
         self.device = device
         self.dtype = dtype
         self.model_info = model_info or {}
+        self.vae_batch = vae_batch
         from latentdub.face import Aligner, mouth_masks
 
         self.aligner = Aligner(resolution)
@@ -515,9 +517,8 @@ class LipSyncPipeline:
         pixel_mask = self.pixel_mask
         masked = pixels * pixel_mask
 
-        # Masked and reference frames go through the encoder as one batch.
-        posterior = self.vae.encode(torch.cat([masked, pixels]).to(device, dtype)).latent_dist
-        latents_in = posterior.sample(generator=generator) * VAE_SCALING
+        # Masked and reference frames go through the encoder together, in micro-batches.
+        latents_in = self._vae_encode(torch.cat([masked, pixels]), generator) * VAE_SCALING
         masked_latents, ref_latents = (_to_video(x) for x in latents_in.chunk(2))
         latent_mask = self.latent_mask.to(device, dtype).expand(1, 1, frames, -1, -1)
 
@@ -543,12 +544,29 @@ class LipSyncPipeline:
                 eps = uncond + opts.guidance * (cond - uncond)
             latents = scheduler.step(eps.float(), t, latents.float()).prev_sample.to(dtype)
 
-        decoded = self.vae.decode(_to_frames(latents) / VAE_SCALING).sample.float().cpu()
+        decoded = self._vae_decode(_to_frames(latents) / VAE_SCALING)
         # Official composite: generated pixels in the mouth hole, the aligned original elsewhere.
         composite = decoded * (1 - pixel_mask) + pixels * pixel_mask
         return (
             composite.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         )
+
+    def _vae_encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Sample the VAE posterior (as official, not its mode), ``vae_batch`` images at a time.
+
+        The VAE works per image, so micro-batching changes nothing but the peak memory: its
+        activations at full crop resolution dominate (32 crops × 128 ch × 512² in one call
+        would need GBs).
+        """
+        out = []
+        for chunk in pixels.split(self.vae_batch):
+            posterior = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            out.append(posterior.sample(generator=generator))
+        return torch.cat(out)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode ``vae_batch`` latents at a time; float32 on the CPU."""
+        return torch.cat([self.vae.decode(chunk).sample.float().cpu() for chunk in latents.split(self.vae_batch)])
 
     def _deep_cache(self) -> Any:
         from latentdub.models.unet import DeepCache
