@@ -7,12 +7,10 @@ and renamed at the end, so a failed run never leaves a half-written file under t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
@@ -21,6 +19,7 @@ from latentdub.face.analysis import FaceAnalysis
 from latentdub.face.paste import blend_region_mask
 from latentdub.face.selection import FaceSelection
 from latentdub.media.reader import iter_frames
+from latentdub.media.writer import VideoWriter
 
 _PALETTE = [
     (230, 25, 75),
@@ -110,41 +109,25 @@ def render_preview(
     n = analysis.num_frames
     track_ids = np.unique(analysis.obs_track)
     tracks = {int(t): analysis.track(int(t)) for t in track_ids}
-    # Even dimensions for yuv420p; the odd last row/column is dropped.
-    w, h = analysis.width - analysis.width % 2, analysis.height - analysis.height % 2
-    tmp = output.with_name(f".{output.stem}.partial-{os.getpid()}{output.suffix}")
-    time_base = Fraction(analysis.time_base)
     pts0 = int(analysis.pts[0])
-    try:
-        with av.open(
-            str(tmp), mode="w", format="mp4" if output.suffix.lower() != ".mkv" else "matroska"
-        ) as container:
-            rate = Fraction(analysis.fps).limit_denominator(1001)
-            stream = container.add_stream("libx264", rate=rate)
-            stream.width, stream.height = w, h
-            stream.pix_fmt = "yuv420p"
-            stream.time_base = time_base
-            stream.codec_context.time_base = time_base
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-            last_pts = -1
-            for frame in iter_frames(analysis.path, stop=n):
-                i = frame.index
-                boxes = {tid: data.at(i) for tid, data in tracks.items() if data.is_present(i)}
-                img = draw_overlay(frame.image, i, analysis, selection, boxes)[:h, :w]
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)
-                vf.pts, vf.time_base = pts, time_base
-                last_pts = pts
-                for packet in stream.encode(vf):
-                    container.mux(packet)
-                if progress is not None and i % 10 == 0:
-                    progress(i + 1, n)
-            for packet in stream.encode(None):
-                container.mux(packet)
-        tmp.replace(output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with VideoWriter(
+        output,
+        width=analysis.width,
+        height=analysis.height,
+        time_base=Fraction(analysis.time_base),
+        fps=analysis.fps,
+        crf=crf,
+        preset="veryfast",
+    ) as writer:
+        last_pts = -1
+        for frame in iter_frames(analysis.path, stop=n):
+            i = frame.index
+            boxes = {tid: data.at(i) for tid, data in tracks.items() if data.is_present(i)}
+            pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)
+            writer.write(draw_overlay(frame.image, i, analysis, selection, boxes), pts=pts)
+            last_pts = pts
+            if progress is not None and i % 10 == 0:
+                progress(i + 1, n)
     if progress is not None:
         progress(n, n)
     return output
