@@ -463,7 +463,9 @@ class LipSyncPipeline:
                             with timer("encode"):
                                 writer.write(frame, pts=int(timeline.pts[k]))
                         done += window.stop - window.start
+                        # The window plan lives for the whole run: drop its pixels once written.
                         window.frames.clear()
+                        window.generated = None
                         if progress:
                             progress("dub", done, timeline.num_frames)
                     if cancel.is_set():
