@@ -58,6 +58,7 @@ def test_wav_duration_rate_channels(media_dir: Path, name: str) -> None:
     assert clip.num_channels == channels
     assert clip.samples.dtype == np.float32
     assert abs(clip.duration_s - duration) <= 0.025
+    assert clip.warnings == []  # a sound file is not flagged as damaged
     # bit-exact against libsndfile (int PCM -> float32 is exact up to float rounding)
     ref, ref_rate = sf.read(media_dir / name, dtype="float32", always_2d=True)
     assert ref_rate == rate
@@ -96,6 +97,7 @@ def test_mp3_is_gapless(media_dir: Path, name: str) -> None:
     gross, rate, channels = MP3_FILES[name]
     clip = load_audio(media_dir / name)
     assert (clip.sample_rate, clip.num_channels) == (rate, channels)
+    assert clip.warnings == []
     expected = _mp3_gapless_samples(media_dir / name)
     assert abs(clip.num_samples - expected) <= 1
     assert abs(clip.num_samples - sf.info(media_dir / name).frames) <= 1  # libsndfile agrees
@@ -110,6 +112,7 @@ def test_video_audio_track(media_dir: Path, name: str) -> None:
     file_duration, rate = VIDEOS_WITH_AUDIO[name]
     clip = load_audio(media_dir / name)
     assert clip.sample_rate == rate
+    assert clip.warnings == []
     # the track never outlasts the file, and ends at most ~65 ms before the picture
     assert file_duration - 0.065 <= clip.start_s + clip.duration_s <= file_duration + 0.025
     with av.open(str(media_dir / name)) as container:
@@ -227,3 +230,105 @@ def test_truncated_video(media_dir: Path, tmp_path: Path) -> None:
     broken.write_bytes((media_dir / "retalking_face2_man_25fps.mp4").read_bytes()[:2048])
     with pytest.raises(InputError):
         load_audio(broken)
+
+
+# --- damaged files: NaN samples, headers that lie (synthesized here) ----------------------
+def _tone(rate: int, seconds: float) -> np.ndarray:
+    t = np.arange(round(rate * seconds)) / rate
+    return (0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_samples_are_rejected(tmp_path: Path, bad: float) -> None:
+    samples = np.stack([_tone(16000, 1.0)] * 2, axis=1)
+    samples[100, 0] = bad
+    samples[5000, 1] = bad
+    path = tmp_path / "broken_float.wav"
+    sf.write(path, samples, 16000, subtype="FLOAT")
+    with pytest.raises(InputError, match=r"NaN/infinite audio samples \(2 of 32000\)") as err:
+        load_audio(path)
+    assert str(path) in str(err.value)
+
+
+def _patch_wav_sizes(path: Path, claimed_data_bytes: int) -> None:
+    """Make a WAV header claim ``claimed_data_bytes`` of samples (RIFF and data sizes)."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    pos = 12
+    while data[pos : pos + 4] != b"data":  # walk the chunks (soundfile may add some)
+        pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
+    struct.pack_into("<I", data, pos + 4, claimed_data_bytes)
+    struct.pack_into("<I", data, 4, min(pos + claimed_data_bytes, 0xFFFFFFFF))  # file size - 8
+    path.write_bytes(bytes(data))
+
+
+def test_wav_header_claiming_two_hours_warns(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    path = tmp_path / "claims_2h.wav"
+    sf.write(path, _tone(16000, 1.0), 16000, subtype="PCM_16")
+    _patch_wav_sizes(path, 2 * 3600 * 16000 * 2)  # 2 h of 16-bit mono at 16 kHz
+    with caplog.at_level(logging.WARNING, logger="latentdub.media.audio_io"):
+        clip = load_audio(path)
+    assert clip.duration_s == pytest.approx(1.0, abs=1e-3)  # what is there is still used
+    assert len(clip.warnings) == 1
+    message = clip.warnings[0]
+    assert str(path) in message and "2:00:00" in message and "truncated" in message
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [message]
+
+
+def test_wav_header_slightly_off_or_unknown_is_not_flagged(tmp_path: Path) -> None:
+    path = tmp_path / "near.wav"
+    sf.write(path, _tone(16000, 10.0), 16000, subtype="PCM_16")
+    _patch_wav_sizes(path, round(10.4 * 16000 * 2))  # 0.4 s off: under the 1 s tolerance
+    assert load_audio(path).warnings == []
+    # 0xFFFFFFFF is what streaming writers (ffmpeg to a pipe) leave: "size unknown".
+    _patch_wav_sizes(path, 0xFFFFFFFF)
+    clip = load_audio(path)
+    assert clip.warnings == [] and clip.duration_s == pytest.approx(10.0, abs=1e-3)
+
+
+def _write_m4a(path: Path, samples: np.ndarray, rate: int) -> None:
+    # faststart: the index comes first, so a cut-off copy still opens and states the length.
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        for i in range(0, len(samples), 4096):
+            frame = av.AudioFrame.from_ndarray(
+                samples[None, i : i + 4096].copy(), format="fltp", layout="mono"
+            )
+            frame.sample_rate, frame.pts = rate, i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_truncated_m4a_warns(tmp_path: Path) -> None:
+    full = tmp_path / "full.m4a"
+    _write_m4a(full, _tone(44100, 20.0), 44100)
+    assert load_audio(full).warnings == []
+    cut = tmp_path / "cut.m4a"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    clip = load_audio(cut)
+    assert clip.duration_s < 10
+    assert len(clip.warnings) == 1 and str(cut) in clip.warnings[0]
+    assert "20.00 s" in clip.warnings[0]
+
+
+def test_warnings_follow_derived_clips() -> None:
+    clip = AudioClip(np.zeros((48000, 2), np.float32), 48000, warnings=["note about the file"])
+    derived = [
+        clip.mono(),
+        clip.resampled(16000),
+        clip.trimmed(10),
+        clip.padded(60000),
+        clip.with_length(20),
+        clip.sliced(0.1, 0.5),
+        clip.mono().resampled(16000).sliced(0.2),
+    ]
+    for other in derived:
+        assert other.warnings == ["note about the file"]
+    # Each clip has its own list: a note added to one does not leak into another.
+    derived[0].warnings.append("extra")
+    assert clip.warnings == ["note about the file"]
+    assert AudioClip(np.zeros(10, np.float32), 8000).warnings == []

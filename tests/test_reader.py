@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from latentdub.errors import InputError
-from latentdub.media.reader import iter_frames, probe_video, read_image
+from latentdub.media.reader import check_video, iter_frames, probe_video, read_image
 
 ROTATED = "derived/derived_rotated_displaymatrix_minus90_latentsync_demo1_25fps.mp4"
 PORTRAIT = "latentsync_demo1_portrait_hevc_25fps.mp4"
@@ -98,6 +98,19 @@ def test_old_codec_avi_and_still_image(media_dir: Path) -> None:
     still = read_image(media_dir / "image_skimage_astronaut.png")
     assert still.shape == (512, 512, 3)
     assert len(list(iter_frames(media_dir / "image_skimage_astronaut.png"))) == 1
+
+
+def test_check_video_on_real_media(media_dir: Path) -> None:
+    """Every real video passes with its true frame count; the real PNG is a still image."""
+    for video in sorted(media_dir.glob("*.mp4")) + sorted(media_dir.glob("*.avi")):
+        info = probe_video(video)
+        check_video(info)
+        assert not info.is_still_image, video.name
+    info = probe_video(media_dir / "image_skimage_astronaut.png")
+    assert info.is_still_image and info.num_frames == 1
+    with pytest.raises(InputError, match="still image, not a video") as err:
+        check_video(info)
+    assert "image_skimage_astronaut.png" in str(err.value)
 
 
 def test_truncated_file_decodes_what_is_there(media_dir: Path, tmp_path: Path) -> None:

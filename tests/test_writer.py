@@ -296,3 +296,129 @@ def test_audio_longer_than_video_is_written_whole(tmp_path: Path) -> None:
     info = mux_info(out)
     assert info.audio_duration_s == pytest.approx(1.0, abs=0.024)
     assert info.audio_sample_rate == 22050 and info.audio_channels == 1
+
+
+# --- stale partial files of killed writers ----------------------------------------------
+_HOLD_WRITER = """
+import sys, time
+from fractions import Fraction
+import numpy as np
+from latentdub.media.writer import VideoWriter
+w = VideoWriter(sys.argv[1], width=64, height=64, time_base=Fraction(1, 25), fps=25)
+for k in range(3):
+    w.write(np.full((64, 64, 3), 40 * k, np.uint8), pts=k)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _partials(folder: Path, out: Path) -> list[Path]:
+    return sorted(folder.glob(f".{out.name}.partial-*{out.suffix}"))
+
+
+@pytest.fixture
+def writer_process():  # type: ignore[no-untyped-def]
+    """Start a process that holds an open VideoWriter on the given output; kill it after."""
+    import subprocess
+    import sys
+
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(out: Path) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_WRITER, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def _write_small(out: Path) -> None:
+    with VideoWriter(out, width=64, height=64, time_base=Fraction(1, 25), fps=25) as writer:
+        for k in range(4):
+            writer.write(np.full((64, 64, 3), 60 * k, np.uint8), pts=k)
+
+
+def test_killed_writer_partial_is_removed_by_next_writer(writer_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    out = tmp_path / "dub.mp4"
+    proc = writer_process(out)
+    stale = _partials(tmp_path, out)
+    assert len(stale) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _partials(tmp_path, out) == stale  # SIGKILL: nothing could clean up
+
+    # Files that only look similar belong to someone else and must survive.
+    bystanders = [
+        tmp_path / ".other.mp4.partial-abcdefgh.mp4",  # another output's partial
+        tmp_path / "dub.mp4.partial.mp4",
+        tmp_path / ".dub.mp4.partial-abcdefgh.mkv",  # other extension
+        tmp_path / ".dub.mp4.partial-abc.mp4",  # not a mkstemp name
+        tmp_path / ".dub.mp4.partial-abcdefgh.mp4.bak",
+    ]
+    for path in bystanders:
+        path.write_bytes(b"keep me")
+
+    _write_small(out)
+    assert not stale[0].exists()
+    assert mux_info(out).num_frames == 4
+    assert _leftovers(tmp_path) == sorted(["dub.mp4", *(p.name for p in bystanders)])
+
+
+def test_remove_stale_partials_function(writer_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from latentdub.media.writer import remove_stale_partials
+
+    out = tmp_path / "dub.mkv"
+    proc = writer_process(out)
+    stale = _partials(tmp_path, out)
+    assert len(stale) == 1
+    proc.kill()
+    proc.wait(timeout=30)
+    assert remove_stale_partials(out) == stale
+    assert _leftovers(tmp_path) == []
+    assert remove_stale_partials(out) == []
+    assert remove_stale_partials(tmp_path / "missing" / "dub.mkv") == []
+
+
+def test_live_writer_partial_is_not_removed(writer_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from latentdub.media.writer import remove_stale_partials
+
+    out = tmp_path / "dub.mp4"
+    proc = writer_process(out)
+    live = _partials(tmp_path, out)
+    assert len(live) == 1
+    assert remove_stale_partials(out) == []
+    # A second writer to the same output works beside it and leaves the live one alone.
+    _write_small(out)
+    assert proc.poll() is None
+    assert _partials(tmp_path, out) == live
+    assert mux_info(out).num_frames == 4
+
+
+def test_own_partial_is_not_stale_while_writing(tmp_path: Path) -> None:
+    """In-process: an open writer's partial survives a cleanup, its own lock included."""
+    from latentdub.media.writer import remove_stale_partials
+
+    out = tmp_path / "dub.mp4"
+    with VideoWriter(out, width=64, height=64, time_base=Fraction(1, 25), fps=25) as writer:
+        writer.write(np.zeros((64, 64, 3), np.uint8), pts=0)
+        partial = _partials(tmp_path, out)
+        assert len(partial) == 1
+        assert remove_stale_partials(out) == []
+        assert partial[0].exists()
+        writer.write(np.zeros((64, 64, 3), np.uint8), pts=1)
+    assert _leftovers(tmp_path) == ["dub.mp4"]
+    assert mux_info(out).num_frames == 2

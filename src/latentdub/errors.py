@@ -20,3 +20,15 @@ class InputError(LatentdubError):
 
 class WeightsError(LatentdubError):
     """Model weights are missing, corrupt, of the wrong version or do not fit the model."""
+
+
+class Cancelled(LatentdubError):
+    """The dub was cancelled by the caller (cancel event or Ctrl-C); nothing was written."""
+
+    exit_code = 130
+
+
+class HookError(LatentdubError):
+    """A caller-supplied hook (progress callback, frame filter, finalizer) failed; nothing was written."""
+
+    exit_code = 1

@@ -1,10 +1,13 @@
-"""``latentdub dub`` (the main job) and ``latentdub doctor``."""
+"""``latentdub dub``: the main job."""
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +24,21 @@ from rich.table import Table
 
 from latentdub.cli._app import app, console, console_err
 from latentdub.errors import InputError
+from latentdub.options import DubOptions, OptionError
+from latentdub.progress import ProgressEvent
+
+log = logging.getLogger("latentdub.cli")
+
+
+_DEFAULTS = DubOptions()
+
+
+def _help(name: str) -> str:
+    return DubOptions.describe(name)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 @app.command("dub")
@@ -32,38 +50,33 @@ def dub(
     weights: Annotated[
         Path | None, typer.Option(help="Local weights folder (official layout) instead of the HF hub/cache.")
     ] = None,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Audio classifier-free guidance (1 = off).")] = 1.5,
-    seed: Annotated[int, typer.Option(help="Random seed (official default 1247).")] = 1247,
-    deepcache: Annotated[bool, typer.Option("--deepcache/--no-deepcache", help="DeepCache, interval 3.")] = True,
-    length_policy: Annotated[
-        str, typer.Option(help="When lengths differ: pingpong (official), loop, cut, pad.")
-    ] = "pingpong",
-    fit: Annotated[str, typer.Option(help="Fit the dub to the picture: none, stretch (WSOLA), align (DTW).")] = "none",
-    max_stretch: Annotated[float, typer.Option(help="Largest time-stretch ratio --fit may use.")] = 1.25,
-    face: Annotated[str, typer.Option(help="Which face: largest, X,Y@T (pixel at T s), or track:N.")] = "largest",
+    steps: Annotated[int, typer.Option(help=_help("steps"))] = _DEFAULTS.steps,
+    guidance: Annotated[float, typer.Option(help=_help("guidance"))] = _DEFAULTS.guidance,
+    seed: Annotated[int, typer.Option(help=_help("seed"))] = _DEFAULTS.seed,
+    deepcache: Annotated[bool, typer.Option("--deepcache/--no-deepcache", help=_help("deepcache"))] = _DEFAULTS.deepcache,
+    length_policy: Annotated[str, typer.Option(help=_help("length_policy"))] = _DEFAULTS.length_policy,
+    fit: Annotated[str, typer.Option(help=_help("fit"))] = _DEFAULTS.fit,
+    max_stretch: Annotated[float, typer.Option(help=_help("max_stretch"))] = _DEFAULTS.max_stretch,
+    face: Annotated[str, typer.Option(help=_help("face"))] = _DEFAULTS.face,
+    crf: Annotated[int, typer.Option(help=_help("crf"))] = _DEFAULTS.crf,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
-    crf: Annotated[int, typer.Option(help="x264 quality (lower is better; 18 ≈ visually lossless).")] = 18,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
 ) -> None:
     """Dub VIDEO with the speech in AUDIO and write the result to OUTPUT."""
-    from latentdub.face import parse_policy
-    from latentdub.pipeline import DubOptions, LipSyncPipeline, check_output_path, read_inputs
+    from latentdub.pipeline import LipSyncPipeline, read_inputs
 
-    parse_policy(face)  # a clear error for a malformed --face before anything runs
+    _setup_logging()
+    values = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
+              "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf}
+    try:
+        options = DubOptions(**values)  # the one place the CLI builds them
+    except OptionError as err:
+        raise InputError(f"{_flag(err.field)} {err.reason}") from None
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
-    for path, what in ((video, "video"), (audio, "audio")):
-        if not path.exists():
-            raise InputError(f"{what} file {path} does not exist")
-        if path.is_dir():
-            raise InputError(f"{what} {path} is a folder, not a file")
-    DubOptions(steps=steps, guidance=guidance, seed=seed, length_policy=length_policy, fit=fit,
-               max_stretch=max_stretch, face=face, crf=crf).validate()
-    check_output_path(output, video, audio)
-    read_inputs(video, audio)  # fail fast on bad input, before loading a model
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Every check that needs no model, before the model loads (seconds, not minutes).
+    inputs = read_inputs(video, audio, output)
 
     status = console_err.status("loading model…") if not json_out else None
     if status:
@@ -73,13 +86,76 @@ def dub(
     finally:
         if status:
             status.stop()
-    if pipe.model_info.get("random_weights"):
-        console_err.print("[bold yellow]warning:[/] RANDOM WEIGHTS (smoke-test model): the output is not a real dub")
+    if pipe.device.type == "cpu" and not pipe.model_info.get("random_weights"):
+        import torch
 
+        from latentdub.estimate import cpu_warning
+
+        log.warning(cpu_warning(pipe.resolution, options.steps, options.guidance, options.deepcache,
+                                threads=torch.get_num_threads(), fps=inputs.info.fps or 25.0))
+
+    with _progress_bars(json_out) as on_event, _cancel_on_ctrl_c() as cancel:
+        result = pipe.dub(inputs, options, progress=on_event, cancel=cancel)
+
+    summary = result.to_dict()
+    if json_out:
+        print(json.dumps(summary, default=str))
+        return
+    _print_summary(summary)
+
+
+def _setup_logging() -> None:
+    """Library warnings (random weights, nothing dubbed, CPU cost) go to stderr, once each."""
+    root = logging.getLogger("latentdub")
+    if not any(getattr(h, "_latentdub_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._latentdub_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+
+
+@contextmanager
+def _cancel_on_ctrl_c() -> Iterator[threading.Event]:
+    """The first Ctrl-C cancels the dub through the engine (clean stop, no file); a second one
+    interrupts at once."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        console_err.print("stopping… (Ctrl-C again to force)", highlight=False)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_STAGE_LABELS = {
+    "read": "read inputs",
+    "fit": "fit audio",
+    "faces": "faces",
+    "audio_features": "audio features",
+    "dub": "dubbing",
+    "finalize": "finalize",
+}
+
+
+@contextmanager
+def _progress_bars(json_out: bool) -> Iterator[Callable[[ProgressEvent], None]]:
+    """Rich bars, one per stage, fed by the engine's progress events."""
     with Progress(
-        TextColumn("[bold]{task.description:<14}"),
+        TextColumn("[bold]{task.description:<15}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} frames"),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -89,33 +165,13 @@ def dub(
     ) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def progress(stage: str, done: int, total: int | None) -> None:
-            label = {"faces": "1/2 faces", "dub": "2/2 dubbing"}.get(stage, stage)
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(label, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+        def on_event(event: ProgressEvent) -> None:
+            rate = f"{event.fps:.1f} fps" if event.fps and event.stage in ("faces", "dub") else ""
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(_STAGE_LABELS.get(event.stage, event.stage), total=event.total, rate=rate)
+            bar.update(tasks[event.stage], completed=event.done, total=event.total, rate=rate)
 
-        result = pipe(
-            video,
-            audio,
-            output,
-            progress=progress,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            deepcache=deepcache,
-            length_policy=length_policy,
-            fit=fit,
-            max_stretch=max_stretch,
-            face=face,
-            crf=crf,
-        )
-
-    summary = result.to_dict()
-    if json_out:
-        print(json.dumps(summary, default=str))
-        return
-    _print_summary(summary)
+        yield on_event
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -129,59 +185,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("fit"):
         table.add_row("fit", json.dumps(summary["fit"], default=str))
     table.add_row("timings", ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items()))
-    for w in summary["warnings"]:
-        table.add_row("[yellow]warning[/]", w)
     console.print(table)
 
-
-@app.command("doctor")
-def doctor(
-    weights: Annotated[Path | None, typer.Option(help="Also check this local weights folder.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Report Python, torch, GPUs, codecs, face models and which weights are present."""
-    import av
-    import torch
-
-    report: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
-        "pyav": av.__version__,
-        "codecs": {name: name in av.codecs_available for name in ("libx264", "aac", "h264", "hevc", "mpeg4", "mp3")},
-    }
-    try:
-        import mediapipe
-
-        report["mediapipe"] = mediapipe.__version__
-    except Exception as err:  # report, don't fail: doctor is for diagnosing broken installs
-        report["mediapipe"] = f"unavailable: {err}"
-    try:
-        from latentdub.weights import weights_status
-
-        report["weights"] = weights_status(weights)
-    except Exception as err:
-        report["weights"] = f"unavailable: {err}"
-    if json_out:
-        print(json.dumps(report, default=str))
-        return
-    table = Table(title="latentdub doctor", show_header=False)
-    for key, value in report.items():
-        if key != "weights":
-            table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else str(value))
-    console.print(table)
-    weights_rows = report["weights"]
-    if not isinstance(weights_rows, list):
-        console.print(f"weights: {weights_rows}")
-        return
-    wt = Table(title="weights")
-    for col in ("version", "where", "location", "complete", "converted", "random"):
-        wt.add_column(col)
-    for row in weights_rows:
-        wt.add_row(str(row.get("version")), str(row.get("where")), str(row.get("location")),
-                   "yes" if row.get("complete") else "no", "yes" if row.get("converted") else "no",
-                   "[yellow]RANDOM[/]" if row.get("random_weights") else "")
-    console.print(wt)

@@ -34,6 +34,7 @@ from scipy import ndimage
 from latentdub.errors import InputError
 from latentdub.face.alignment import align_matrices
 from latentdub.face.analysis import FaceAnalysis, TrackData
+from latentdub.runs import runs, true_runs
 
 # Reasons reported for pass-through frames.
 NO_FACE = "no face"
@@ -161,19 +162,12 @@ def smooth_local_linear(values: np.ndarray, sigma: float) -> np.ndarray:
     return est.reshape(values.shape)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of the True stretches of a boolean array."""
-    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
-
-
 def _running_median(values: np.ndarray, present: np.ndarray, width: int) -> np.ndarray:
     """Median filter within each present run (stabilises thresholds against one-frame flicker)."""
     out = values.copy()
     if width <= 1:
         return out
-    for a, b in _runs(present):
+    for a, b in true_runs(present):
         if b - a >= 3:
             out[a:b] = ndimage.median_filter(values[a:b], size=min(width, b - a), mode="nearest")
     return out
@@ -333,7 +327,7 @@ def select_face(
                 take = usable & free
                 free &= ~take
                 if not first:  # fill-ins by another face only for stretches worth dubbing
-                    for a, b in _runs(take):
+                    for a, b in true_runs(take):
                         if b - a < min_run:
                             take[a:b] = False
                 chosen[s0:s1][take] = best
@@ -352,10 +346,8 @@ def select_face(
     valid = chosen >= 0
     brief = np.zeros(n, dtype=bool)
     run_list: list[tuple[int, int]] = []
-    change = np.flatnonzero((np.diff(chosen) != 0) | (np.diff(shots) != 0)) + 1
-    bounds = np.concatenate([[0], change, [n]])
-    for a, b in itertools.pairwise(bounds):
-        if chosen[a] < 0:
+    for a, b, track in runs(chosen, shots):
+        if track < 0:
             continue
         if b - a < min(min_run, 3):
             brief[a:b] = True
@@ -411,10 +403,8 @@ def select_face(
     reasons[brief] = TOO_BRIEF
 
     ranges: list[PassthroughRange] = []
-    change = np.flatnonzero(reasons[1:] != reasons[:-1]) + 1
-    bounds = np.concatenate([[0], change, [n]])
     end_time = analysis.duration_s
-    for a, b in itertools.pairwise(bounds):
+    for a, b, _reason in runs(reasons):
         if valid[a]:
             continue
         ranges.append(

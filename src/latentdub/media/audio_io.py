@@ -15,7 +15,9 @@ full 1024/1152 samples, so without the trim every AAC track would come out up to
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,8 @@ import soxr
 from latentdub.errors import InputError
 from latentdub.media.files import check_input_file
 
+log = logging.getLogger(__name__)
+
 #: Rate the Whisper front end works at.
 WHISPER_SAMPLE_RATE = 16000
 
@@ -34,6 +38,15 @@ WHISPER_SAMPLE_RATE = 16000
 _MAX_TRIM_S = 0.5
 # Timestamp jitter (in seconds) tolerated before a gap is filled with silence.
 _GAP_TOLERANCE_S = 0.002
+# A stated duration this far from the decoded one (seconds, or this fraction of the decoded
+# length, whichever is larger) is worth a warning: a truncated copy, a broken header.
+_MISMATCH_MIN_S = 1.0
+_MISMATCH_FRACTION = 0.05
+# Containers whose stated duration is declared by the file (not estimated by FFmpeg from the
+# bitrate, as for an MP3 without a Xing header, which can be off by 3x for VBR).
+_DECLARED_DURATION_FORMATS = ("mov", "mp4", "matroska", "webm", "flac", "ogg", "aiff", "caf")
+# WAV data-size values that mean "unknown" (streamed/piped writers leave these).
+_WAV_UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
 # FFmpeg "formats" that accept nearly any bytes (ANSI art, raw text); a file that only
 # opens as one of these is not media.
 _NON_MEDIA_FORMATS = frozenset({"tty", "txt"})
@@ -46,11 +59,16 @@ class AudioClip:
     ``start_s`` is the time of the first sample on the source's timeline (the container
     timestamp), so a video's own track can be lined up with its frames; it is informational
     and every operation here keeps it consistent.
+
+    ``warnings`` are human-readable notes about the source that did not stop loading (e.g. a
+    header whose duration disagrees with the audio that is there); derived clips keep them so
+    the caller can report them whichever clip it ends up with.
     """
 
     samples: np.ndarray
     sample_rate: int
     start_s: float = field(default=0.0)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         samples = np.asarray(self.samples, dtype=np.float32)
@@ -63,6 +81,8 @@ class AudioClip:
         # frozen dataclass: normalise through object.__setattr__
         object.__setattr__(self, "samples", np.ascontiguousarray(samples))
         object.__setattr__(self, "sample_rate", int(self.sample_rate))
+        # A copy, so warnings added to a derived clip never show up on its source.
+        object.__setattr__(self, "warnings", list(self.warnings))
 
     # --- properties ---------------------------------------------------------------------
     @property
@@ -85,7 +105,7 @@ class AudioClip:
 
     # --- conversions --------------------------------------------------------------------
     def _like(self, samples: np.ndarray, sample_rate: int | None = None) -> AudioClip:
-        return AudioClip(samples, sample_rate or self.sample_rate, self.start_s)
+        return AudioClip(samples, sample_rate or self.sample_rate, self.start_s, self.warnings)
 
     def mono(self) -> AudioClip:
         """Average of the channels (a (n, 1) clip); a mono clip is returned unchanged."""
@@ -130,7 +150,10 @@ class AudioClip:
         end = self.num_samples if end_s is None else round(end_s * self.sample_rate)
         end = min(max(start, end), self.num_samples)
         return AudioClip(
-            self.samples[start:end], self.sample_rate, self.start_s + start / self.sample_rate
+            self.samples[start:end],
+            self.sample_rate,
+            self.start_s + start / self.sample_rate,
+            self.warnings,
         )
 
 
@@ -218,6 +241,7 @@ def load_audio(
     try:
         stream = _pick_stream(container, path, stream_index)
         clip = _decode(container, stream, path)
+        stated_s = _stated_duration_s(container, stream, path)
     finally:
         container.close()
 
@@ -228,7 +252,95 @@ def load_audio(
             f"{path}: the audio is only {clip.duration_s:.2f} s long; at least "
             f"{min_duration_s:.2f} s is needed. Give a longer recording."
         )
+    warning = _duration_mismatch(path, stated_s, clip.duration_s)
+    if warning:
+        log.warning("%s", warning)
+        clip.warnings.append(warning)
     return clip
+
+
+def _count_nonfinite(samples: np.ndarray, block: int = 1 << 20) -> int:
+    # In blocks: one boolean mask over a 2-hour 48 kHz stereo track would be ~700 MB.
+    return sum(
+        int(samples[i : i + block].size - np.count_nonzero(np.isfinite(samples[i : i + block])))
+        for i in range(0, len(samples), block)
+    )
+
+
+# --- duration sanity ----------------------------------------------------------------------
+def _stated_duration_s(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, path: Path
+) -> float | None:
+    """How long the file says the audio is, when it really says so (else None)."""
+    fmt = container.format.name
+    if fmt == "wav":
+        # FFmpeg clamps a WAV's duration to the file size, hiding a header that claims more.
+        return _wav_header_duration_s(path)
+    if not any(name in _DECLARED_DURATION_FORMATS for name in fmt.split(",")):
+        return None
+    if stream.duration is not None and stream.duration > 0 and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def _wav_header_duration_s(path: Path) -> float | None:
+    """Duration the RIFF/RF64 header declares (data chunk size / byte rate), if readable."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (b"RIFF", b"RF64"):
+                return None
+            byte_rate = 0
+            ds64_data: int | None = None
+            for _ in range(64):  # real files have a handful of chunks before "data"
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt " and size >= 16:
+                    byte_rate = struct.unpack("<I", f.read(16)[8:12])[0]
+                    f.seek(size - 16 + (size & 1), os.SEEK_CUR)
+                elif cid == b"ds64" and size >= 16:
+                    ds64_data = struct.unpack("<Q", f.read(16)[8:16])[0]
+                    f.seek(size - 16 + (size & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    if head[:4] == b"RF64" and size == 0xFFFFFFFF:
+                        size = ds64_data or 0
+                    if size in _WAV_UNKNOWN_SIZES or byte_rate <= 0:
+                        return None
+                    return size / byte_rate
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are word aligned
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _duration_mismatch(path: Path, stated_s: float | None, decoded_s: float) -> str | None:
+    if stated_s is None:
+        return None
+    if abs(stated_s - decoded_s) <= max(_MISMATCH_MIN_S, _MISMATCH_FRACTION * decoded_s):
+        return None
+    if stated_s > decoded_s:
+        return (
+            f"{path}: the header says the audio lasts {_fmt_s(stated_s)} but only "
+            f"{_fmt_s(decoded_s)} is there; the file is probably truncated (an interrupted "
+            f"download or copy). Using the {_fmt_s(decoded_s)} that decoded."
+        )
+    return (
+        f"{path}: the header says the audio lasts {_fmt_s(stated_s)} but {_fmt_s(decoded_s)} "
+        f"decoded; the header is wrong. Using all {_fmt_s(decoded_s)}."
+    )
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d} min"
 
 
 def _decode(
@@ -305,6 +417,14 @@ def _decode(
         )
 
     samples = np.concatenate(chunks) if chunks else np.zeros((0, max(channels, 1)), np.float32)
+    # Float WAV/FLAC can carry NaN/inf (a crashed DSP chain); clipping would keep NaN and the
+    # Whisper features would turn to NaN much later, after the model load, naming no file.
+    bad = _count_nonfinite(samples)
+    if bad:
+        raise InputError(
+            f"{path} contains NaN/infinite audio samples ({bad} of {samples.size}); "
+            "re-export it from the program that made it (NaN/inf are not sound)."
+        )
     start_s = first_pts_s or 0.0
     stated_end = _stated_end_s(stream, start_s)
     if stated_end is not None:

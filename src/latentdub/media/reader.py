@@ -39,6 +39,8 @@ MAX_PIXELS = 40_000_000
 
 #: How many packets ``probe_video`` reads to judge VFR (a few seconds of video, no decoding).
 _PROBE_PACKETS = 96
+#: FFmpeg demuxers that read image files (plus every "*_pipe" one: png_pipe, jpeg_pipe, …).
+_IMAGE_FORMATS = frozenset({"image2", "image2pipe", "gif", "apng", "webp"})
 #: Packets at the end of that head that may be missing presentation neighbours (B-frame delay).
 _REORDER_SLACK = 16
 
@@ -62,6 +64,7 @@ class VideoInfo:
     has_audio: bool
     audio_sample_rate: int | None
     start_pts: int  # pts of the first packet in presentation order (0 for most files)
+    is_still_image: bool = False  # an image file (PNG, JPEG, …) rather than a video container
 
     @property
     def frame_pixels(self) -> int:
@@ -178,18 +181,22 @@ def probe_video(path: str | Path) -> VideoInfo:
         time_base = Fraction(stream.time_base) if stream.time_base else Fraction(1, 25)
 
         pts: list[int] = []
+        packets = 0  # packets with data: one per frame for every codec we meet
         first: av.VideoFrame | None = None
         complete = True
         try:
             for packet in container.demux(stream):
                 if packet.pts is not None:
                     pts.append(int(packet.pts))
+                if packet.size:
+                    packets += 1
                 if first is None:
                     frames = packet.decode()  # the flush packet (size 0) drains the decoder
                     if frames:
                         first = frames[0]
                         _check_size(path, first.width, first.height)
-                if first is not None and len(pts) >= _PROBE_PACKETS:
+                # Count packets, not pts: a stream without pts would otherwise be read whole.
+                if first is not None and packets >= _PROBE_PACKETS:
                     complete = False
                     break
         except av.error.FFmpegError as err:
@@ -217,7 +224,13 @@ def probe_video(path: str | Path) -> VideoInfo:
         fps = fps or 25.0
         num_frames = int(stream.frames or 0)
         if num_frames <= 0:
-            num_frames = max(1, round(duration_s * fps)) if duration_s > 0 else 1
+            if complete:
+                # The whole stream was demuxed above (no decoding): its packet count is exact,
+                # which matters for short inputs (a still image, a 1-frame clip).
+                num_frames = max(1, packets)
+            else:
+                estimate = round(duration_s * fps) if duration_s > 0 else 0
+                num_frames = max(estimate, packets)
         if duration_s <= 0:
             duration_s = num_frames / fps
 
@@ -238,7 +251,33 @@ def probe_video(path: str | Path) -> VideoInfo:
             has_audio=audio is not None,
             audio_sample_rate=int(audio.codec_context.sample_rate) if audio is not None else None,
             start_pts=min(pts) if pts else int(first.pts or 0),
+            is_still_image=_is_image_format(container.format.name),
         )
+
+
+def _is_image_format(format_name: str) -> bool:
+    names = format_name.split(",")
+    return any(n in _IMAGE_FORMATS or n.endswith("_pipe") for n in names)
+
+
+def check_video(info: VideoInfo, path: str | Path | None = None) -> None:
+    """Raise :class:`InputError` unless ``info`` describes something that can be dubbed.
+
+    Run right after :func:`probe_video` and before any model loads: a still image or a
+    1-frame clip would otherwise only fail after the model load and the face pass.
+    ``path`` names the file in the message (default: ``info.path``).
+    """
+    name = info.path if path is None else Path(path)
+    if info.num_frames >= 2:
+        return
+    if info.is_still_image:
+        raise InputError(
+            f"{name} is a still image, not a video; give a video of the person speaking "
+            "(at least 2 frames)"
+        )
+    raise InputError(
+        f"{name} has only {info.num_frames} frame; a dub needs a video of at least 2 frames"
+    )
 
 
 # -- decoding -----------------------------------------------------------------------------------

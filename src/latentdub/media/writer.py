@@ -12,6 +12,10 @@ Design decisions, each for a reason:
   exception or Ctrl-C the partial file is deleted and an existing file at the destination is
   left untouched. Only that temp file is ever deleted. A missing destination folder is an
   error (we do not guess that the user wanted it created).
+* **Stale partials.** A writer killed outright (SIGKILL, power loss) cannot delete its partial
+  file. Each writer holds an exclusive ``flock`` on its partial for its whole life, so the next
+  writer to the same output (or :func:`remove_stale_partials`) deletes exactly those partials
+  of that output name that no live process holds. Without ``fcntl`` nothing is ever deleted.
 * **Odd sizes keep their exact size.** libx264's 4:2:0 needs even width and height. Rather
   than padding or cropping a pixel (the output must have the input's resolution), an odd-sized
   video is encoded as 4:4:4 (``yuv444p``, H.264 High 4:4:4). Caveat, logged as a warning:
@@ -35,8 +39,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import stat
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -47,6 +54,11 @@ import numpy as np
 
 from latentdub.errors import InputError
 from latentdub.media.audio_io import AudioClip
+
+try:  # POSIX only; without it partial files are never treated as stale
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +83,111 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, 
                            errno.EFBIG, errno.EPERM})  # fmt: skip
 
 
-def _remove_quietly(path: str) -> None:
+def _discard_partial(path: str, lock_fd: int | None) -> None:
+    """Delete a partial file, then release its lock (in that order, so no other writer's
+    cleanup can take the lock on a file that is about to vanish)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
+
+
+# --- partial files ------------------------------------------------------------------------
+# tempfile.mkstemp names: prefix + 8 characters from this alphabet + suffix.
+_MKSTEMP_CHARS = "[a-z0-9_]{8}"
+_MAX_PARTIAL_RETRIES = 10
+
+
+def _partial_prefix(output: Path) -> str:
+    return f".{output.name}.partial-"
+
+
+def _partial_pattern(output: Path) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(_partial_prefix(output)) + _MKSTEMP_CHARS + re.escape(output.suffix)
+    )
+
+
+def _create_locked_partial(output: Path) -> tuple[str, int | None]:
+    """Create ``.NAME.partial-XXXXXXXX.EXT`` beside ``output`` and lock it; returns (path, fd).
+
+    The file exists unlocked for an instant between creation and ``flock``; another process's
+    cleanup may delete it then. That is detected (the path no longer names the locked file)
+    and a new one is made.
+    """
+    for _ in range(_MAX_PARTIAL_RETRIES):
+        fd, tmp = tempfile.mkstemp(
+            prefix=_partial_prefix(output), suffix=output.suffix, dir=output.parent
+        )
+        if fcntl is None:
+            os.close(fd)
+            return tmp, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a cleanup is looking at it
+            if _same_inode(fd, tmp):
+                return tmp, fd
+        except OSError:
+            # flock unsupported on this filesystem: write unlocked (never cleaned up later).
+            if _same_inode(fd, tmp):
+                os.close(fd)
+                return tmp, None
+        os.close(fd)  # deleted under us by a cleanup: try another name
+    raise OSError(errno.EEXIST, "could not create a partial file that stays put")
+
+
+def _same_inode(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def remove_stale_partials(output: str | os.PathLike[str]) -> list[Path]:
+    """Delete partial files a killed writer left for ``output``; returns the paths deleted.
+
+    Only regular files named exactly like this module's partials for that output name
+    (``.NAME.partial-XXXXXXXX.EXT`` in the same folder) are candidates, and only those no
+    live process holds a lock on are deleted. Where ``fcntl`` is missing nothing is deleted.
+    Errors (unreadable folder, a file vanishing meanwhile) are not fatal: this is tidying.
+    """
+    if fcntl is None:
+        return []
+    output = Path(output)
+    pattern = _partial_pattern(output)
+    try:
+        names = [e.name for e in os.scandir(output.parent) if pattern.fullmatch(e.name)]
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for name in names:
+        path = output.parent / name
+        try:
+            # O_NOFOLLOW/fstat: a symlink or folder with a matching name is not ours.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it (or the filesystem has no locks)
+            # Still the same file at that name (not replaced while we waited): delete it
+            # while holding the lock, so its owner-to-be sees it vanish and picks a new name.
+            if _same_inode(fd, str(path)):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d stale partial file(s) of %s left by a killed run: %s",
+                 len(removed), output, ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
 
 
 def _as_fraction(value: Fraction | float | int, what: str) -> Fraction:
@@ -168,18 +282,17 @@ class VideoWriter:
         self._audio_fed = 0
         self._done = False
 
+        remove_stale_partials(self.path)
         try:
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{self.path.name}.partial-", suffix=self.path.suffix, dir=self.path.parent
-            )
+            tmp, lock_fd = _create_locked_partial(self.path)
         except OSError as err:
             raise InputError(
                 f"Cannot write {self.path}: {err.strerror or err}. Choose another output path."
             ) from err
-        os.close(fd)
         self._tmp = Path(tmp)
+        self._lock_fd = lock_fd
         # Removes the partial file even if the writer is dropped without close()/abort().
-        self._cleanup = weakref.finalize(self, _remove_quietly, tmp)
+        self._cleanup = weakref.finalize(self, _discard_partial, tmp, lock_fd)
         try:
             self._open(fmt, crf, preset, audio_codec, audio_bitrate)
         except BaseException:
@@ -356,8 +469,13 @@ class VideoWriter:
             raise
 
     # --- finishing ----------------------------------------------------------------------
-    def close(self) -> Path:
-        """Flush the encoders, finish the file and move it onto :attr:`path`; returns it."""
+    def close(self, before_rename: Callable[[Path], None] | None = None) -> Path:
+        """Flush the encoders, finish the file and move it onto :attr:`path`; returns it.
+
+        ``before_rename(tmp_path)`` runs on the complete temporary file just before the rename
+        (content credentials, checks); it may rewrite the file in place. If it raises, the
+        partial file is deleted and nothing appears at :attr:`path`.
+        """
         if self._done:
             return self.path
         if self.frames_written == 0:
@@ -370,6 +488,8 @@ class VideoWriter:
                 for packet in self._astream.encode(None):
                     self._container.mux(packet)
             self._guarded(self._container.close)
+            if before_rename is not None:
+                before_rename(Path(self._tmp))
             os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600
             os.replace(self._tmp, self.path)
         except BaseException:
@@ -377,6 +497,9 @@ class VideoWriter:
             raise
         self._done = True
         self._cleanup.detach()
+        if self._lock_fd is not None:  # the lock now sits on the finished file: let it go
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
         return self.path
 
     def abort(self) -> None:
