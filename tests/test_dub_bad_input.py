@@ -53,7 +53,7 @@ def _cases(tmp: Path, media: Path, speech: Path) -> dict[str, tuple[Path, Path, 
         "audio file given as video": (media / "audio_retalking_1_44k.wav", speech, "video"),
         "video with no decodable frames": (_empty_video(tmp / "noframes.mp4"), speech, ""),
         "0.2 s of audio": (real, short, "short"),
-        "missing audio": (real, tmp / "nope.wav", "not exist"),
+        "missing audio": (real, tmp / "nope.wav", "no such file"),
         "audio is a video without sound": (real, media / "liveportrait_d0_greenscreen_25fps_noaudio.mp4", "audio"),
     }
 

@@ -261,7 +261,7 @@ def test_a_failing_hook_fails_the_dub_cleanly(
 def test_a_failing_generator_stops_every_stage_and_leaves_no_file(
     pipe: LipSyncPipeline, clip40: Path, tmp_path: Path
 ) -> None:
-    job, _, clip = make_job(pipe, clip40, np.ones(40, bool))
+    job, _, _ = make_job(pipe, clip40, np.ones(40, bool))
     run = DubProgress()
     writer = VideoWriter(tmp_path / "out.mp4", width=SIZE, height=SIZE, time_base=job.timeline.time_base, fps=FPS)
     sink = FrameSink(job, writer, progress=run)

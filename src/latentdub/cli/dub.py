@@ -104,16 +104,21 @@ def dub(
     _print_summary(summary)
 
 
+class _StderrWarnings(logging.Handler):
+    """Library warnings as ``warning: …`` lines on stderr (through the console, which follows
+    ``sys.stderr`` even when it is swapped)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console_err.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
 def _setup_logging() -> None:
-    """Library warnings (random weights, nothing dubbed, CPU cost) go to stderr, once each."""
+    """Library warnings (random weights, nothing dubbed, CPU cost, audio header) go to stderr once."""
     root = logging.getLogger("latentdub")
-    if not any(getattr(h, "_latentdub_cli", False) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
-        handler._latentdub_cli = True  # type: ignore[attr-defined]
+    if not any(isinstance(h, _StderrWarnings) for h in root.handlers):
+        handler = _StderrWarnings(level=logging.WARNING)
         root.addHandler(handler)
-        root.propagate = False
+    root.setLevel(logging.WARNING)
 
 
 @contextmanager

@@ -28,9 +28,12 @@ def faces(
     face: Annotated[
         str, typer.Option(help="Which face: largest, X,Y@T (pixel at T s), or track:N.")
     ] = "largest",
+    version: Annotated[
+        str, typer.Option(help="Model version the crops are for: 1.5 (256 px) or 1.6 (512 px), as for `dub`.")
+    ] = "1.6",
     resolution: Annotated[
-        int, typer.Option(help="Model crop size: 256 (LatentSync 1.5) or 512 (1.6).")
-    ] = 256,
+        int | None, typer.Option(help="Crop size override: 256 or 512 (default: the version's).")
+    ] = None,
     every_n: Annotated[
         int, typer.Option(help="Detect on every N-th frame only (faster, interpolated).")
     ] = 1,
@@ -39,7 +42,11 @@ def faces(
     """Detect, track and choose faces; report tracks and the frames that would pass through."""
     from latentdub.face import analyze_video, select_face
     from latentdub.face.selection import parse_policy
+    from latentdub.weights.resolve import RESOLUTIONS
 
+    if version not in ("1.5", "1.6"):
+        raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
+    resolution = RESOLUTIONS[version] if resolution is None else resolution
     if resolution not in (256, 512):
         raise InputError(f"--resolution must be 256 or 512, got {resolution}")
     if every_n < 1:

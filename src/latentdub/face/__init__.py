@@ -19,7 +19,6 @@ from latentdub.face.analysis import FaceAnalysis, TrackData, TrackInfo, analyze_
 from latentdub.face.backend import (
     FaceBackend,
     FaceObservation,
-    InsightFaceBackend,
     MediaPipeBackend,
 )
 from latentdub.face.mask import blend_weights, mouth_masks
@@ -33,7 +32,6 @@ __all__ = [
     "FaceBackend",
     "FaceObservation",
     "FaceSelection",
-    "InsightFaceBackend",
     "MediaPipeBackend",
     "PassthroughRange",
     "TrackData",

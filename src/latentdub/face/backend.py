@@ -110,6 +110,12 @@ class FaceBackend(Protocol):
     ``rois`` are optional boxes (x0, y0, x1, y1) where faces were on the previous frame; a
     backend may look there first (tracking) and may skip its whole-image search when
     ``search`` is False. Backends that cannot use them ignore both.
+
+    This is the extension point for other landmark models: pass an instance to
+    :func:`~latentdub.face.analyze_video` (``backend=``). The official pipeline uses InsightFace
+    ``buffalo_l`` (SCRFD + 2d106, non-commercial licence, not shipped); a backend for it would
+    return as anchors the means of the 106-point indices {43,48,49,51,50}, {101..105} and
+    {74,77,83,86}.
     """
 
     name: str
@@ -355,44 +361,6 @@ class MediaPipeBackend:
                 )
             )
         return faces
-
-
-class InsightFaceBackend:
-    """Placeholder for the official landmarks (InsightFace ``buffalo_l``: SCRFD + 2d106).
-
-    Those weights are licensed for non-commercial research only and are not downloaded by
-    latentdub; users who own the pack will be able to point this backend at it. The anchor
-    rule would be the official one: means of 106-point indices {43,48,49,51,50}, {101..105},
-    {74,77,83,86}.
-    """
-
-    name = "insightface"
-    ANCHOR_INDICES_106: tuple[tuple[int, ...], ...] = (
-        (43, 48, 49, 51, 50),
-        (101, 102, 103, 104, 105),
-        (74, 77, 83, 86),
-    )
-
-    def __init__(self, model_root: str | None = None, **_: Any) -> None:
-        try:
-            import insightface  # noqa: F401
-        except ImportError as err:
-            raise InputError(
-                "the InsightFace backend needs the `insightface` and `onnxruntime` packages and a local "
-                "copy of the buffalo_l model pack (non-commercial licence); use the default MediaPipe "
-                "backend instead"
-            ) from err
-        raise InputError(
-            "the InsightFace backend is not implemented yet; use the default MediaPipe backend"
-        )
-
-    def detect(
-        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
-    ) -> list[FaceObservation]:  # pragma: no cover - never constructed
-        raise NotImplementedError
-
-    def close(self) -> None:  # pragma: no cover - never constructed
-        pass
 
 
 def default_backend() -> FaceBackend:

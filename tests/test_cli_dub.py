@@ -1,0 +1,148 @@
+"""`latentdub dub` as a new user meets it: early input checks, warnings on stderr, said once."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+from latentdub.cli import main
+from latentdub.media.writer import VideoWriter
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def faceless_video(path: Path, frames: int = 40) -> Path:
+    yy, xx = np.mgrid[0:96, 0:128]
+    with VideoWriter(path, width=128, height=96, time_base=Fraction(1, 25), fps=25) as w:
+        for k in range(frames):
+            w.write(np.stack([(xx + k) % 256, yy * 2 % 256, (xx * yy) % 256], -1).astype(np.uint8), pts=k)
+    return path
+
+
+def tone(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def one_frame_video(path: Path) -> Path:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def still_png(path: Path) -> Path:
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = 64, 64, "rgb24"
+        for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def nan_audio(path: Path) -> Path:
+    data = np.zeros(16000, np.float32)
+    data[100:110] = np.nan
+    sf.write(path, data, 16000, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("case", ["still image", "1-frame video", "NaN audio", "unwritable output folder"])
+def test_input_checks_run_before_the_model_loads(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights folder is empty: an error about the input (not the weights) proves the order."""
+    video = faceless_video(tmp_path / "v.mp4")
+    audio = tone(tmp_path / "a.wav")
+    out = tmp_path / "out.mp4"
+    named: Path
+    if case == "still image":
+        video = named = still_png(tmp_path / "photo.png")
+    elif case == "1-frame video":
+        video = named = one_frame_video(tmp_path / "one.mp4")
+    elif case == "NaN audio":
+        audio = named = nan_audio(tmp_path / "nan.wav")
+    else:
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no sysfs: no folder here that even root cannot write to")
+        out = named = Path("/sys/kernel/out.mp4")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    start = time.perf_counter()
+    code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(out), "--weights", str(empty)], capsys, monkeypatch)
+    assert code == 2
+    assert str(named) in err and "weights" not in err.lower(), err
+    assert "Traceback" not in err
+    assert time.perf_counter() - start < 10
+
+
+def test_a_dub_with_nothing_dubbed_says_so_on_stderr_and_warnings_come_once(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = faceless_video(tmp_path / "v.mp4")
+    audio = tone(tmp_path / "claims_2h.wav", 1.0)
+    # A header that claims 2 hours of audio for 1 s of samples: used, but warned about.
+    data = bytearray(audio.read_bytes())
+    pos = 12
+    while data[pos : pos + 4] != b"data":
+        pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
+    struct.pack_into("<I", data, pos + 4, 2 * 3600 * 16000 * 2)
+    audio.write_bytes(bytes(data))
+    out = tmp_path / "out.mp4"
+    code, stdout, err = run_cli(
+        ["dub", str(video), str(audio), "-o", str(out), "--weights", str(tiny_weights), "--version", "1.5",
+         "--steps", "1", "--json"], capsys, monkeypatch)
+    assert code == 0 and out.exists()
+    assert "passes through undubbed" in err
+    assert err.count("RANDOM WEIGHTS") == 1
+    assert str(audio) in err and "2:00:00" in err
+    assert '"dubbed_frames": 0' in stdout.strip().splitlines()[-1]
+
+
+def test_option_errors_speak_in_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video, audio = faceless_video(tmp_path / "v.mp4"), tone(tmp_path / "a.wav")
+    for flag, value in (("--steps", "0"), ("--max-stretch", "0.5"), ("--length-policy", "bounce"), ("--crf", "60")):
+        code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(tmp_path / "o.mp4"), flag, value],
+                               capsys, monkeypatch)
+        assert code == 2 and f"error: {flag} " in err, err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_dub_help_text_comes_from_the_options_schema(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from latentdub.options import DubOptions
+
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli(["dub", "--help"], capsys, monkeypatch)
+    assert code == 0
+    flat = " ".join(out.split())
+    for name in ("steps", "guidance", "length_policy", "face"):
+        words = DubOptions.describe(name).split()[:4]
+        assert " ".join(words) in flat, name
