@@ -73,17 +73,19 @@ def run_child(video: Path, audio: Path, weights: Path, out: Path, steps: int, gu
 def child(video: str, audio: str, weights: str, out: str, steps: str, guidance: str) -> None:
     import psutil
 
-    from latentdub.pipeline import LipSyncPipeline
+    from latentdub import DubOptions, LipSyncPipeline
+    from latentdub.progress import ProgressEvent
 
     proc = psutil.Process()
     samples: list[tuple[str, int, float]] = []  # RSS over the run: flat means bounded
 
-    def progress(stage: str, done: int, total: int | None) -> None:
-        if done % 500 < 16 or done == total:
-            samples.append((stage, done, round(proc.memory_info().rss / 2**20, 1)))
+    def progress(event: ProgressEvent) -> None:
+        if event.done % 500 < 16 or event.done == event.total:
+            samples.append((event.stage, event.done, round(proc.memory_info().rss / 2**20, 1)))
 
     pipe = LipSyncPipeline.from_pretrained(weights, version="1.5")
-    result = pipe(video, audio, out, steps=int(steps), guidance=float(guidance), deepcache=True, progress=progress)
+    options = DubOptions(steps=int(steps), guidance=float(guidance), deepcache=True)
+    result = pipe(video, audio, out, options, progress=progress)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"frames": result.frames, "duration_s": result.duration_s, "peak_rss_mb": round(peak_mb, 1),
                       "timings": result.timings, "rss_mb_over_time": samples}))

@@ -38,9 +38,20 @@ M = TypeVar("M", bound=nn.Module)
 _LIST_LIMIT = 10
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def listing(items: list[str], limit: int = _LIST_LIMIT) -> str:
+    """``a, b, c … and 7 more``: long key lists stay readable in an error message."""
+    shown = ", ".join(items[:limit])
+    more = len(items) - limit
+    return shown + (f" … and {more} more" if more > 0 else "")
+
+
+def short_reason(err: BaseException) -> str:
+    """One informative line of a low-level error (torch's are paragraphs of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    # weights_only failures on damaged bytes name the bad opcode on a later line.
+    return next((ln for ln in lines if ln.startswith("Unsupported operand")), lines[0])[:200]
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -53,6 +64,16 @@ def _check_readable(path: Path, what: str) -> None:
             f"{what} file {path} is empty (0 bytes) — probably an interrupted download or copy. "
             "Delete it and download it again (`latentdub weights download`)."
         )
+
+
+def is_safetensors(path: Path) -> bool:
+    """By suffix, else by content (renamed files): safetensors = u64 header length + JSON;
+    torch's zip format starts with "PK", legacy pickles with the protocol byte 0x80."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
 def read_torch_file(path: Path, what: str) -> Any:
@@ -68,17 +89,21 @@ def read_torch_file(path: Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/...
         message = str(err)
-        if "Weights only load failed" in message:
-            blocked = re.search(r"GLOBAL (\S+)", message)
+        # weights_only names the first class/function it refused ("GLOBAL posix.system");
+        # its "Unsupported operand" failures are just damaged bytes.
+        blocked = re.search(r"GLOBAL (\S+)", message)
+        if blocked or (
+            "Weights only load failed" in message and "Unsupported operand" not in message
+        ):
             detail = f" (it references {blocked.group(1)})" if blocked else ""
             raise WeightsError(
-                f"{what} file {path} contains Python objects that would run code when loaded"
-                f"{detail}. latentdub only loads plain tensors and refuses it. Use the official "
-                "file from the Hugging Face hub (`latentdub weights download`)."
+                f"Refusing to load {what} file {path}: it contains Python objects that would "
+                f"run code when loaded{detail}. latentdub only loads plain tensors. Use the "
+                "official file from the Hugging Face hub (`latentdub weights download`)."
             ) from None
         raise WeightsError(
             f"{what} file {path} could not be read: it is truncated or corrupt, or not a "
-            f"PyTorch checkpoint ({_first_line(err)}). Delete it and download it again "
+            f"PyTorch checkpoint ({short_reason(err)}). Delete it and download it again "
             "(`latentdub weights download`)."
         ) from None
 
@@ -138,7 +163,7 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
     except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as err:
         raise WeightsError(
             f"{what} file {path} is not a readable safetensors file: it is truncated or corrupt "
-            f"({_first_line(err)}). Delete it and create it again (`latentdub weights convert`) "
+            f"({short_reason(err)}). Delete it and create it again (`latentdub weights convert`) "
             "or download the original."
         ) from None
 
@@ -154,10 +179,8 @@ def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _listing(title: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
-    more = f" … and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
-    return f"  {len(items)} {title}: {shown}{more}"
+def _titled(title: str, items: list[str]) -> str:
+    return f"  {len(items)} {title}: {listing(items)}"
 
 
 def check_state_dict(
@@ -173,7 +196,7 @@ def check_state_dict(
     if not_tensors:
         raise WeightsError(
             f"{what} file {path} is not a state dict of tensors: "
-            + _listing("entries are not tensors", not_tensors).strip()
+            + _titled("entries are not tensors", not_tensors).strip()
             + ". It is not a model checkpoint of the expected kind."
         )
     missing = [k for k in expected if k not in found]
@@ -187,11 +210,11 @@ def check_state_dict(
         return
     lines = [f"{what} file {path} does not fit the model it is meant for:"]
     if missing:
-        lines.append(_listing("missing keys (in the model, not in the file)", missing))
+        lines.append(_titled("missing keys (in the model, not in the file)", missing))
     if unexpected:
-        lines.append(_listing("unexpected keys (in the file, not in the model)", unexpected))
+        lines.append(_titled("unexpected keys (in the file, not in the model)", unexpected))
     if wrong:
-        lines.append(_listing("keys with the wrong shape", wrong))
+        lines.append(_titled("keys with the wrong shape", wrong))
     lines.append(
         hint
         or "It is a different model or a damaged file; download the official weights again "
@@ -285,18 +308,36 @@ def source_metadata(source: Path) -> dict[str, str]:
     }
 
 
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
+    try:  # read without changing it (os.umask is process-wide, so not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]
 ) -> None:
     """Write via a temporary file and rename, so an interrupted run never leaves a half file
-    that would later be mistaken for a good conversion."""
+    that would later be mistaken for a good conversion. The file gets the usual umask mode
+    (safetensors itself creates it 0600)."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     try:
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata)
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata=dict(metadata),
         )
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
