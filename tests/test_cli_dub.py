@@ -146,3 +146,32 @@ def test_dub_help_text_comes_from_the_options_schema(
     for name in ("steps", "guidance", "length_policy", "face"):
         words = DubOptions.describe(name).split()[:4]
         assert " ".join(words) in flat, name
+
+
+def test_a_dub_probes_the_video_and_decodes_the_audio_once(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import latentdub.face.analysis as analysis_mod
+    import latentdub.media.audio_io as audio_mod
+    import latentdub.media.reader as reader_mod
+
+    calls: dict[str, list[Path]] = {"probe": [], "audio": []}
+    real_probe, real_load = reader_mod.probe_video, audio_mod.load_audio
+
+    def probe(path, *a, **k):  # type: ignore[no-untyped-def]
+        calls["probe"].append(Path(path))
+        return real_probe(path, *a, **k)
+
+    def load(path, *a, **k):  # type: ignore[no-untyped-def]
+        calls["audio"].append(Path(path))
+        return real_load(path, *a, **k)
+
+    for mod in (reader_mod, analysis_mod):
+        monkeypatch.setattr(mod, "probe_video", probe)
+    monkeypatch.setattr(audio_mod, "load_audio", load)
+    video, audio = faceless_video(tmp_path / "v.mp4"), tone(tmp_path / "a.wav")
+    code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(tmp_path / "o.mp4"), "--weights",
+                            str(tiny_weights), "--version", "1.5", "--steps", "1"], capsys, monkeypatch)
+    assert code == 0, err
+    assert calls["probe"].count(video) == 1
+    assert calls["audio"].count(audio) == 1

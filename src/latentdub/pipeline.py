@@ -390,7 +390,9 @@ class LipSyncPipeline:
         from latentdub.face import analyze_video
 
         run.start("faces", inputs.info.num_frames, frames=True)
-        analysis = analyze_video(inputs.video, progress=lambda done, total: run.update(done, total))
+        analysis = analyze_video(
+            inputs.video, info=inputs.info, progress=lambda done, total: run.update(done, total)
+        )
         frames = len(analysis.pts)
         run.update(frames, total=frames)  # the header's count was an estimate
         run.finish()

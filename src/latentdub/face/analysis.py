@@ -298,6 +298,7 @@ def analyze_video(
     min_frames: int = 2,
     max_gap_s: float = 0.25,
     progress: ProgressFn | None = None,
+    info: VideoInfo | None = None,
 ) -> FaceAnalysis:
     """Decode ``path`` once and detect, landmark and track faces on every ``every_n``-th frame.
 
@@ -310,11 +311,13 @@ def analyze_video(
     seconds keep their track (the gap is interpolated). Videos with fewer than ``min_frames``
     decodable frames raise :class:`InputError` (a still image is not a video to dub).
     ``progress(done, total)`` is called every few frames; ``total`` is the header's estimate.
+    ``info`` is the file's :func:`probe_video` result when the caller already has it.
     """
     path = Path(path)
     if every_n < 1 or search_every < 1:
         raise ValueError("every_n and search_every must be >= 1")
-    info = probe_video(path)
+    if info is None:
+        info = probe_video(path)
     own_backend = backend is None
     be: FaceBackend = MediaPipeBackend() if backend is None else backend
     max_gap = max(2 * every_n, math.ceil(max_gap_s * max(info.fps, 1.0)))

@@ -6,27 +6,20 @@ this module implements just that half of OpenAI's model, with parameter names id
 all hidden states LatentSync reads: the stem output (convolutions + positional embedding) and
 the output of every residual block, all *before* ``ln_post`` (whose weights still load).
 
-Loading never unpickles arbitrary code (``torch.load(..., weights_only=True)``) and turns
-every way a file can be unusable into a :class:`~latentdub.errors.WeightsError` that names it.
+Reading and writing checkpoint files is :mod:`latentdub.weights.whisper`'s job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from latentdub.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +28,6 @@ __all__ = [
     "WhisperDims",
     "WhisperEncoder",
     "encoder_state_dict_shapes",
-    "load_whisper_checkpoint",
-    "save_whisper_safetensors",
     "sinusoids",
 ]
 
@@ -267,247 +258,3 @@ def encoder_state_dict_shapes(dims: WhisperDims) -> dict[str, tuple[int, ...]]:
     shapes["ln_post.weight"] = (w,)
     shapes["ln_post.bias"] = (w,)
     return shapes
-
-
-# ----------------------------------------------------------------------------------- loading
-
-# Every parameter name OpenAI's text decoder has; used to recognise (and knowingly skip) it.
-_DECODER_KEY = re.compile(
-    r"decoder\.(?:positional_embedding|token_embedding\.weight|ln\.(?:weight|bias)"
-    r"|blocks\.\d+\.(?:(?:attn|cross_attn)\.(?:query|key|value|out)\.(?:weight|bias)"
-    r"|(?:attn_ln|cross_attn_ln|mlp_ln)\.(?:weight|bias)|mlp\.[02]\.(?:weight|bias)))"
-)
-_LIST_LIMIT = 12
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
-    more = len(items) - _LIST_LIMIT
-    return shown + (f" … and {more} more" if more > 0 else "")
-
-
-def _short_reason(err: BaseException) -> str:
-    """One informative line of a low-level error (torch's are paragraphs of advice)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = next((ln for ln in lines if ln.startswith("Unsupported operand")), lines[0] if lines else "")
-    return f"{type(err).__name__}: {detail[:200]}".rstrip(": ")
-
-
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix.lower() == ".safetensors":
-        return True
-    # Content sniffing for renamed files: safetensors = u64 header length + JSON; torch's zip
-    # format starts with "PK", legacy pickles with the protocol byte 0x80.
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
-
-
-def _read_openai_checkpoint(path: Path) -> tuple[WhisperDims, dict[str, Tensor]]:
-    """``{"dims": ..., "model_state_dict": ...}`` (OpenAI's ``tiny.pt``) → dims + encoder dict."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many unrelated types for unreadable files
-        # weights_only names the first class/function it refused ("GLOBAL posix.system");
-        # other weights_only failures ("Unsupported operand") are just damaged bytes.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if refused:
-            raise WeightsError(
-                f"Refusing to load {path}: it contains a pickled Python object "
-                f"({refused.group(1)}) that could run code when loaded. A genuine Whisper "
-                "checkpoint (OpenAI's tiny.pt) holds only tensors and numbers; re-download it "
-                "or use a converted .safetensors file."
-            ) from None
-        raise WeightsError(
-            f"Cannot read the Whisper checkpoint {path}: it is corrupt, truncated or not a PyTorch "
-            f"file ({_short_reason(err)}). Re-download it (OpenAI tiny.pt is about 75.6 MB)."
-        ) from None
-
-    if not isinstance(obj, Mapping) or "model_state_dict" not in obj or "dims" not in obj:
-        raise WeightsError(_not_whisper_message(path, obj))
-    try:
-        dims = WhisperDims.from_dict(obj["dims"])
-    except (TypeError, ValueError) as err:
-        raise WeightsError(
-            f"{path} is not a usable Whisper checkpoint: its 'dims' entry is invalid ({err})."
-        ) from None
-    state = obj["model_state_dict"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(
-            f"{path} is not a usable Whisper checkpoint: 'model_state_dict' is a "
-            f"{type(state).__name__}, not a mapping of tensors."
-        )
-    return dims, _split_full_state_dict(path, dims, state)
-
-
-def _not_whisper_message(path: Path, obj: object) -> str:
-    if isinstance(obj, Mapping):
-        inner = obj.get("state_dict", obj)
-        names = [str(k) for k in inner] if isinstance(inner, Mapping) else []
-        if any(n.startswith(("down_blocks.", "up_blocks.", "conv_in.")) for n in names):
-            found = "it looks like a LatentSync U-Net checkpoint"
-        elif any(n.startswith("encoder.conv1") for n in names):
-            found = "it holds Whisper-like weights but no 'dims' entry"
-        else:
-            found = f"its top-level keys are {_listing([str(k) for k in obj]) or '(none)'}"
-    else:
-        found = f"it holds a {type(obj).__name__}"
-    return (
-        f"{path} is not an OpenAI Whisper checkpoint: expected a dict with 'dims' and "
-        f"'model_state_dict' (the format of OpenAI's tiny.pt), but {found}. Point the Whisper "
-        "path at checkpoints/whisper/tiny.pt."
-    )
-
-
-def _split_full_state_dict(
-    path: Path, dims: WhisperDims, state: Mapping[str, Any]
-) -> dict[str, Tensor]:
-    """Keep ``encoder.*`` (prefix stripped); verify and skip the decoder; reject anything else."""
-    encoder: dict[str, Tensor] = {}
-    decoder: list[str] = []
-    foreign: list[str] = []
-    for key, value in state.items():
-        name = str(key)
-        if name.startswith("encoder."):
-            encoder[name.removeprefix("encoder.")] = value
-        elif _DECODER_KEY.fullmatch(name):
-            decoder.append(name)
-        else:
-            foreign.append(name)
-    if foreign:
-        raise WeightsError(
-            f"{path} does not look like a Whisper checkpoint: unexpected keys outside the "
-            f"encoder/decoder: {_listing(sorted(foreign))}."
-        )
-    embedding = state.get("decoder.token_embedding.weight")
-    expected = (dims.n_vocab, dims.n_text_state)
-    if isinstance(embedding, Tensor) and tuple(embedding.shape) != expected:
-        raise WeightsError(
-            f"{path} is inconsistent: decoder.token_embedding.weight has shape "
-            f"{list(embedding.shape)} but its dims say {list(expected)}."
-        )
-    log.debug("%s: skipped %d decoder tensors (only the encoder is used)", path, len(decoder))
-    return encoder
-
-
-def _read_safetensors(path: Path) -> tuple[WhisperDims, dict[str, Tensor]]:
-    """A converted encoder: tensors (with or without ``encoder.``) + ``dims`` JSON metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as err:
-        raise WeightsError(
-            f"Cannot read {path} as safetensors: it is corrupt or truncated ({_short_reason(err)}). "
-            "Convert the Whisper checkpoint again (latentdub weights convert)."
-        ) from None
-    if "dims" not in metadata:
-        raise WeightsError(
-            f"{path} has no 'dims' metadata, so it is not a Whisper encoder written by "
-            "latentdub weights convert; convert OpenAI's tiny.pt again."
-        )
-    try:
-        dims = WhisperDims.from_dict(json.loads(metadata["dims"]))
-    except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        raise WeightsError(f"{path} has invalid 'dims' metadata ({err}).") from None
-    if any(key.startswith(("encoder.", "decoder.")) for key in state):
-        return dims, _split_full_state_dict(path, dims, state)
-    return dims, state
-
-
-def _check_encoder_state(path: Path, dims: WhisperDims, state: Mapping[str, Any]) -> None:
-    """Strict key / shape / dtype check with one message listing every problem."""
-    expected = encoder_state_dict_shapes(dims)
-    problems: list[str] = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing encoder keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected encoder keys: {_listing(unexpected)}")
-    wrong: list[str] = []
-    bad_dtype: list[str] = []
-    for key in sorted(set(expected) & set(state)):
-        value = state[key]
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            bad_dtype.append(f"{key} ({getattr(value, 'dtype', type(value).__name__)})")
-        elif tuple(value.shape) != expected[key]:
-            wrong.append(f"{key} {list(value.shape)} (expected {list(expected[key])})")
-    if wrong:
-        problems.append(f"wrong shapes: {_listing(wrong)}")
-    if bad_dtype:
-        problems.append(f"not floating-point tensors: {_listing(bad_dtype)}")
-    if problems:
-        raise WeightsError(
-            f"{path} does not fit a Whisper encoder with its own dims "
-            f"(n_mels {dims.n_mels}, width {dims.n_audio_state}, {dims.n_audio_layer} layers): "
-            + "; ".join(problems)
-            + ". The file is damaged or not an OpenAI Whisper checkpoint."
-        )
-
-
-def load_whisper_checkpoint(path: str | os.PathLike[str]) -> WhisperEncoder:
-    """Load the audio encoder from OpenAI's ``tiny.pt`` format or a converted ``.safetensors``.
-
-    The decoder is recognised and skipped; the encoder keys must match exactly (strict). The
-    model is returned in float32 (fp16 file weights are widened, like the official) in eval
-    mode; ``encoder.dims`` holds the file's dimensions. Every unusable file raises
-    :class:`WeightsError` naming it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(
-            f"Whisper checkpoint {path} does not exist or is not a file. Download OpenAI's "
-            "tiny.pt (LatentSync's checkpoints/whisper/tiny.pt) or pass the right path."
-        )
-    try:
-        is_st = _is_safetensors(path)
-    except OSError as err:
-        raise WeightsError(f"Cannot read {path}: {err.strerror or err}.") from None
-    dims, state = _read_safetensors(path) if is_st else _read_openai_checkpoint(path)
-    _check_encoder_state(path, dims, state)
-    # Built on the meta device and filled by assignment: no time spent on a random init that
-    # the file overwrites anyway. fp16 file weights are widened to fp32, like the official.
-    with torch.device("meta"):
-        encoder = WhisperEncoder(dims)
-    fp32_state = {key: value.to(torch.float32) for key, value in state.items()}
-    encoder.load_state_dict(fp32_state, strict=True, assign=True)  # shapes already verified
-    # min/max propagate NaN and expose inf; far cheaper than isfinite() on fp16 CPU tensors.
-    non_finite = [
-        key
-        for key, value in encoder.state_dict().items()
-        if not all(math.isfinite(v) for v in torch.aminmax(value))
-    ]
-    if non_finite:
-        raise WeightsError(
-            f"{path} is damaged: NaN or infinite values in {_listing(non_finite)}. "
-            "Re-download the Whisper checkpoint."
-        )
-    return encoder.eval()
-
-
-def save_whisper_safetensors(
-    encoder: WhisperEncoder,
-    dims: WhisperDims,
-    path: str | os.PathLike[str],
-    dtype: torch.dtype = torch.float16,
-) -> None:
-    """Write ``encoder``'s state dict (keys without ``encoder.``) with ``dims`` as JSON metadata.
-
-    Written to a temporary name and renamed, so an interrupted write never leaves a
-    half-written file under ``path``.
-    """
-    from safetensors.torch import save_file
-
-    if dims != encoder.dims:
-        raise ValueError(f"dims {dims} do not describe this encoder ({encoder.dims})")
-    path = Path(path)
-    tensors = {
-        key: value.detach().to(device="cpu", dtype=dtype).contiguous()
-        for key, value in encoder.state_dict().items()
-    }
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "dims": json.dumps(dims.to_dict())})
-    os.replace(tmp, path)
