@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_unet.py                      # small golden config, CPU, fp32+bf16
     .venv/bin/python bench/bench_unet.py --config full        # LatentSync 1.5/1.6 size
     .venv/bin/python bench/bench_unet.py --config full --device cuda --dtype fp16 bf16
+    .venv/bin/python bench/bench_unet.py --config tiny --dtype fp32   # make-tiny model + its VAE
+    .venv/bin/python bench/bench_unet.py --config tiny --dtype fp32 --mmap-threshold-mib 1
+                                                  # as inside a dub (the pipeline sets 1 MiB)
 
 Random weights (timing only). For the full config on CPU a one-frame probe is run first and
 the full window is timed only if the extrapolated time is below ``--max-seconds``.
@@ -31,6 +34,39 @@ def small_config() -> dict:
     cfg = unet_config("1.5")  # same layout, reduced widths
     cfg.update(block_out_channels=[32, 32, 64, 64], cross_attention_dim=32)
     return cfg
+
+
+def tiny_config() -> dict:
+    from latentdub.weights.tiny import tiny_unet_config
+
+    return tiny_unet_config()
+
+
+def set_mmap_threshold(mib: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: every allocation above it is fresh, page-faulted memory."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, mib << 20)
+
+
+@torch.inference_mode()
+def bench_tiny_vae(device: str, dtype: torch.dtype, repeats: int) -> None:
+    """The make-tiny VAE on one window: encode 32 crops (masked + reference), decode 16."""
+    from latentdub.weights.tiny import TINY_RESOLUTION, _tiny_vae
+
+    vae = _tiny_vae(0).eval()
+    torch.nn.Module.to(vae, device=device, dtype=dtype)  # diffusers' own .to warns on casts
+    g = torch.Generator().manual_seed(2)
+    res = TINY_RESOLUTION
+    crops = torch.randn(32, 3, res, res, generator=g).to(device, dtype)
+    latents = torch.randn(16, 4, res // 8, res // 8, generator=g).to(device, dtype)
+    vae.encode(crops[:2])  # warm-up
+    t_enc = timed(lambda: vae.encode(crops).latent_dist.sample(), device, repeats)
+    t_dec = timed(lambda: vae.decode(latents).sample, device, repeats)
+    print(
+        f"tiny VAE {device:5s} {dtype!s:15s} {res} px: encode 32 {t_enc * 1e3:8.1f} ms, "
+        f"decode 16 {t_dec * 1e3:8.1f} ms -> {t_enc + t_dec:5.2f} s per window"
+    )
 
 
 def build(config: dict, device: str, dtype: torch.dtype) -> UNet3DConditionModel:
@@ -116,7 +152,7 @@ def bench(name, config, device, dtype, b, f, size, repeats, max_seconds) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=["small", "full", "both"], default="small")
+    ap.add_argument("--config", choices=["small", "full", "tiny", "both"], default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     ap.add_argument("--batch", type=int, default=2, help="2 = one window with CFG")
@@ -125,11 +161,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=120.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--mmap-threshold-mib", type=int, default=0, help="glibc malloc setting")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mmap_threshold_mib:
+        set_mmap_threshold(args.mmap_threshold_mib)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    configs = {"small": small_config(), "full": unet_config("1.5")}
+    configs = {"small": small_config(), "full": unet_config("1.5"), "tiny": tiny_config()}
     names = ["small", "full"] if args.config == "both" else [args.config]
     for name in names:
         on_cpu_full = name == "full" and args.device == "cpu"
@@ -145,6 +184,8 @@ def main() -> None:
                 1 if on_cpu_full else args.repeats,
                 args.max_seconds if on_cpu_full else 0,
             )
+            if name == "tiny":
+                bench_tiny_vae(args.device, DTYPES[dt], args.repeats)
 
 
 if __name__ == "__main__":

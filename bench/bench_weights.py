@@ -37,12 +37,10 @@ MODES = [  # (how, dtype)
 
 def _load(mode: str, folder: str, dtype_name: str) -> None:
     """One load; prints {"seconds", "peak_rss_gb", "params"} as JSON."""
-    import logging
     from dataclasses import replace
 
     import torch
 
-    logging.disable(logging.WARNING)  # the tiny model's RANDOM WEIGHTS warning
     from latentdub.models.unet import UNet3DConditionModel
     from latentdub.weights import load_unet, resolve_weights
 
@@ -146,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="latentdub-bench-") as tmp:
         tiny = Path(tmp) / "tiny"
         _run("--step", "make-tiny", str(tiny))
-        _report("tiny random model (3.6 M params)", tiny, args.repeats)
+        _report("tiny random model", tiny, args.repeats)
         if args.full:
             full = Path(tmp) / "full"
             # whisper + VAE of the tiny model; the UNet is replaced (and nothing converted)

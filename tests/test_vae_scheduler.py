@@ -12,7 +12,8 @@ import torch
 
 from latentdub.errors import WeightsError
 from latentdub.models.scheduler import OFFICIAL_SCHEDULER_CONFIG, build_scheduler
-from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG, VAE_SCALING, build_vae, load_vae
+from latentdub.models.vae import build_vae
+from latentdub.weights import load_vae
 from latentdub.weights.tiny import TINY_VAE_CONFIG
 
 # ᾱ at the 20 timesteps as listed in latentsync.md §1.3 (diffusers 0.32.2, official config).
@@ -37,41 +38,79 @@ def test_scheduler_20_steps_timesteps_and_alphas() -> None:
     assert float(sched.final_alpha_cumprod) == pytest.approx(0.99915, abs=1e-6)
 
 
-def test_scheduler_50_steps_and_config() -> None:
+def _alpha_bars_by_formula() -> torch.Tensor:
+    """ᾱ_t of SD 1.x's "scaled_linear" schedule, derived here in float64: β linear in √β
+    from √0.00085 to √0.012 over 1000 steps, ᾱ_t = Π_{s<=t} (1 - β_s)."""
+    sqrt_betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64)
+    return torch.cumprod(1 - sqrt_betas**2, dim=0)
+
+
+def test_scheduler_50_steps_and_noise_schedule() -> None:
     sched = build_scheduler()
     sched.set_timesteps(50)
+    # "leading" spacing: 1000 // 50 = 20 apart, shifted by steps_offset = 1.
     assert sched.timesteps.tolist() == list(range(981, 0, -20))
-    cfg = sched.config
-    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
-    assert cfg.prediction_type == "epsilon" and cfg.clip_sample is False
+    expected = _alpha_bars_by_formula()
+    torch.testing.assert_close(sched.alphas_cumprod.double(), expected, atol=2e-6, rtol=1e-5)
+    # The formula agrees with the values listed in latentsync.md (a check on the check).
+    listed = expected[list(range(951, 0, -50))].tolist()
+    assert listed == pytest.approx(ALPHA_BARS_20, abs=2e-6)
     with pytest.raises(TypeError):  # the shared official config cannot be mutated by accident
         OFFICIAL_SCHEDULER_CONFIG["steps_offset"] = 0  # type: ignore[index]
 
 
+def test_scheduler_predicts_epsilon_without_clipping() -> None:
+    """epsilon prediction: given the exact ε, the step's x̂0 is the true x0; clip_sample off:
+    an x0 far outside [-1, 1] is not clipped."""
+    sched = build_scheduler()
+    sched.set_timesteps(1)  # timesteps [1]: one step from t=1 to the final alpha
+    assert sched.timesteps.tolist() == [1]
+    g = torch.Generator().manual_seed(5)
+    x0 = 3 * torch.randn(1, 4, 2, 8, 8, generator=g, dtype=torch.float64)  # |x0| up to ~10
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    a1 = _alpha_bars_by_formula()[1]
+    x1 = a1.sqrt() * x0 + (1 - a1).sqrt() * eps
+    out = sched.step(eps.float(), 1, x1.float(), eta=0.0)
+    torch.testing.assert_close(out.pred_original_sample.double(), x0, atol=1e-4, rtol=1e-4)
+    assert out.pred_original_sample.abs().max() > 1.5
+
+
 def test_scheduler_step_is_deterministic_ddim() -> None:
-    """One eta=0 DDIM step equals the closed form x_prev = √ᾱ' x̂0 + √(1-ᾱ') ε."""
+    """One eta=0 DDIM step equals the closed form x_prev = √ᾱ' x̂0 + √(1-ᾱ') ε, with ᾱ from
+    the schedule's formula (not from the scheduler under test)."""
     sched = build_scheduler()
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
+    alpha_bars = _alpha_bars_by_formula()
     t, t_prev = 951, 901
-    a, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[t_prev]
-    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    a, a_prev = alpha_bars[t], alpha_bars[t_prev]
+    x0 = (x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps.double()
     out = sched.step(eps, t, x, eta=0.0).prev_sample
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    # Last step (t=1): set_alpha_to_one False, so it lands on ᾱ_0 = 1 - β_0, not on 1.
+    last = sched.step(eps, 1, x, eta=0.0).prev_sample
+    a1, a0 = alpha_bars[1], 1 - 0.00085
+    x0 = (x.double() - (1 - a1).sqrt() * eps.double()) / a1.sqrt()
+    expected_last = a0**0.5 * x0 + (1 - a0) ** 0.5 * eps.double()
+    torch.testing.assert_close(last.double(), expected_last, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- VAE
 
 
 def test_sd_vae_config_architecture() -> None:
-    with torch.device("meta"):
-        vae = build_vae()
-    n = sum(p.numel() for p in vae.parameters())
-    assert round(n / 1e6, 1) == 83.7  # sd-vae-ft-mse: 83.7 M parameters
-    assert vae.config.scaling_factor == VAE_SCALING == 0.18215
-    assert list(SD_VAE_FT_MSE_CONFIG["block_out_channels"]) == [128, 256, 512, 512]
+    """The default build is sd-vae-ft-mse: its published parameter count (83,653,863; encoder
+    34,163,592, decoder 49,490,179) and a downscale of 8 to 4 latent channels."""
+    vae = build_vae().eval()
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert sum(p.numel() for p in vae.encoder.parameters()) == 34_163_592
+    assert sum(p.numel() for p in vae.decoder.parameters()) == 49_490_179
+    assert vae.config.scaling_factor == 0.18215 and not vae.config.shift_factor
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 64, 48)).latent_dist.mean
+    assert latent.shape == (1, 4, 8, 6)
 
 
 def _save_tiny_vae(folder: Path, *, config_overrides: dict | None = None) -> torch.nn.Module:

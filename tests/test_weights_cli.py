@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import latentdub.cli  # noqa: F401  (registers the command groups on the app)
@@ -34,8 +35,14 @@ def test_make_tiny_info_convert_list(tmp_path: Path, monkeypatch: pytest.MonkeyP
     info = _last_json(result.output)
     assert isinstance(info, dict)
     assert info["random_weights"] is True and info["resolution"] == 256
-    assert info["unet_checkpoint"]["keys"] == 1244  # the golden small layout
+    assert info["label"].startswith("tiny random model") and "256 px" in info["label"]
+    sd = torch.load(folder / "latentsync_unet.pt", weights_only=True)["state_dict"]
+    assert info["unet_checkpoint"]["keys"] == len(sd)
+    assert info["unet_checkpoint"]["parameters"] == sum(t.numel() for t in sd.values())
     assert info["unet_checkpoint"]["layout"] == "1.5/1.6"
+
+    result = runner.invoke(app, ["weights", "info", "--weights", str(folder)])
+    assert result.exit_code == 0 and "tiny random model (1.6 layout, 256 px)" in result.output
 
     result = runner.invoke(app, ["weights", "convert", str(folder)])
     assert result.exit_code == 0, result.output

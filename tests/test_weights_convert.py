@@ -145,3 +145,27 @@ def test_corrupt_converted_file_is_reported(converted: Path) -> None:
     with pytest.raises(WeightsError, match="not a readable safetensors file") as err:
         load_unet(resolve_weights("1.6", converted))
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """make-tiny and convert write files as open() would (0o666 less the umask), not 0600
+    (which is what safetensors' own writer gives)."""
+    from latentdub.weights import make_tiny
+
+    previous = os.umask(umask)
+    try:
+        folder = make_tiny(tmp_path / "tiny")
+        convert_weights(folder)
+    finally:
+        os.umask(previous)
+    modes = {
+        p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+    assert {UNET16, WHISPER16, VAE16, "sd-vae-ft-mse/diffusion_pytorch_model.safetensors"} <= set(
+        modes
+    )
+    want = 0o666 & ~umask
+    assert modes == dict.fromkeys(modes, want), {k: oct(v) for k, v in modes.items()}

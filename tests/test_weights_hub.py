@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +74,67 @@ def test_download_false_never_touches_the_network(
     assert calls and all(kw["local_files_only"] for kw in calls)
 
 
-def test_unreachable_hub_is_tried_once(
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_hub_fails_fast_with_one_message(
+    empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """No network: one WeightsError within seconds (huggingface_hub alone retries each file
+    for ~30 s and logs every retry twice), saying how to supply the weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("1.6")
+    elapsed = time.monotonic() - start
+    msg = str(err.value)
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+    assert "cannot be reached" in msg and os.environ["HF_ENDPOINT"] in msg
+    assert "--weights DIR" in msg and "latentdub weights download" in msg
+    assert "ByteDance/LatentSync-1.6: latentsync_unet.pt, whisper/tiny.pt" in msg
+    out, errout = capfd.readouterr()
+    assert "Retry" not in out + errout and "thrown while requesting" not in out + errout
+
+
+def test_hub_is_probed_only_when_something_must_be_downloaded(
     empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a connection failure the remaining files are only looked up in the cache (each
-    network attempt costs ~30 s of retries)."""
+    """The cache is looked at first (no network); offline mode or download=False never probe."""
+    import latentdub.weights.resolve as resolve
+
+    probes: list[str] = []
+    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda ep, *a: probes.append(ep) or "x")
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    with pytest.raises(WeightsError, match="offline mode is on"):
+        resolve_weights("1.6")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    calls: list[tuple[str, bool]] = []
+    with pytest.raises(WeightsError, match="downloading was not allowed"):
+        resolve_weights("1.6", download=False)
+    assert probes == []
+    with pytest.raises(WeightsError, match=r"hub \(http://hub\.invalid\) cannot be reached \(x\)"):
+        resolve_weights("1.6")
+    assert probes == ["http://hub.invalid"]
+
+
+def test_connection_lost_during_download_is_not_retried_per_file(
+    empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub answered the probe, then the first download broke: the other files are not
+    tried over the network again (each try would cost huggingface_hub's retries)."""
+    import latentdub.weights.resolve as resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
+    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda *a: None)
+    calls: list[tuple[str, bool, str]] = []
 
     def fake(repo: str, filename: str, **kw: Any) -> str:
-        calls.append((filename, kw["local_files_only"]))
+        calls.append((filename, kw["local_files_only"], kw["endpoint"]))
         err = LocalEntryNotFoundError("cannot find the requested files in the local cache")
         raise err from ConnectionError("[Errno -2] Name or service not known")
 
@@ -89,8 +143,8 @@ def test_unreachable_hub_is_tried_once(
         resolve_weights("1.6")
     msg = str(err.value)
     assert "could not be reached (" in msg and "Name or service not known" in msg
-    assert [local_only for _, local_only in calls] == [False, True, True, True]
-    assert calls[0][0] == "latentsync_unet.pt"
+    assert [local_only for _, local_only, _ in calls] == [True, True, True, True, False]
+    assert calls[4][0] == "latentsync_unet.pt" and calls[4][2] == "http://hub.example"
 
 
 def test_resolve_from_a_filled_cache_offline(
@@ -116,6 +170,7 @@ def test_resolve_from_a_filled_cache_offline(
     assert files.whisper == snap / "whisper" / "tiny.pt"
     assert (files.vae_dir / "config.json").is_file()
     assert files.resolution == 512 and files.random_weights is False
+    assert files.label == "LatentSync 1.6 (512 px)"
     assert files.unet_config["block_out_channels"] == [320, 640, 1280, 1280]
     assert "Hugging Face cache" in files.source
 

@@ -13,14 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from latentdub.errors import WeightsError
-from latentdub.models.whisper import (
-    TINY_DIMS,
-    LayerNorm,
-    WhisperDims,
-    WhisperEncoder,
-    load_whisper_checkpoint,
-    save_whisper_safetensors,
-)
+from latentdub.models.whisper import TINY_DIMS, LayerNorm, WhisperDims, WhisperEncoder
+from latentdub.weights.whisper import load_whisper_checkpoint, save_whisper_safetensors
 
 SMALL_DIMS = WhisperDims(
     n_mels=80, n_audio_ctx=50, n_audio_state=32, n_audio_head=4, n_audio_layer=2,

@@ -46,6 +46,7 @@ def _file_size(path: Path) -> int | None:
 
 def _files_table(files: Any) -> Table:
     table = Table(show_header=False, box=None)
+    table.add_row("model", files.label)
     table.add_row("version", files.version)
     table.add_row("source", files.source)
     table.add_row("resolution", f"{files.resolution} px")

@@ -6,7 +6,7 @@ this module implements just that half of OpenAI's model, with parameter names id
 all hidden states LatentSync reads: the stem output (convolutions + positional embedding) and
 the output of every residual block, all *before* ``ln_post`` (whose weights still load).
 
-Reading and writing checkpoint files is :mod:`latentdub.weights.whisper`'s job.
+Reading and writing checkpoint files is ``weights/whisper.py``'s job (models never read files).
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head)
         self.attn_ln = LayerNorm(n_state)
-        self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
+        self.mlp = nn.Sequential(
+            Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state)
+        )
         self.mlp_ln = LayerNorm(n_state)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from torch import nn
@@ -122,20 +122,27 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _read_header(fh: BinaryIO, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Tensor entries, string metadata and data offset of a safetensors file (u64 length +
+    JSON header), bounds-checked."""
+    head = fh.read(8)
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if header_len <= 0 or 8 + header_len > size:
+        raise ValueError("invalid header length")
+    header = json.loads(fh.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + header_len
+
+
 def _parse_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors as zero-copy views of a private memory map of the file (like ``torch.load``
     with ``mmap=True``): loading a 2.4 GB UNet costs page-cache reads, not a second copy."""
     with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header, metadata, base = _read_header(fh, size)
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write, writable
-    size = len(mm)
-    header_len = int.from_bytes(mm[:8], "little") if size >= 8 else -1
-    if header_len <= 0 or 8 + header_len > size:
-        raise ValueError("invalid header length")
-    header = json.loads(bytes(mm[8 : 8 + header_len]))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
     for key, info in header.items():
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
@@ -150,7 +157,7 @@ def _parse_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         else:
             flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
             tensors[key] = flat.view(shape)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -169,13 +176,11 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
-    """The metadata header only (cheap); ``None`` when the file is unreadable."""
-    from safetensors import safe_open
-
+    """The metadata of the header only (cheap); ``None`` when the file is unreadable."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception:
+        with Path(path).open("rb") as fh:
+            return _read_header(fh, os.fstat(fh.fileno()).st_size)[1]
+    except (ValueError, OSError, UnicodeDecodeError):
         return None
 
 

@@ -24,8 +24,6 @@ from latentdub.weights.checkpoint import (
     converted_is_fresh,
     load_module_strict,
     log,
-    read_safetensors,
-    read_torch_file,
     save_safetensors_atomic,
     source_metadata,
 )
@@ -88,7 +86,7 @@ def _convert_unet(folder: Path, force: bool) -> Conversion | None:
 
 
 def _convert_whisper(folder: Path, force: bool) -> Conversion | None:
-    from latentdub.models.whisper import load_whisper_checkpoint, save_whisper_safetensors
+    from latentdub.weights.whisper import load_whisper_checkpoint, save_whisper_safetensors
 
     source, target = folder / WHISPER_FILE, folder / WHISPER_FP16_FILE
     if not source.is_file():
@@ -96,57 +94,35 @@ def _convert_whisper(folder: Path, force: bool) -> Conversion | None:
     if not force and converted_is_fresh(target, source):
         return Conversion(source, target, False, source.stat().st_size, target.stat().st_size)
     encoder = load_whisper_checkpoint(source)  # strict: validates the source
-    scratch = target.with_name(target.name + ".tmp.safetensors")
-    try:
-        save_whisper_safetensors(encoder, encoder.dims, scratch, dtype=torch.float16)
-        tensors, meta = read_safetensors(scratch, "Whisper")
-        save_safetensors_atomic(tensors, target, {**meta, **source_metadata(source)})
-    finally:
-        scratch.unlink(missing_ok=True)
+    save_whisper_safetensors(
+        encoder, encoder.dims, target, dtype=torch.float16, metadata=source_metadata(source)
+    )
     return Conversion(source, target, True, source.stat().st_size, target.stat().st_size)
 
 
 def _convert_vae(folder: Path, force: bool) -> Conversion | None:
-    from diffusers import AutoencoderKL
-
-    from latentdub.models.vae import (
-        VAE_WEIGHTS_BIN,
+    from latentdub.models.vae import build_vae, forced_config
+    from latentdub.weights.vae import (
         VAE_WEIGHTS_FP16,
-        VAE_WEIGHTS_SAFETENSORS,
-        _forced,
-        _rename_deprecated_attention,
+        original_vae_weights,
         read_vae_config,
+        read_vae_state_dict,
     )
 
     vae_dir = find_local_vae(folder)
     if vae_dir is None:
         return None
-    source = next(
-        (
-            vae_dir / n
-            for n in (VAE_WEIGHTS_SAFETENSORS, VAE_WEIGHTS_BIN)
-            if (vae_dir / n).is_file()
-        ),
-        None,
-    )
+    source = original_vae_weights(vae_dir)
     if source is None:
         return None
     target = vae_dir / VAE_WEIGHTS_FP16
     if not force and converted_is_fresh(target, source):
         return Conversion(source, target, False, source.stat().st_size, target.stat().st_size)
-    if source.suffix == ".safetensors":
-        state, _ = read_safetensors(source, "VAE")
-    else:
-        state = read_torch_file(source, "VAE")
-        if not isinstance(state, dict):
-            raise WeightsError(f"VAE file {source} does not hold a state dict.")
-    config = _forced(read_vae_config(vae_dir))
-    state = dict(state)
-    with torch.device("meta"):
-        _rename_deprecated_attention(AutoencoderKL.from_config(config), state)
+    config = forced_config(read_vae_config(vae_dir))
+    state = read_vae_state_dict(source, config)
     # Strict check through the real loader (cheap: meta build + assignment).
     load_module_strict(
-        lambda: AutoencoderKL.from_config(config),
+        lambda: build_vae(config),
         state,
         source,
         "VAE",

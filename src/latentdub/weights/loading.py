@@ -2,7 +2,8 @@
 
 The official loader uses ``strict=False`` and silently keeps random init for anything the file
 lacks; here every missing, unexpected or mis-shaped key is an error that names the file. Tiny
-random models and real weights go through exactly the same code.
+random models and real weights go through exactly the same code, and nothing here warns about
+random weights: the caller warns once, from ``ModelFiles.random_weights``.
 
 UNet checkpoint layouts recognised from the keys:
 
@@ -22,7 +23,6 @@ import torch
 
 from latentdub.errors import WeightsError
 from latentdub.weights.checkpoint import (
-    RANDOM_WEIGHTS_WARNING,
     load_module_strict,
     log,
     read_safetensors,
@@ -138,11 +138,6 @@ def prepare_unet_state_dict(
     return state
 
 
-def _warn_random(files: ModelFiles, what: str) -> None:
-    if files.random_weights:
-        log.warning("%s: %s (%s)", RANDOM_WEIGHTS_WARNING, what, files.source)
-
-
 def load_unet(
     files: ModelFiles,
     dtype: torch.dtype = torch.float32,
@@ -158,7 +153,6 @@ def load_unet(
     path = files.unet_file(dtype)
     state, info = read_unet_checkpoint(path)
     state = prepare_unet_state_dict(state, files.unet_config, files.version, path)
-    _warn_random(files, "UNet")
     config = files.unet_config
     model = load_module_strict(
         lambda: UNet3DConditionModel.from_config(config),
@@ -184,13 +178,9 @@ def load_whisper(
 ) -> WhisperEncoder:
     """The Whisper audio encoder from OpenAI's ``tiny.pt`` or its converted fp16 safetensors
     (preferred when up to date), loaded strictly."""
-    from latentdub.models.whisper import load_whisper_checkpoint
+    from latentdub.weights.whisper import load_whisper_checkpoint
 
-    if isinstance(files, ModelFiles):
-        path = files.whisper_file()
-        _warn_random(files, "Whisper")
-    else:
-        path = Path(files)
+    path = files.whisper_file() if isinstance(files, ModelFiles) else Path(files)
     encoder = load_whisper_checkpoint(path)
     encoder.to(device=device, dtype=dtype)
     return encoder.eval().requires_grad_(False)
@@ -205,12 +195,10 @@ def load_vae(
 ) -> AutoencoderKL:
     """The VAE of ``files`` (or of a diffusers folder), strictly; scaling 0.18215, shift 0.
     The converted fp16 weights are used for 16-bit inference, the original ones for fp32."""
-    from latentdub.models.vae import load_vae as _load_vae
+    from latentdub.weights.vae import load_vae_folder
 
-    if isinstance(files, ModelFiles):
-        _warn_random(files, "VAE")
-        files = files.vae_dir
-    return _load_vae(files, dtype, device, prefer_converted=prefer_converted)
+    folder = files.vae_dir if isinstance(files, ModelFiles) else files
+    return load_vae_folder(folder, dtype, device, prefer_converted=prefer_converted)
 
 
 def inspect_unet_file(path: Path) -> dict[str, Any]:
@@ -218,31 +206,7 @@ def inspect_unet_file(path: Path) -> dict[str, Any]:
 
     Keys: keys, parameters (values), dtypes, global_step, layout (see detect_unet_layout).
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        from latentdub.weights.checkpoint import read_safetensors_metadata
-
-        meta = read_safetensors_metadata(path)
-        if meta is None:
-            read_safetensors(path, "UNet")  # raises the descriptive error
-        shapes: dict[str, tuple[list[int], str]] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (not a dict)
-                sl = f.get_slice(key)
-                shapes[key] = (list(sl.get_shape()), str(sl.get_dtype()))
-        numel = sum(_prod(s) for s, _ in shapes.values())
-        dtypes = sorted({d for _, d in shapes.values()})
-        step = (meta or {}).get("global_step")
-        return {
-            "keys": len(shapes),
-            "parameters": numel,
-            "dtypes": dtypes,
-            "global_step": int(step) if step and step.isdigit() else None,
-            "layout": detect_unet_layout(shapes),
-        }
-    state, info = read_unet_checkpoint(path)
+    state, info = read_unet_checkpoint(Path(path))
     tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
     return {
         "keys": len(state),
@@ -251,10 +215,3 @@ def inspect_unet_file(path: Path) -> dict[str, Any]:
         "global_step": info.get("global_step"),
         "layout": detect_unet_layout(state),
     }
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out

@@ -3,7 +3,7 @@
 A version ("1.5" or "1.6"; "1.0" for local folders) is resolved to a :class:`ModelFiles`
 either from a local folder in the official layout or from the Hugging Face hub (through its
 cache, so files are fetched once, resumably, honouring ``HF_TOKEN`` / ``HF_HUB_OFFLINE`` /
-``HF_HOME``).
+``HF_HOME`` / ``HF_ENDPOINT``). An unreachable hub is reported in seconds, once.
 
 Local folder layout (the official ``checkpoints/`` folder works as is)::
 
@@ -26,10 +26,14 @@ recorded it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import textwrap
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 from latentdub.errors import WeightsError
-from latentdub.weights.checkpoint import converted_is_fresh, log
+from latentdub.weights.checkpoint import converted_is_fresh, log, short_reason
 
 SUPPORTED_VERSIONS = ("1.0", "1.5", "1.6")
 HUB_VERSIONS = ("1.5", "1.6")
@@ -83,6 +87,12 @@ class ModelFiles:
     unet_fp16: Path | None = None
     whisper_fp16: Path | None = None
 
+    @property
+    def label(self) -> str:
+        """What the model is, for people: "LatentSync 1.6 (512 px)", or for ``make-tiny``
+        output "tiny random model (1.6 layout, 256 px) — not a real dub"."""
+        return model_label(self.version, self.resolution, self.random_weights)
+
     def unet_file(self, dtype: torch.dtype) -> Path:
         """The UNet file to read for inference in ``dtype``.
 
@@ -100,11 +110,20 @@ class ModelFiles:
         return self.whisper_fp16 or self.whisper
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (paths as strings)."""
+        """JSON-friendly form (paths as strings), with the label."""
         out = asdict(self)
         for key in ("unet", "whisper", "vae_dir", "unet_fp16", "whisper_fp16"):
             out[key] = None if out[key] is None else str(out[key])
+        out["label"] = self.label
         return out
+
+
+def model_label(version: str, resolution: int, random_weights: bool) -> str:
+    """The human name of a model (see :attr:`ModelFiles.label`)."""
+    if random_weights:
+        # Only `make-tiny` writes random weights; the version is just the file layout then.
+        return f"tiny random model ({version} layout, {resolution} px) — not a real dub"
+    return f"LatentSync {version} ({resolution} px)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,24 +327,71 @@ def _hub_wanted(version: str, components: tuple[str, ...]) -> list[tuple[str, st
     return wanted
 
 
-def _describe_failure(err: Exception, offline: bool, download: bool) -> str:
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long the reachability check waits for the hub's first answer (any HTTP status)."""
+
+
+def hub_endpoint() -> str:
+    """The hub address, read at call time (``HF_ENDPOINT``; huggingface_hub reads it only
+    when imported)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_unreachable_reason(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """``None`` if ``endpoint`` answers HTTP at all within ``timeout`` seconds, else why not.
+
+    One request with no retries, through huggingface_hub's own client (so proxies and
+    certificates are as for the downloads). huggingface_hub would retry a dead address for
+    ~30 s per file; this answers in seconds. Run in a thread with a hard deadline because
+    name resolution is not covered by the client's timeout.
+    """
+    from huggingface_hub.utils import get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+        except Exception as err:  # any failure to get an HTTP answer means unreachable
+            outcome.append(short_reason(err.__cause__ or err))
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=probe, name="latentdub-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Mute huggingface_hub's own warnings (retries; printed twice, by its handler and by
+    propagation): failures reach the user as one WeightsError instead."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _describe_failure(err: Exception) -> str:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    if offline:
-        return "offline mode is on (HF_HUB_OFFLINE=1) and they are not in the cache"
-    if not download:
-        return "they are not in the cache (and downloading was not allowed)"
     if isinstance(err, GatedRepoError | RepositoryNotFoundError):
         return (
             "the hub refused access (set HF_TOKEN to a token that may read the repository): "
-            + str(err).splitlines()[0]
+            + short_reason(err)
         )
     if not isinstance(err, HfHubHTTPError):
-        cause = err.__cause__ or err
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        return f"the Hugging Face hub could not be reached ({first}) and they are not in the cache"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"they could not be downloaded ({first})"
+        return (
+            f"the Hugging Face hub could not be reached ({short_reason(err.__cause__ or err)}) "
+            "and they are not in the cache"
+        )
+    return f"they could not be downloaded ({short_reason(err)})"
 
 
 def _hub_files(
@@ -335,38 +401,75 @@ def _hub_files(
     components: tuple[str, ...] = ("unet", "whisper", "vae"),
     local_dir: Path | None = None,
 ) -> dict[str, Path]:
-    """Fetch (or find in the cache) the hub files; one WeightsError listing all that failed."""
+    """Find the hub files in the cache, download what is missing; one WeightsError listing
+    all that failed.
+
+    The cache (or ``local_dir``) is looked at first, so a filled cache needs no network at
+    all. Before any download the hub is probed once: when it cannot be reached the error
+    comes in seconds instead of after huggingface_hub's retries for every file.
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
     offline = hub_offline()
     cache_dir = hub_cache_dir()
-    use_network = download and not offline
-    found: dict[str, Path] = {}
-    failed: list[tuple[str, str]] = []
-    reason = ""
-    for component, repo, filename in _hub_wanted(version, components):
+    endpoint = hub_endpoint()
+
+    def fetch(component: str, repo: str, filename: str, network: bool) -> Path:
         target = None
         if local_dir is not None:
             target = local_dir / VAE_SUBDIRS[0] if component == "vae" else local_dir
-        try:
-            path = Path(
-                hf_hub_download(
-                    repo,
-                    filename,
-                    cache_dir=cache_dir,
-                    local_dir=target,
-                    token=None,  # let huggingface_hub read HF_TOKEN / the stored login
-                    local_files_only=not use_network,
-                )
+        with _quiet_hub():
+            path = hf_hub_download(
+                repo,
+                filename,
+                cache_dir=cache_dir,
+                local_dir=target,
+                token=None,  # let huggingface_hub read HF_TOKEN / the stored login
+                local_files_only=not network,
+                endpoint=endpoint,
             )
-        except Exception as err:  # network, auth, missing cache: all become one message
-            reason = reason or _describe_failure(err, offline, download)
+        return Path(path)
+
+    found: dict[str, Path] = {}
+    missing: list[tuple[str, str, str]] = []
+    for component, repo, filename in _hub_wanted(version, components):
+        try:
+            path = fetch(component, repo, filename, network=False)
+        except Exception:  # not in the cache (or an unreadable cache entry)
+            missing.append((component, repo, filename))
+            continue
+        found[component] = path.parent if component == "vae" else path
+
+    failed = [(repo, filename) for _, repo, filename in missing]
+    reason = ""
+    if missing and offline:
+        reason = "offline mode is on (HF_HUB_OFFLINE=1) and they are not in the cache"
+    elif missing and not download:
+        reason = "they are not in the cache (and downloading was not allowed)"
+    elif missing:
+        unreachable = hub_unreachable_reason(endpoint)
+        if unreachable is not None:
+            reason = (
+                f"the Hugging Face hub ({endpoint}) cannot be reached ({unreachable}) and "
+                "they are not in the cache"
+            )
+    if reason:
+        raise WeightsError(_missing_message(version, failed, reason, cache_dir))
+
+    failed = []
+    network = True
+    for component, repo, filename in missing:
+        if not network:
             failed.append((repo, filename))
-            if use_network and not isinstance(err, HfHubHTTPError):
-                # The hub is unreachable (each try costs ~30 s of retries): only look in the
-                # cache for the remaining files, to report everything that is missing.
-                use_network = False
+            continue
+        try:
+            path = fetch(component, repo, filename, network=True)
+        except Exception as err:  # network, auth: all become one message
+            reason = reason or _describe_failure(err)
+            failed.append((repo, filename))
+            # The connection broke: further tries would each cost huggingface_hub's retries.
+            network = isinstance(err, HfHubHTTPError)
             continue
         found[component] = path.parent if component == "vae" else path
     if failed:

@@ -1,15 +1,26 @@
 """``make_tiny``: a small RANDOM model in the exact official folder layout and file formats.
 
 It lets tests and smoke runs exercise the whole program — resolving, strict loading, the
-pipeline — in seconds on a CPU, through the same code paths as the real weights. The output
-is meaningless: ``latentdub.json`` says ``"random_weights": true``, every loader warns, and a
-README says so.
+pipeline — quickly on a CPU, through the same code paths as the real weights. The output
+is meaningless: ``latentdub.json`` says ``"random_weights": true``, ``ModelFiles.label`` says
+"tiny random model", and a README says so.
 
-Dimensions: the UNet is the golden small config of the reference data (the official 1.5/1.6
-config with ``block_out_channels`` [32, 32, 64, 64]) with ``cross_attention_dim`` = the Whisper
-width; Whisper keeps the real model's structure (80 mels, 1500 audio positions, 4 layers → 5
-hidden states) at width 32; the VAE keeps 4 levels (downscale 8, 4 latent channels) at 32
-channels. Faces are 256 px (32x32 latents), as for 1.5.
+Dimensions are chosen for speed on a CPU (a 125-frame dub at 20 steps in well under a minute)
+while keeping every part of the official network:
+
+* UNet: the official 1.5/1.6 config with block widths [8, 32, 32, 64], one layer per block,
+  2 attention heads (``attention_head_dim`` is the head *count*, as officially: head width 16
+  / 32) and 2 motion-module heads. All block types, motion modules and the audio
+  cross-attention are there, the 13-channel input too; but the 32x32 top level is a plain
+  ``DownBlock3D`` / ``UpBlock3D`` without motion module: there, the official's 1024-token
+  spatial attention and (at least 32-channel) temporal layers took most of a forward's time.
+  ``cross_attention_dim`` = the Whisper width.
+* Whisper keeps the real model's structure (80 mels, 1500 audio positions, 4 layers → 5
+  hidden states, so the same 50-token audio layout) at width 32.
+* The VAE keeps the diffusers AutoencoderKL layout with 4 levels (downscale 8, 4 latent
+  channels) at widths [4, 8, 16, 32].
+
+Faces are 256 px (32x32 latents), as for 1.5.
 """
 
 from __future__ import annotations
@@ -17,10 +28,9 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from latentdub.errors import WeightsError
 from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG
@@ -31,6 +41,10 @@ from latentdub.weights.resolve import (
     read_folder_config,
     write_folder_config,
 )
+from latentdub.weights.vae import save_vae_folder
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 TINY_RESOLUTION = 256
 TINY_WHISPER_DIMS: dict[str, int] = {
@@ -47,10 +61,27 @@ TINY_WHISPER_DIMS: dict[str, int] = {
 }
 TINY_VAE_CONFIG: dict[str, Any] = {
     **SD_VAE_FT_MSE_CONFIG,  # same architecture, narrower: still 4 levels, so downscale 8
-    "block_out_channels": [32, 32, 32, 32],
+    "block_out_channels": [4, 8, 16, 32],
     "layers_per_block": 1,
-    "norm_num_groups": 8,
+    "norm_num_groups": 4,
 }
+# The widths are narrow at full resolution, where a 256 px crop costs the most.
+TINY_UNET_CHANGES: dict[str, Any] = {
+    "block_out_channels": [8, 32, 32, 64],
+    "down_block_types": [
+        "DownBlock3D",
+        "CrossAttnDownBlock3D",
+        "CrossAttnDownBlock3D",
+        "DownBlock3D",
+    ],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 2,  # the number of heads (SD-1.5 quirk), not their width
+    "norm_num_groups": 8,
+    # Temporal layers have a fixed GroupNorm(32): not on the 8-channel top level.
+    "motion_module_resolutions": [2, 4, 8],
+}
+TINY_MOTION_HEADS = 2
 
 README = """\
 RANDOM WEIGHTS — NOT A REAL MODEL
@@ -67,11 +98,12 @@ For real results use the released weights: `latentdub weights download --version
 def tiny_unet_config(
     cross_attention_dim: int = TINY_WHISPER_DIMS["n_audio_state"],
 ) -> dict[str, Any]:
-    """The official 1.5/1.6 UNet config shrunk to block widths [32, 32, 64, 64]."""
+    """The official 1.5/1.6 UNet config with the tiny model's changes (module docstring)."""
     from latentdub.models.unet import unet_config
 
     cfg = copy.deepcopy(unet_config("1.5"))
-    cfg["block_out_channels"] = [32, 32, 64, 64]
+    cfg.update(copy.deepcopy(TINY_UNET_CHANGES))
+    cfg["motion_module_kwargs"]["num_attention_heads"] = TINY_MOTION_HEADS
     cfg["cross_attention_dim"] = cross_attention_dim
     return cfg
 
@@ -170,7 +202,7 @@ def tiny_unet_state_dict(config: dict[str, Any], *, seed: int = 0) -> dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _tiny_vae(seed: int) -> nn.Module:
+def _tiny_vae(seed: int) -> AutoencoderKL:
     from latentdub.models.vae import build_vae
 
     with torch.random.fork_rng(devices=[]):
@@ -182,9 +214,10 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write a random tiny model into ``out_dir`` in the official layout; returns ``out_dir``.
 
     Files: ``latentsync_unet.pt`` (``{"state_dict", "global_step": 0}``), ``whisper/tiny.pt``
-    (OpenAI format, fp16, with decoder), ``sd-vae-ft-mse/`` (diffusers ``save_pretrained``),
-    ``latentdub.json`` (dims, ``"random_weights": true``) and ``README.txt``. Deterministic for a
-    given seed. Refuses to write over a folder that holds real (non-random) weights.
+    (OpenAI format, fp16, with decoder), ``sd-vae-ft-mse/`` (diffusers folder layout),
+    ``latentdub.json`` (dims, ``"random_weights": true``) and ``README.txt``, all with the
+    usual umask file mode. Deterministic for a given seed. Refuses to write over a folder that
+    holds real (non-random) weights.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -204,7 +237,7 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
         out / UNET_FILE,
     )
     torch.save(whisper, out / WHISPER_FILE)
-    _tiny_vae(seed).save_pretrained(out / VAE_SUBDIRS[0], safe_serialization=True)
+    save_vae_folder(_tiny_vae(seed), out / VAE_SUBDIRS[0])
 
     # Stale conversions of an earlier tiny model would otherwise be preferred.
     for stale in ("latentsync_unet.fp16.safetensors", "whisper/tiny.fp16.safetensors"):
