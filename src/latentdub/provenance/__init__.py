@@ -1,0 +1,1 @@
+"""Provenance: content credentials (C2PA), consent records, the audit log and watermarking."""
