@@ -448,7 +448,8 @@ def render(
                 for window in job.windows:
                     progress.check()
                     with timed("decode"):
-                        to_generate.put(reader.load(window))
+                        loaded = reader.load(window)
+                    to_generate.put(loaded)  # waiting here is the generator's time, not decoding
             to_generate.put(_END)
         except BaseException as err:
             fail(err)
