@@ -16,6 +16,16 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Signing keys and the audit log of every test go to a temporary folder, never to ~."""
+    import os
+
+    folder = tmp_path_factory.mktemp("latentdub-data")
+    os.environ["LATENTDUB_DATA_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return _require(SHARED / "reference", "reference data")

@@ -54,6 +54,11 @@ class DubOptions(BaseModel):
         "largest", min_length=1, description="Which face to dub: largest, X,Y@T (the face at pixel X,Y at T s), or track:N."
     )
     crf: int = Field(18, ge=0, le=51, description="x264 quality, lower is better (18 is visually lossless).")
+    watermark: bool = Field(
+        True,
+        description="Embed the invisible AI-generated watermark in every frame. Turning it off is recorded "
+        "in the signed content credentials.",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -40,6 +40,7 @@ import torch
 from latentdub.errors import InputError
 from latentdub.options import DubOptions
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
+from latentdub.provenance.dub import DubProvenance, ProvenanceSettings
 from latentdub.render import (
     WINDOW,
     Finalizer,
@@ -130,6 +131,8 @@ class DubInputs:
     output: Path
     info: Any  # media.reader.VideoInfo
     clip: Any  # media.audio_io.AudioClip, the new speech at its own rate
+    video_sha256: str = ""
+    audio_sha256: str = ""
     warnings: list[str] = field(default_factory=list)
     read_s: float = 0.0
 
@@ -152,6 +155,9 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
     info = probe_video(video)
     check_video(info, video)
     clip = load_audio(audio, min_duration_s=MIN_AUDIO_S)
+    from latentdub.provenance.c2pa import sha256_file
+
+    video_sha256, audio_sha256 = sha256_file(video), sha256_file(audio)  # for the credentials and audit
     removed = remove_stale_partials(output)
     if removed:
         log.info("removed %d stale partial file(s) of an earlier dub: %s", len(removed), ", ".join(map(str, removed)))
@@ -161,6 +167,8 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
         output=output,
         info=info,
         clip=clip,
+        video_sha256=video_sha256,
+        audio_sha256=audio_sha256,
         warnings=list(getattr(clip, "warnings", []) or []),
         read_s=time.perf_counter() - start,
     )
@@ -218,6 +226,7 @@ class LipSyncPipeline:
         self.dtype = dtype
         self.model_info = model_info or {}
         self.vae_batch = vae_batch
+        self.provenance = ProvenanceSettings()  # signing keys and audit log of this deployment
         self.aligner = Aligner(resolution)
         pixel_mask, latent_mask = mouth_masks(resolution)
         self.pixel_mask = torch.as_tensor(pixel_mask, dtype=torch.float32).reshape(1, 1, resolution, resolution)
@@ -287,10 +296,12 @@ class LipSyncPipeline:
         output: str | Path,
         options: DubOptions | Mapping[str, Any] | None = None,
         *,
+        consent: Any = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         frame_filters: Sequence[FrameFilter] = (),
         finalizers: Sequence[Finalizer] = (),
+        job_id: str | None = None,
         **overrides: Any,
     ) -> DubResult:
         """Dub ``video`` with the speech in ``audio`` and write ``output``.
@@ -302,11 +313,19 @@ class LipSyncPipeline:
         seconds, removes its partial output and raises :class:`~latentdub.errors.Cancelled`.
         ``frame_filters`` see every output frame (upright RGB uint8) just before encoding;
         ``finalizers`` get the finished temporary file before it is renamed into place.
+
+        Every output is watermarked (unless ``watermark=False``), signed with content
+        credentials and recorded in the audit log, after the caller's own hooks. ``consent`` is
+        the consent record (a ``ConsentRecord``, a mapping, JSON text or a JSON file path); its
+        id goes into the credentials and the audit log. ``job_id`` names the dub in the
+        watermark payload (default: a new random id).
         """
         opts = DubOptions.resolve(options, overrides)
+        record = _consent_record(consent)
         inputs = read_inputs(video, audio, output)
         return self.dub(
-            inputs, opts, progress=progress, cancel=cancel, frame_filters=frame_filters, finalizers=finalizers
+            inputs, opts, consent=record, progress=progress, cancel=cancel, frame_filters=frame_filters,
+            finalizers=finalizers, job_id=job_id,
         )
 
     @torch.inference_mode()
@@ -315,13 +334,16 @@ class LipSyncPipeline:
         inputs: DubInputs,
         options: DubOptions | None = None,
         *,
+        consent: Any = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         frame_filters: Sequence[FrameFilter] = (),
         finalizers: Sequence[Finalizer] = (),
+        job_id: str | None = None,
     ) -> DubResult:
         """Dub already-read inputs (see :func:`read_inputs`); the steps of :meth:`__call__`."""
         opts = options or DubOptions()
+        record = _consent_record(consent)
         _keep_large_buffers_mmapped()
         run = DubProgress(progress, cancel)
         timer = StageTimer()
@@ -331,6 +353,10 @@ class LipSyncPipeline:
 
         with run.stage("read"):
             timer.add("read_inputs", inputs.read_s)
+            provenance = DubProvenance(
+                video_sha256=inputs.video_sha256, audio_sha256=inputs.audio_sha256, options=opts.to_dict(),
+                model=self.model_info, consent=record, job_id=job_id, settings=self.provenance,
+            )
         with run.stage("fit"), timer("fit_audio"):
             clip, fit_report = self.fit_audio(inputs, opts)
         with timer("analyze_faces"):
@@ -343,7 +369,11 @@ class LipSyncPipeline:
         job = self.plan_render(inputs, analysis, selection, timeline)
         if not any(w.dub for w in job.windows):
             self._warn(warnings, NO_FACE_WARNING)
-        output, provenance = self.render(job, inputs.output, clip, tokens, opts, run, timer, frame_filters, finalizers)
+        output, signed = self.render(
+            job, inputs.output, clip, tokens, opts, run, timer,
+            [*frame_filters, *provenance.frame_filters()],  # the watermark goes on last
+            [*finalizers, *provenance.finalizers()],  # the signature covers the final bytes
+        )
 
         dub_mask = selection.valid[timeline.source_index]
         return DubResult(
@@ -361,7 +391,7 @@ class LipSyncPipeline:
             model=dict(self.model_info),
             fit=fit_report,
             warnings=warnings,
-            provenance=provenance,
+            provenance={**provenance.summary(), **signed},
         )
 
     # -- steps --------------------------------------------------------------------------------
@@ -500,6 +530,15 @@ class LipSyncPipeline:
     def _warn(warnings: list[str], message: str) -> None:
         warnings.append(message)
         log.warning(message)
+
+
+def _consent_record(consent: Any) -> Any:
+    """The consent record as a ``ConsentRecord`` (parsed and checked), or None."""
+    if consent is None:
+        return None
+    from latentdub.provenance.consent import parse_consent
+
+    return parse_consent(consent)  # checks a given ConsentRecord's expiry too
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

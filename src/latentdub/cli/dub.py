@@ -59,6 +59,15 @@ def dub(
     max_stretch: Annotated[float, typer.Option(help=_help("max_stretch"))] = _DEFAULTS.max_stretch,
     face: Annotated[str, typer.Option(help=_help("face"))] = _DEFAULTS.face,
     crf: Annotated[int, typer.Option(help=_help("crf"))] = _DEFAULTS.crf,
+    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help=_help("watermark"))] = _DEFAULTS.watermark,
+    consent: Annotated[
+        str | None,
+        typer.Option(help="The consent record: JSON text or a .json file with subject, granted_by, method and evidence."),
+    ] = None,
+    signing_cert: Annotated[
+        Path | None, typer.Option(help="Certificate chain (PEM, leaf first) to sign the content credentials with.")
+    ] = None,
+    signing_key: Annotated[Path | None, typer.Option(help="Private key (PEM) for --signing-cert.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
@@ -68,7 +77,8 @@ def dub(
 
     _setup_logging()
     values = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
-              "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf}
+              "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf,
+              "watermark": watermark}
     try:
         options = DubOptions(**values)  # the one place the CLI builds them
     except OptionError as err:
@@ -76,6 +86,8 @@ def dub(
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     # Every check that needs no model, before the model loads (seconds, not minutes).
+    record = _consent(consent)
+    keys = _signing(signing_cert, signing_key)
     inputs = read_inputs(video, audio, output)
 
     status = console_err.status("loading model…") if not json_out else None
@@ -86,6 +98,8 @@ def dub(
     finally:
         if status:
             status.stop()
+    if keys is not None:
+        pipe.provenance.signing = keys
     if pipe.device.type == "cpu" and not pipe.model_info.get("random_weights"):
         import torch
 
@@ -95,13 +109,34 @@ def dub(
                                 threads=torch.get_num_threads(), fps=inputs.info.fps or 25.0))
 
     with _progress_bars(json_out) as on_event, _cancel_on_ctrl_c() as cancel:
-        result = pipe.dub(inputs, options, progress=on_event, cancel=cancel)
+        result = pipe.dub(inputs, options, consent=record, progress=on_event, cancel=cancel)
 
     summary = result.to_dict()
     if json_out:
         print(json.dumps(summary, default=str))
         return
     _print_summary(summary)
+
+
+def _consent(value: str | None) -> Any:
+    if value is None:
+        return None
+    from latentdub.provenance.consent import parse_consent
+
+    try:
+        return parse_consent(value)
+    except InputError as err:
+        raise InputError(f"--consent: {err}") from None
+
+
+def _signing(cert: Path | None, key: Path | None) -> Any:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise InputError("--signing-cert and --signing-key go together: give both, or neither for the local key")
+    from latentdub.provenance.keys import load_signing
+
+    return load_signing(cert, key)
 
 
 class _StderrWarnings(logging.Handler):
