@@ -32,6 +32,11 @@ def test_faces_json_report(media_dir: Path) -> None:
     assert track["coverage"] == pytest.approx(1.0)
     assert report["selected_track"] == track["id"]
     assert report["passthrough_ranges"] == []
+    # Crops at the size `dub` cuts by default (version 1.6: 512 px), and 1.5's when asked.
+    assert report["resolution"] == 512
+    result = CliRunner().invoke(app, ["faces", str(media_dir / CLIP), "--json", "--max-frames", "10",
+                                      "--version", "1.5"])
+    assert json.loads(result.stdout.strip().splitlines()[-1])["resolution"] == 256
 
 
 def test_faces_point_policy_and_table_output(media_dir: Path) -> None:
