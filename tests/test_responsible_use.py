@@ -98,7 +98,9 @@ def test_the_watermark_survives(dubbed: tuple[Path, dict], tmp_path: Path, name:
     changed = transcode(out, tmp_path / "changed.mp4", **kwargs)
     report = detect_file(changed)
     assert report.found, (name, report.to_dict())
+    # bit_accuracy: the payload after error correction; the raw channel must not be near failing.
     assert report.bit_accuracy is not None and report.bit_accuracy >= 0.99, name
+    assert report.coded_bit_accuracy is not None and report.coded_bit_accuracy >= 0.85, name
 
 
 def test_editing_one_byte_of_the_picture_breaks_the_credentials(dubbed: tuple[Path, dict], tmp_path: Path) -> None:

@@ -2,36 +2,40 @@
 
 Scheme (key-seeded spread spectrum in luma, whole frames):
 
-* **Payload**: 64 bits = 16-bit marker ``"AI"`` + 32-bit job id + CRC-16 over both.
+* **Payload**: 64 bits = 16-bit marker ``"AI"`` + 32-bit job id + CRC-16 over both, encoded
+  with a rate-1/3 convolutional code (K = 7) into 210 coded bits.
 * **Chips**: the frame is divided into a fixed :data:`GRID` x :data:`GRID` grid in *normalised*
-  coordinates (so the grid scales with the frame: a 50 % downscale keeps it). Each of the
-  16 384 chips carries one payload bit (256 chips per bit, scattered over the whole frame by a
-  key-seeded permutation) times a key-seeded ±1 sign.
+  coordinates (the grid scales with the frame, so a 50 % downscale keeps it). Each of the
+  25 600 chips carries one coded bit (~122 chips per coded bit, scattered over the whole frame by
+  a key-seeded permutation) times a key-seeded ±1 sign.
 * **Embedding**: the ±1 chip values are upsampled with a cubic kernel into a smooth random field
   (no block edges, no regular lattice for the eye to lock on), multiplied by a perceptual
-  amplitude mask (≈1 grey level on flat areas, up to :data:`AMP_MAX` on fine texture, capped so
-  the frame's PSNR stays ≥ 40 dB) and added equally to R, G and B, i.e. to luma only. The same
-  field is added to every frame, dubbed or not, so any excerpt of the output carries it.
+  amplitude mask (≈1 grey level on flat areas, up to :data:`AMP_MAX` on fine texture, lowered
+  where needed so that the frame's PSNR stays ≥ 40 dB) and added equally to R, G and B, i.e. to
+  luma only. The same field goes on every frame, dubbed or not, so any excerpt carries it, at
+  any frame rate.
 * **Detection**: each frame is resized to a canonical square, high-passed (Laplacian of
   Gaussian: removes most of the picture, keeps the chip-scale field) and averaged per chip; the
-  *sign* of each chip value is accumulated over frames. Sign counts make the detector immune to
-  the heavy-tailed picture residue (edges) and to contrast changes.
-* **Decision**: ``score`` is the z-score of the marker chips' agreement with the known marker
-  pattern, ``Σ s_c·A_c / sqrt(Σ A_c²)`` (A = accumulated signs, s = expected signs). For a video
-  not marked with this key the key's signs are independent of the picture, so by Hoeffding
+  *sign* of each chip is accumulated over frames (signs: the heavy-tailed picture residue at
+  edges cannot outvote the rest, and contrast changes do not matter). The coded bits' sums go
+  through a soft Viterbi decoder.
+* **Decision**: ``score`` is the z-score of the chips of the 48 coded bits that every mark
+  shares (the encoder starts from state 0 and sees only marker bits for 16 steps):
+  ``Σ s_c·A_c / sqrt(Σ A_c²)`` (A = accumulated signs, s = expected signs). For a video not
+  marked with this key the key's signs are independent of the picture, so by Hoeffding
   ``P(score ≥ z) ≤ exp(−z²/2)`` whatever the content. ``found`` needs ``score ≥`` :data:`Z_MIN`
-  *and* a decoded word whose marker and CRC check (≤ 256 Chase candidates x 2⁻³² ≈ 6e-8 for
-  random bits).
+  (≤ 3.7e-6) *and* a decoded word whose 16 marker bits and 16 CRC bits check (2⁻³² ≈ 2.3e-10
+  for noise).
 
-Robustness measured on real clips (see ``bench/bench_watermark.py`` and the tests): libx264
-CRF 18/28, 50 % downscale, 2 s excerpts, 15 fps re-encodes. Weak spots: frames under ~360 px
-after scaling, crops, rotations and mirroring (the grid must stay where it was).
+Measured on the clips of ../shared/media (see ``bench/bench_watermark.py`` and the tests): the
+payload survives libx264 CRF 18 and 28, a 50 % downscale, a 2 s excerpt and a 15 fps re-encode
+of 3 s clips from 458² to 1080x1920. Not designed for: crops, rotations, mirroring (the grid
+must stay where it was) and frames under ~200 px after scaling.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -57,8 +61,8 @@ PAYLOAD_BITS = MARKER_BITS + JOB_ID_BITS + CRC_BITS  # 64
 DEFAULT_KEY = b"latentdub/watermark/v1"
 
 # -- geometry and strength (changing any of these breaks detection of existing files) ------------
-GRID = 128  # chips per side, in normalised frame coordinates
-CANON_CELL = 4  # detection: canonical pixels per chip (canonical frame = 512 x 512)
+GRID = 160  # chips per side, in normalised frame coordinates
+CANON_CELL = 4  # detection: canonical pixels per chip (canonical frame = 640 x 640)
 LOG_SIGMA = 1.25  # detection: Gaussian before the Laplacian, canonical pixels
 MASK_SIDE = 512  # embedding: the mask is computed with the long side at most this many pixels
 AMP_MIN = 1.0  # grey levels on flat areas: about the rounding step, invisible
@@ -66,7 +70,16 @@ AMP_GAIN = 1.5  # extra amplitude per grey level of local fine-texture RMS
 AMP_MAX = 6.0  # strongest mark, only in busy texture (hair, foliage, fabric)
 MAX_RMS = 2.5  # per-frame RMS cap in grey levels: PSNR ≥ 20·log10(255/2.5) ≈ 40.2 dB
 Z_MIN = 5.0  # score needed for "found" (Hoeffding: ≤ 3.7e-6 on unmarked content)
-CHASE_BITS = 8  # least reliable bits tried flipped when the CRC fails (256 candidates)
+# Convolutional code: constraint length 7, rate 1/3, the generators of LTE (octal 133, 171,
+# 165; free distance 15). With soft Viterbi decoding the payload comes through at coded-bit
+# error rates of ~10 % (50 % downscales of 512² clips), where sending each payload bit on its
+# own chips loses one or two of the 64 bits.
+CODE_MEMORY = 6
+CODE_GENERATORS = (0o133, 0o171, 0o165)
+CODED_BITS = (PAYLOAD_BITS + CODE_MEMORY) * len(CODE_GENERATORS)  # 210, trellis ends in state 0
+# The first 16 steps see only marker bits (the encoder starts at 0): these coded bits are the
+# same in every watermark, so their chips are the known pattern the score is computed on.
+KNOWN_CODED_BITS = MARKER_BITS * len(CODE_GENERATORS)
 _PLAN_CACHE = 4  # frame sizes whose fields are kept
 
 
@@ -144,9 +157,9 @@ def _key_bytes(key: bytes | str) -> bytes:
 @dataclass(frozen=True)
 class _Layout:
     sign: np.ndarray  # (GRID², ) float32 ±1 per chip
-    bit_of: np.ndarray  # (GRID², ) int64: which payload bit each chip carries
-    marker_chips: np.ndarray  # indices of the chips that carry marker bits
-    marker_sign: np.ndarray  # their expected sign (key sign x marker bit)
+    bit_of: np.ndarray  # (GRID², ) int64: which coded bit each chip carries
+    known_chips: np.ndarray  # indices of the chips whose coded bit is the same in every mark
+    known_sign: np.ndarray  # their expected sign (key sign x known coded bit)
 
 
 @lru_cache(maxsize=8)
@@ -155,13 +168,65 @@ def _layout(key: bytes) -> _Layout:
     rng = np.random.default_rng(seed)
     n = GRID * GRID
     sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n)
-    # Equal chips per bit, scattered: a bit never depends on one region of the picture.
-    bit_of = rng.permutation(np.arange(n) % PAYLOAD_BITS)
-    marker_chips = np.flatnonzero(bit_of < MARKER_BITS)
-    marker_sign = sign[marker_chips] * (2.0 * MARKER_BIT_VALUES[bit_of[marker_chips]] - 1.0)
-    for a in (sign, bit_of, marker_chips, marker_sign):
+    # Equal chips per coded bit, scattered: no bit depends on one region of the picture.
+    bit_of = rng.permutation(np.arange(n) % CODED_BITS)
+    known = _conv_encode(MARKER_BIT_VALUES)[:KNOWN_CODED_BITS]
+    known_chips = np.flatnonzero(bit_of < KNOWN_CODED_BITS)
+    known_sign = (sign[known_chips] * (2.0 * known[bit_of[known_chips]] - 1.0)).astype(np.float32)
+    for a in (sign, bit_of, known_chips, known_sign):
         a.flags.writeable = False
-    return _Layout(sign, bit_of, marker_chips, marker_sign.astype(np.float32))
+    return _Layout(sign, bit_of, known_chips, known_sign)
+
+
+# -- the convolutional code -----------------------------------------------------------------------
+def _parity(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    for shift in (4, 2, 1):
+        x ^= x >> shift
+    return x & 1
+
+
+_STATES = 1 << CODE_MEMORY
+# Register = (input bit << CODE_MEMORY) | state; the next state drops the oldest bit.
+_REG = (np.arange(2)[None, :] << CODE_MEMORY) | np.arange(_STATES)[:, None]  # (state, input)
+_NEXT = _REG >> 1
+_OUT = np.stack([_parity(_REG & g) for g in CODE_GENERATORS], axis=-1)  # (state, input, 3) 0/1
+
+
+def _conv_encode(bits: np.ndarray) -> np.ndarray:
+    """Coded bits (uint8 0/1) of ``bits`` followed by CODE_MEMORY zeros (back to state 0)."""
+    state, out = 0, []
+    for b in [*(int(x) for x in bits), *([0] * CODE_MEMORY)]:
+        out.extend(_OUT[state, b])
+        state = int(_NEXT[state, b])
+    return np.array(out, dtype=np.uint8)
+
+
+# Into each state lead exactly two transitions: both carry the input bit ns >> (memory - 1),
+# from the two states that differ only in their oldest bit.
+_IN_BIT = np.arange(_STATES) >> (CODE_MEMORY - 1)
+_PRED = ((np.arange(_STATES) & (_STATES // 2 - 1)) << 1)[:, None] | np.arange(2)[None, :]
+
+
+def _viterbi(soft: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood info bits for soft coded values (positive = 1), trellis from and to
+    state 0. Path metric = correlation of the soft values with the path's ±1 coded bits."""
+    n_gen = len(CODE_GENERATORS)
+    steps = len(soft) // n_gen
+    signs = 2.0 * _OUT - 1.0  # (state, input, n_gen)
+    metric = np.full(_STATES, -np.inf)
+    metric[0] = 0.0
+    back = np.zeros((steps, _STATES), dtype=np.int64)  # which of the two predecessors won
+    for t in range(steps):
+        branch = signs @ soft[t * n_gen : (t + 1) * n_gen]  # (state, input)
+        cand = metric[_PRED] + branch[_PRED, _IN_BIT[:, None]]  # (next state, 2)
+        back[t] = np.argmax(cand, axis=1)
+        metric = cand[np.arange(_STATES), back[t]]
+    state, bits = 0, []
+    for t in range(steps - 1, -1, -1):
+        bits.append(int(_IN_BIT[state]))
+        state = int(_PRED[state, back[t, state]])
+    return np.array(bits[::-1][: steps - CODE_MEMORY], dtype=np.uint8)
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -205,7 +270,7 @@ class Watermarker:
     def __init__(self, payload: WatermarkPayload, key: bytes | str = DEFAULT_KEY) -> None:
         self.payload = payload
         layout = _layout(_key_bytes(key))
-        bits = payload.to_bits().astype(np.float32)
+        bits = _conv_encode(payload.to_bits()).astype(np.float32)
         self._chips = (layout.sign * (2.0 * bits[layout.bit_of] - 1.0)).reshape(GRID, GRID)
         self._plans: OrderedDict[tuple[int, int], _Plan] = OrderedDict()
         self._lock = threading.Lock()
@@ -226,10 +291,7 @@ class Watermarker:
             if plan.small == (w, h)
             else cv2.resize(frame, plan.small, interpolation=cv2.INTER_AREA)
         )
-        mask = _mask(_gray(small).astype(np.float32), plan.cell)
-        rms = math.sqrt(float(np.mean(np.square(mask * plan.field_small))))
-        if rms > MAX_RMS:  # a frame that is texture everywhere: keep PSNR ≥ 40 dB
-            mask *= MAX_RMS / rms
+        mask = _cap_energy(_mask(_gray(small).astype(np.float32), plan.cell), plan.field_small)
         if plan.small != (w, h):
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_LINEAR)
         return cv2.multiply(mask, plan.field)
@@ -253,6 +315,24 @@ class Watermarker:
             while len(self._plans) > _PLAN_CACHE:
                 self._plans.popitem(last=False)
         return plan
+
+
+def _cap_energy(mask: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Keep the frame's RMS change ≤ MAX_RMS (PSNR ≥ 40 dB) by lowering only the part above
+    AMP_MIN: flat areas keep the amplitude that survives rounding, and the textured areas,
+    where the picture drowns the chips anyway, give up what is too much.
+
+    With mask = AMP_MIN + s·extra, the mean square of mask·field is a quadratic in s: solve it.
+    """
+    f2 = np.square(field)
+    extra = mask - AMP_MIN
+    a = AMP_MIN * AMP_MIN * float(np.mean(f2))
+    b = 2.0 * AMP_MIN * float(np.mean(f2 * extra))
+    c = float(np.mean(f2 * extra * extra))
+    if a + b + c <= MAX_RMS * MAX_RMS or c <= 0.0:
+        return mask
+    s = (-b + math.sqrt(max(0.0, b * b - 4.0 * c * (a - MAX_RMS * MAX_RMS)))) / (2.0 * c)
+    return AMP_MIN + max(0.0, min(1.0, s)) * extra
 
 
 def _render(chips: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -283,14 +363,18 @@ def _mask(gray: np.ndarray, cell: float) -> np.ndarray:
 class WatermarkReport:
     """What a detection found.
 
-    * ``found``: the score passed :data:`Z_MIN` and a payload with a valid marker and CRC was
-      decoded.
-    * ``score``: z-score of the marker chips (≈ N(0, 1) on unmarked video; ≥ 5 means marked).
-    * ``bit_accuracy``: if found, the fraction of the 64 majority-decoded bits (before any
-      Chase correction) equal to the payload's bits; if not, the fraction of the 16 marker bits
-      that match the marker (≈ 0.5 on unmarked video). None without frames.
-    * ``frame_bit_accuracy``: if found, the mean over frames of the single-frame agreement with
-      the payload's bits (how much margin each frame has).
+    * ``found``: the score passed :data:`Z_MIN` and the decoded payload has the "AI" marker
+      and a valid CRC. The payload's 64 bits are then exactly the embedded ones.
+    * ``score``: z-score of the chips whose coded bits every mark shares (≈ N(0, 1) on unmarked
+      video, ≥ 5 means marked).
+    * ``bit_accuracy``: agreement of the 64 decoded payload bits (majority over frames, then
+      error correction) with the found payload: 1.0 whenever ``found`` (the CRC checks). If not
+      found: agreement of the 16 decoded marker bits with the marker (≈ 0.5 on unmarked video).
+    * ``coded_bit_accuracy``: the same before error correction: the fraction of the 210 coded
+      bits whose majority vote over frames is right (the code corrects up to ~10 % wrong). If
+      not found: over the 48 coded bits every mark shares.
+    * ``frame_bit_accuracy``: if found, the mean over frames of the single-frame agreement of
+      the coded bits (how much margin each frame has on its own).
     """
 
     found: bool
@@ -298,6 +382,7 @@ class WatermarkReport:
     bit_accuracy: float | None
     frames_checked: int
     score: float
+    coded_bit_accuracy: float | None = None
     frame_bit_accuracy: float | None = None
     threshold: float = Z_MIN
 
@@ -313,6 +398,7 @@ class WatermarkReport:
             "job_id": None if self.payload is None else self.payload.job_id,
             "job_id_hex": None if self.payload is None else f"{self.payload.job_id:08x}",
             "bit_accuracy": self.bit_accuracy,
+            "coded_bit_accuracy": self.coded_bit_accuracy,
             "frame_bit_accuracy": self.frame_bit_accuracy,
             "frames_checked": self.frames_checked,
             "score": self.score,
@@ -326,46 +412,65 @@ class WatermarkDetector:
     def __init__(self, key: bytes | str = DEFAULT_KEY) -> None:
         self._layout = _layout(_key_bytes(key))
         self._votes = np.zeros(GRID * GRID, dtype=np.float64)  # Σ over frames of sign(chip)
-        self._frame_bits: list[np.ndarray] = []  # per-frame soft bits, 64 floats each
+        self._frame_bits: list[np.ndarray] = []  # per-frame hard coded bits, packed (27 bytes)
         self.frames = 0
 
     def add(self, frame: np.ndarray) -> None:
         _check_frame(frame)
         signs = np.sign(chip_values(np.ascontiguousarray(frame)))
         self._votes += signs
-        self._frame_bits.append(self._soft_bits(signs))
+        self._frame_bits.append(np.packbits(self._coded_sums(signs) > 0))
         self.frames += 1
 
-    def _soft_bits(self, votes: np.ndarray) -> np.ndarray:
+    def _coded_sums(self, votes: np.ndarray) -> np.ndarray:
         lay = self._layout
-        return np.bincount(lay.bit_of, weights=votes * lay.sign, minlength=PAYLOAD_BITS)
+        return np.bincount(lay.bit_of, weights=votes * lay.sign, minlength=CODED_BITS)
 
     def score(self) -> float:
+        """z-score of the known chips: Σ s·A / sqrt(Σ A²) over them (see the module doc)."""
         lay = self._layout
-        a = self._votes[lay.marker_chips]
+        a = self._votes[lay.known_chips]
         norm = math.sqrt(float(np.dot(a, a)))
-        return float(np.dot(a, lay.marker_sign) / norm) if norm > 0 else 0.0
+        return float(np.dot(a, lay.known_sign) / norm) if norm > 0 else 0.0
+
+    def coded_soft(self) -> np.ndarray:
+        """(210,) normalised soft coded bits: ≈ N(0, 1) each on unmarked video."""
+        sums = self._coded_sums(self._votes)
+        spread = np.bincount(self._layout.bit_of, weights=self._votes**2, minlength=CODED_BITS)
+        return sums / np.sqrt(np.maximum(spread, 1e-12))
 
     def report(self) -> WatermarkReport:
         if self.frames == 0:
             return WatermarkReport(False, None, None, 0, 0.0)
-        lay = self._layout
-        soft = self._soft_bits(self._votes)
-        spread = np.sqrt(np.bincount(lay.bit_of, weights=self._votes**2, minlength=PAYLOAD_BITS))
+        soft = self.coded_soft()
         hard = (soft > 0).astype(np.uint8)
         score = self.score()
-        payload = _chase(hard, np.abs(soft) / np.maximum(spread, 1e-9))
+        decoded = _viterbi(soft)
+        try:
+            payload: WatermarkPayload | None = WatermarkPayload.from_bits(decoded)
+        except ValueError:  # marker or CRC wrong: noise, or a mark too damaged to read
+            payload = None
         if payload is None or score < Z_MIN:
-            marker_acc = float(np.mean(hard[:MARKER_BITS] == MARKER_BIT_VALUES))
-            return WatermarkReport(False, None, marker_acc, self.frames, score)
-        truth = payload.to_bits()
-        per_frame = [float(np.mean((fb > 0) == truth)) for fb in self._frame_bits]
+            known = _conv_encode(MARKER_BIT_VALUES)[:KNOWN_CODED_BITS]
+            return WatermarkReport(
+                found=False,
+                payload=None,
+                bit_accuracy=float(np.mean(decoded[:MARKER_BITS] == MARKER_BIT_VALUES)),
+                frames_checked=self.frames,
+                score=score,
+                coded_bit_accuracy=float(np.mean(hard[:KNOWN_CODED_BITS] == known)),
+            )
+        coded = _conv_encode(payload.to_bits())
+        per_frame = [
+            float(np.mean(np.unpackbits(fb, count=CODED_BITS) == coded)) for fb in self._frame_bits
+        ]
         return WatermarkReport(
             found=True,
             payload=payload,
-            bit_accuracy=float(np.mean(hard == truth)),
+            bit_accuracy=float(np.mean(decoded == payload.to_bits())),
             frames_checked=self.frames,
             score=score,
+            coded_bit_accuracy=float(np.mean(hard == coded)),
             frame_bit_accuracy=float(np.mean(per_frame)),
         )
 
@@ -380,24 +485,6 @@ def chip_values(frame: np.ndarray) -> np.ndarray:
     log = cv2.Laplacian(cv2.GaussianBlur(canon, (0, 0), LOG_SIGMA), cv2.CV_32F, ksize=3)
     # The embedded field's chips are positive bumps: the negative Laplacian peaks on them.
     return -cv2.resize(log, (GRID, GRID), interpolation=cv2.INTER_AREA).ravel()
-
-
-def _chase(hard: np.ndarray, reliability: np.ndarray) -> WatermarkPayload | None:
-    """The valid payload nearest to the hard decisions: flip subsets of the least reliable
-    bits, cheapest first (Chase-2 decoding), until marker and CRC check."""
-    weak = np.argsort(reliability)[:CHASE_BITS]
-    subsets = sorted(
-        (s for n in range(CHASE_BITS + 1) for s in itertools.combinations(range(CHASE_BITS), n)),
-        key=lambda s: float(sum(reliability[weak[i]] for i in s)),
-    )
-    for subset in subsets:
-        bits = hard.copy()
-        bits[weak[list(subset)]] ^= 1
-        try:
-            return WatermarkPayload.from_bits(bits)
-        except ValueError:
-            continue
-    return None
 
 
 def detect_frames(
