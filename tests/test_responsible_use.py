@@ -84,6 +84,7 @@ def test_a_dub_carries_both_marks_and_says_what_it_is(
     assert dub["consent_id"] == CONSENT["id"] and dub["watermark"] is True
     assert dub["model"]["random_weights"] is True
     assert dub["video_sha256"] == result["provenance"]["inputs"]["video_sha256"]
+    assert not any("no consent record" in w for w in result["warnings"])
     # The watermark's payload is the one this dub wrote.
     assert report["watermark"]["job_id_hex"] == result["provenance"]["watermark"]["id"]
 
@@ -138,6 +139,7 @@ def test_opting_out_of_the_watermark_is_recorded(tiny_weights: Path, media_dir: 
     out = tmp_path / "plain.mp4"
     result = pipe(media_dir / "retalking_face3_woman_25fps.mp4", tmp_path / "a.wav", out, steps=1, watermark=False)
     assert result.provenance["watermark"]["on"] is False
+    assert any("no consent record" in w for w in result.warnings)  # said, though not yet refused
     assert not detect_file(out).found
     creds = read_credentials(out)
     assert creds.valid and creds.claims["latentdub"]["watermark"] is False

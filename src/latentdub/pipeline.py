@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 MIN_AUDIO_S = 0.5
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (smoke-test model): the output is not a real dub"
 NO_FACE_WARNING = "the selected face was not found on any frame: the video passes through undubbed"
+NO_CONSENT_WARNING = (
+    "no consent record was given (consent=… / --consent): the dub is marked and logged, but not tied to the "
+    "depicted person's consent"
+)
 
 __all__ = [
     "WINDOW",
@@ -350,6 +354,8 @@ class LipSyncPipeline:
         warnings = list(inputs.warnings)
         if self.model_info.get("random_weights"):
             self._warn(warnings, RANDOM_WEIGHTS_WARNING)
+        if record is None:
+            self._warn(warnings, NO_CONSENT_WARNING)
 
         with run.stage("read"):
             timer.add("read_inputs", inputs.read_s)
