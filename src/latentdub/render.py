@@ -304,6 +304,8 @@ class FrameSink:
         if window.start != self.frames_written:
             raise RuntimeError(f"window {window.start}–{window.stop} reached the sink out of order")
         for j, frame in enumerate(window.frames):
+            if self.progress is not None:
+                self.progress.check()  # a 1080p window takes a second or more to write
             k = window.start + j
             src = int(job.timeline.source_index[k])
             if window.dub:
