@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentdub import memory
 from latentdub.errors import InputError
 from latentdub.options import DubOptions
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
@@ -176,24 +177,6 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
         warnings=list(getattr(clip, "warnings", []) or []),
         read_s=time.perf_counter() - start,
     )
-
-
-def _keep_large_buffers_mmapped() -> None:
-    """Make glibc return frame-sized buffers to the OS as soon as they are freed.
-
-    Frames, crops and activations are allocated in one thread and freed in another; glibc's
-    adaptive mmap threshold would soon serve them from per-thread heaps, whose fragmentation
-    makes RSS creep up over a long video. A fixed 1 MiB threshold keeps RSS equal to what is
-    live. No effect (and no error) off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -348,7 +331,7 @@ class LipSyncPipeline:
         """Dub already-read inputs (see :func:`read_inputs`); the steps of :meth:`__call__`."""
         opts = options or DubOptions()
         record = _consent_record(consent)
-        _keep_large_buffers_mmapped()
+        memory.configure()
         run = DubProgress(progress, cancel)
         timer = StageTimer()
         warnings = list(inputs.warnings)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentdub import memory
 from latentdub.errors import Cancelled, HookError, LatentdubError
 from latentdub.progress import DubProgress
 from latentdub.runs import runs
@@ -322,6 +323,7 @@ class FrameSink:
                 self.writer.write(frame, pts=int(job.timeline.pts[k]))
             self.frames_written += 1
         window.release()
+        memory.release()
         if self.progress is not None:
             self.progress.update(self.frames_written)
 

@@ -1,0 +1,124 @@
+"""``ServiceSettings``: every knob of the dubbing service, from ``LATENTDUB_*`` variables or flags.
+
+Each field can be set by keyword (the CLI's flags do that) or by an environment variable named
+``LATENTDUB_`` + the field name in capitals (``LATENTDUB_AUTH_ENABLED=false``), with one
+exception: the service folder is ``LATENTDUB_SERVICE_DATA_DIR``, because ``LATENTDUB_DATA_DIR``
+already names latentdub's whole data folder (signing keys, audit log). By default the service
+lives in that folder's ``service/`` subfolder, with its SQLite database inside.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from latentdub.errors import InputError
+
+DATABASE_FILE = "service.db"
+WEBHOOK_SECRET_FILE = "webhook-secret"
+_DATA_DIR_ENV = "LATENTDUB_SERVICE_DATA_DIR"
+
+
+def _default_data_dir() -> Path:
+    from latentdub.provenance.store import data_dir
+
+    return data_dir() / "service"
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one service deployment (the HTTP app and its workers share them)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LATENTDUB_",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        validation_alias=_DATA_DIR_ENV,
+        description="Folder of the service: its SQLite database, uploads and results "
+        "(default: the latentdub data folder's service/). Several machines share it as a mount.",
+    )
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL of the job database; empty: a SQLite file in data_dir. "
+        "PostgreSQL: postgresql+psycopg://user:password@host/db.",
+    )
+    auth_enabled: bool = Field(
+        True, description="Require an API key (Authorization: Bearer KEY). Turn off only for local use."
+    )
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest accepted upload, in bytes.")
+    max_duration_s: float = Field(600.0, gt=0, description="Longest accepted video or audio, in seconds.")
+    max_frame_pixels: int = Field(
+        3840 * 2160, ge=1, description="Largest accepted video frame, width × height in pixels."
+    )
+    key_concurrency: int = Field(
+        2, ge=0, description="Jobs one API key may have queued or running at once; 0: no limit."
+    )
+    key_daily_quota: int = Field(
+        100, ge=0, description="Jobs one API key may submit per UTC day; 0: no limit."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook request, in seconds.")
+    webhook_retries: int = Field(
+        5, ge=0, description="Retries of a webhook after a network error or a 5xx / 429 answer."
+    )
+    webhook_backoff_s: float = Field(
+        2.0, ge=0, description="First retry delay of a webhook; doubles with each retry."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="HMAC secret that signs webhooks; unset: a random one kept in data_dir/webhook-secret.",
+    )
+    lease_s: float = Field(
+        120.0, gt=0, description="How long a worker's claim on a running job lasts without a heartbeat."
+    )
+
+    def __init__(self, **values: Any) -> None:
+        # data_dir= by keyword; from the environment only as LATENTDUB_SERVICE_DATA_DIR (matching
+        # by field name would read LATENTDUB_DATA_DIR, the parent folder, as the service folder).
+        if "data_dir" in values:
+            values[_DATA_DIR_ENV] = values.pop("data_dir")
+        super().__init__(**values)
+
+    @model_validator(mode="after")
+    def _fill_database_url(self) -> ServiceSettings:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if not self.database_url.strip():
+            self.database_url = f"sqlite:///{(self.data_dir / DATABASE_FILE).as_posix()}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_data_dir(self) -> Path:
+        """Create the service folder (mode 0700) if missing and return it."""
+        from latentdub.provenance.store import ensure_private_dir
+
+        return ensure_private_dir(self.data_dir, what="the service data folder")
+
+    def webhook_signing_secret(self) -> str:
+        """The webhook secret: the setting, else the one in data_dir (made on first use, mode 0600)."""
+        if self.webhook_secret is not None and self.webhook_secret.get_secret_value():
+            return self.webhook_secret.get_secret_value()
+        path = self.ensure_data_dir() / WEBHOOK_SECRET_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(secrets.token_urlsafe(32))
+        try:
+            value = path.read_text(encoding="ascii").strip()
+        except OSError as err:
+            raise InputError(f"cannot read the webhook secret {path}: {err.strerror or err}") from err
+        if not value:
+            raise InputError(f"the webhook secret file {path} is empty; delete it to make a new one.")
+        return value
