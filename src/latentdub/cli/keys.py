@@ -1,4 +1,4 @@
-"""``latentdub keys …``: the keys that sign content credentials (C2PA)."""
+"""``latentdub keys …``: the keys that sign content credentials (C2PA) and the service's API keys."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from latentdub.cli._app import app, console
+from latentdub.cli._app import app, console, console_err
 
 keys_app = typer.Typer(
-    help="Signing keys for content credentials (C2PA): a local CA and signer certificate.",
+    help="Signing keys for content credentials (C2PA), and API keys of the dubbing service "
+    "(create / list / revoke).",
     no_args_is_help=True,
 )
 app.add_typer(keys_app, name="keys")
@@ -64,3 +65,97 @@ def show_cmd(
         console.print(f"made new default signing keys in {keys.chain_pem_path.parent}", highlight=False, soft_wrap=True)
     for name in ("subject", "issuer", "not_after", "sha256_fingerprint", "chain", "key"):
         console.print(f"{name:<19}{info[name]}", highlight=False, soft_wrap=True)
+
+
+# -- API keys of the HTTP service ---------------------------------------------------------------
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The service's folder (its database lives there); default: $LATENTDUB_SERVICE_DATA_DIR "
+        "or the latentdub data folder's service/. $LATENTDUB_DATABASE_URL picks another database.",
+    ),
+]
+
+
+def _service_engine(data_dir: Path | None):  # -> sqlalchemy Engine
+    from latentdub.service.db import open_database
+    from latentdub.service.settings import ServiceSettings
+
+    settings = ServiceSettings(data_dir=data_dir) if data_dir is not None else ServiceSettings()
+    if settings.is_sqlite:
+        settings.ensure_data_dir()
+    return open_database(settings.database_url)
+
+
+@keys_app.command("create")
+def create_cmd(
+    name: Annotated[str, typer.Option("--name", help="A label for the key (who or what uses it).")] = "",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make an API key for the service. It is printed once, as the last line; only its hash is kept."""
+    from latentdub.service.auth import create_key
+
+    engine = _service_engine(data_dir)
+    try:
+        plaintext, key = create_key(engine, name)
+    finally:
+        engine.dispose()
+    label = f" {key.name!r}" if key.name else ""
+    console_err.print(
+        f"created API key{label} (id {key.id}, prefix {key.prefix}). Store it now: it cannot be shown again.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    print(plaintext, flush=True)
+
+
+@keys_app.command("list")
+def list_cmd(
+    data_dir: DataDirOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
+) -> None:
+    """List the service's API keys (prefix, name, created, revoked; never the key itself)."""
+    from latentdub.service.auth import list_keys
+
+    engine = _service_engine(data_dir)
+    try:
+        rows = [key.to_dict() for key in list_keys(engine)]
+    finally:
+        engine.dispose()
+    if json_out:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        console.print("no API keys (make one with `latentdub keys create`)", highlight=False)
+        return
+    console.print(f"{'prefix':<10}{'name':<24}{'created':<22}{'revoked':<22}id", highlight=False)
+    for row in rows:
+        console.print(
+            f"{row['prefix']:<10}{(row['name'] or '-')[:23]:<24}{row['created_at'][:19]:<22}"
+            f"{(row['revoked_at'] or '-')[:19]:<22}{row['id']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@keys_app.command("revoke")
+def revoke_cmd(
+    id_or_prefix: Annotated[str, typer.Argument(help="The key's id or prefix (from `keys list`).")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke an API key: requests with it are refused from now on."""
+    from latentdub.service.auth import revoke_key
+
+    engine = _service_engine(data_dir)
+    try:
+        key = revoke_key(engine, id_or_prefix)
+    finally:
+        engine.dispose()
+    console.print(
+        f"revoked API key {key.prefix} ({key.name or 'no name'}, id {key.id}) at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )

@@ -1,0 +1,428 @@
+"""``JobStore``: the life cycle of service jobs in the database.
+
+::
+
+    queued ──mark_running──▶ running ──finish──▶ succeeded
+      │                        ├──fail──────▶ failed
+      │                        └──cancelled─▶ cancelled   (after request_cancel: the worker stops)
+      ├──request_cancel──▶ cancelled                      (never started)
+      └──fail────────────▶ failed                         (could not start)
+    running ──recover──▶ queued                           (the server or its worker stopped)
+
+Every change runs in one short write transaction that locks the job first (``SELECT … FOR
+UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite), so two processes never both move the
+same job, and an impossible move raises :class:`InvalidTransition`. Objects returned are
+detached snapshots: read them freely, change jobs only through the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from latentdub.errors import InputError, LatentdubError
+from latentdub.progress import STAGES, ProgressEvent
+from latentdub.service.db import read_session, write_session
+from latentdub.service.models import ACTIVE_STATUSES, JOB_STATUSES, Job, new_id, utcnow
+
+# Share of the whole dub that each engine stage stands for (sums to 1).
+STAGE_WEIGHTS: dict[str, float] = {
+    "read": 0.01,
+    "fit": 0.02,
+    "faces": 0.15,
+    "audio_features": 0.02,
+    "dub": 0.75,
+    "finalize": 0.05,
+}
+assert tuple(STAGE_WEIGHTS) == STAGES
+_STAGE_START: dict[str, float] = {}
+_acc = 0.0
+for _name in STAGES:
+    _STAGE_START[_name] = _acc
+    _acc += STAGE_WEIGHTS[_name]
+del _acc, _name
+
+ANONYMOUS_SCOPE = "-"  # idempotency scope of requests made without an API key (auth off)
+MAX_PAGE = 500
+
+
+class JobStoreError(LatentdubError):
+    """Base of the store's errors."""
+
+
+class JobNotFound(JobStoreError):
+    """No job with that id (or it was deleted)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class Conflict(JobStoreError):
+    """The idempotency key was already used with a different request body (HTTP 409)."""
+
+    def __init__(self, idempotency_key: str, job_id: str) -> None:
+        self.idempotency_key = idempotency_key
+        self.job_id = job_id
+        super().__init__(
+            f"idempotency key {idempotency_key!r} was already used for job {job_id} with a "
+            "different request; use a new key for a different request"
+        )
+
+
+class InvalidTransition(JobStoreError):
+    """The job cannot make that move from its current status (HTTP 409)."""
+
+    def __init__(self, job_id: str, status: str, action: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.action = action
+        super().__init__(f"cannot {action} job {job_id}: it is {status}")
+
+
+def request_hash(body: Mapping[str, Any]) -> str:
+    """A stable SHA-256 of a request body (canonical JSON: sorted keys, no whitespace)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def overall_progress(event: ProgressEvent) -> float | None:
+    """The whole dub's progress 0..1 at ``event`` (None for a stage the weights do not know)."""
+    if event.stage not in STAGE_WEIGHTS:
+        return None
+    fraction = min(max(event.done / event.total, 0.0), 1.0) if event.total > 0 else 0.0
+    return min(1.0, _STAGE_START[event.stage] + STAGE_WEIGHTS[event.stage] * fraction)
+
+
+class JobStore:
+    """Jobs in one database (``engine``: SQLite or PostgreSQL, already migrated)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- creating and reading -------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        options: Mapping[str, Any],
+        consent: Mapping[str, Any] | None = None,
+        video_asset_id: str | None = None,
+        audio_asset_id: str | None = None,
+        webhook_url: str | None = None,
+        api_key_id: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        output_path: str | None = None,
+    ) -> tuple[Job, bool]:
+        """A new queued job, or the earlier job of the same ``idempotency_key``: ``(job, created)``.
+
+        The key is scoped to ``api_key_id``. Reusing it with the same ``request_hash`` returns the
+        first job (``created`` False); with a different hash it raises :class:`Conflict`.
+        """
+        if idempotency_key is not None:
+            idempotency_key = idempotency_key.strip()
+            if not idempotency_key or len(idempotency_key) > 255:
+                raise InputError("the idempotency key must be 1 to 255 characters")
+        scope = (api_key_id or ANONYMOUS_SCOPE) if idempotency_key else None
+        if idempotency_key:
+            earlier = self._by_idempotency(scope, idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier, False
+        job = Job(
+            id=new_id(),
+            status="queued",
+            created_at=utcnow(),
+            options=dict(options),
+            consent=None if consent is None else dict(consent),
+            video_asset_id=video_asset_id,
+            audio_asset_id=audio_asset_id,
+            webhook_url=webhook_url,
+            api_key_id=api_key_id,
+            idempotency_scope=scope,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            output_path=output_path,
+            progress=0.0,
+            cancel_requested=False,
+            attempts=0,
+        )
+        try:
+            with write_session(self.engine) as session:
+                session.add(job)
+        except IntegrityError:
+            # Another request with the same key won the race; answer as if we had come second.
+            if not idempotency_key:
+                raise
+            earlier = self._by_idempotency(scope, idempotency_key, request_hash)
+            if earlier is None:
+                raise
+            return earlier, False
+        return job, True
+
+    def _by_idempotency(self, scope: str | None, key: str, body_hash: str | None) -> Job | None:
+        with read_session(self.engine) as session:
+            job = session.scalars(
+                select(Job).where(Job.idempotency_scope == scope, Job.idempotency_key == key)
+            ).one_or_none()
+        if job is not None and job.request_hash != body_hash:
+            raise Conflict(key, job.id)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """The job, or :class:`JobNotFound`."""
+        with read_session(self.engine) as session:
+            job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def list(
+        self,
+        status: str | Sequence[str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        api_key_id: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None on the last one).
+
+        ``status`` filters by one status or several; ``api_key_id`` to one key's jobs.
+        Keyset paging on ``(created_at, id)``: pages stay consistent while jobs are added.
+        """
+        limit = max(1, min(int(limit), MAX_PAGE))
+        query = select(Job)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = [s for s in wanted if s not in JOB_STATUSES]
+            if unknown:
+                raise InputError(f"unknown job status {unknown[0]!r}; one of {', '.join(JOB_STATUSES)}")
+            query = query.where(Job.status.in_(wanted))
+        if api_key_id is not None:
+            query = query.where(Job.api_key_id == api_key_id)
+        if cursor:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+            )
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with read_session(self.engine) as session:
+            jobs = list(session.scalars(query))
+        if len(jobs) <= limit:
+            return jobs, None
+        jobs = jobs[:limit]
+        return jobs, _encode_cursor(jobs[-1])
+
+    def count_active(self, api_key_id: str | None) -> int:
+        """Jobs of this key that are queued or running (for the per-key concurrency limit)."""
+        query = select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE_STATUSES))
+        query = query.where(Job.api_key_id == api_key_id if api_key_id else Job.api_key_id.is_(None))
+        with read_session(self.engine) as session:
+            return int(session.scalar(query) or 0)
+
+    def count_since(self, api_key_id: str | None, since: dt.datetime) -> int:
+        """Jobs this key created since ``since`` (for the daily quota)."""
+        query = select(func.count()).select_from(Job).where(Job.created_at >= since)
+        query = query.where(Job.api_key_id == api_key_id if api_key_id else Job.api_key_id.is_(None))
+        with read_session(self.engine) as session:
+            return int(session.scalar(query) or 0)
+
+    def counts_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (every status present, for metrics)."""
+        with read_session(self.engine) as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        counts = dict.fromkeys(JOB_STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+    # -- moving jobs ----------------------------------------------------------------------------
+    def mark_running(self, job_id: str, worker: str, *, lease_s: float = 120.0) -> Job:
+        """``queued → running``, claimed by ``worker`` for ``lease_s`` (renew with :meth:`heartbeat`).
+
+        A running job whose lease has expired (its worker died) may be taken over the same way.
+        """
+        now = utcnow()
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            stale = job.status == "running" and (
+                job.lease_expires_at is None or job.lease_expires_at <= now or job.worker_id == worker
+            )
+            if job.status != "queued" and not stale:
+                raise InvalidTransition(job_id, job.status, "start")
+            if job.cancel_requested:
+                raise InvalidTransition(job_id, "being cancelled", "start")
+            job.status = "running"
+            job.worker_id = worker
+            job.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+            job.started_at = now
+            job.attempts += 1
+            job.progress, job.stage, job.eta_s = 0.0, None, None
+        return job
+
+    def heartbeat(self, job_id: str, worker: str, *, lease_s: float = 120.0) -> Job:
+        """Extend ``worker``'s lease on its running job; raises if the job is no longer its."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status != "running" or job.worker_id != worker:
+                raise InvalidTransition(job_id, job.status, f"renew the lease of worker {worker} on")
+            job.lease_expires_at = utcnow() + dt.timedelta(seconds=lease_s)
+        return job
+
+    def update_progress(self, job_id: str, event: ProgressEvent) -> Job:
+        """Record an engine progress event: overall progress (never decreasing), stage and ETA.
+
+        Events for a job that is not running (a late event after a cancel) change nothing.
+        """
+        overall = overall_progress(event)
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status != "running":
+                return job
+            if overall is not None:
+                job.progress = max(job.progress, overall)
+            job.stage = event.stage
+            job.eta_s = event.eta_s
+        return job
+
+    def finish(self, job_id: str, result: Mapping[str, Any], *, output_path: str | None = None) -> Job:
+        """``running → succeeded`` with the result summary (and the output's path)."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status != "running":
+                raise InvalidTransition(job_id, job.status, "finish")
+            job.status = "succeeded"
+            job.result = dict(result)
+            if output_path is not None:
+                job.output_path = output_path
+            job.progress, job.eta_s = 1.0, 0.0
+            self._close(job)
+        return job
+
+    def fail(self, job_id: str, code: str, message: str) -> Job:
+        """``queued|running → failed`` with an error code (``input_error`` …) and a human message."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status not in ACTIVE_STATUSES:
+                raise InvalidTransition(job_id, job.status, "fail")
+            job.status = "failed"
+            job.error_code = str(code)[:64]
+            job.error_message = message
+            job.eta_s = None
+            self._close(job)
+        return job
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Ask a job to stop. A queued job is cancelled at once; a running one is flagged
+        (``cancel_requested``) and its worker calls :meth:`cancelled` once the engine stopped.
+        Cancelling a cancelled job is a no-op; a succeeded or failed one raises."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status == "cancelled":
+                return job
+            if job.status not in ACTIVE_STATUSES:
+                raise InvalidTransition(job_id, job.status, "cancel")
+            job.cancel_requested = True
+            if job.status == "queued":
+                job.status = "cancelled"
+                self._close(job)
+        return job
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        """For the worker's cancel token: was this job asked to stop (or already gone)?"""
+        with read_session(self.engine) as session:
+            flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+        return True if flag is None else bool(flag)
+
+    def cancelled(self, job_id: str) -> Job:
+        """The worker stopped the job after a cancel: ``queued|running → cancelled``."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status == "cancelled":
+                return job
+            if job.status not in ACTIVE_STATUSES:
+                raise InvalidTransition(job_id, job.status, "mark as cancelled")
+            job.status = "cancelled"
+            job.cancel_requested = True
+            job.eta_s = None
+            self._close(job)
+        return job
+
+    def recover(self, *, stale_only: bool = False) -> builtins.list[Job]:
+        """Jobs to run again after a restart, oldest first; running ones go back to queued.
+
+        ``stale_only``: only requeue running jobs whose worker lease has expired (several
+        machines share the database and other workers are alive). A running job that was asked
+        to cancel is marked cancelled instead.
+        """
+        now = utcnow()
+        with write_session(self.engine) as session:
+            query = (
+                select(Job)
+                .where(Job.status.in_(ACTIVE_STATUSES))
+                .order_by(Job.created_at, Job.id)
+                .with_for_update()
+            )
+            jobs = list(session.scalars(query))
+            out: builtins.list[Job] = []
+            for job in jobs:
+                if job.status == "running":
+                    if stale_only and job.lease_expires_at is not None and job.lease_expires_at > now:
+                        continue
+                    if job.cancel_requested:
+                        job.status = "cancelled"
+                        self._close(job)
+                        continue
+                    job.status = "queued"
+                    job.worker_id = None
+                    job.lease_expires_at = None
+                    job.progress, job.stage, job.eta_s = 0.0, None, None
+                out.append(job)
+        return out
+
+    def delete(self, job_id: str) -> Job:
+        """Remove a job that is not running (cancel it first); returns it, so its files can go."""
+        with write_session(self.engine) as session:
+            job = self._locked(session, job_id)
+            if job.status == "running":
+                raise InvalidTransition(job_id, job.status, "delete")
+            session.delete(job)
+        return job
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _locked(session: Session, job_id: str) -> Job:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    @staticmethod
+    def _close(job: Job) -> None:
+        job.finished_at = utcnow()
+        job.worker_id = None
+        job.lease_expires_at = None
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+        created_text, job_id = raw.split("|", 1)
+        created = dt.datetime.fromisoformat(created_text)
+        if created.tzinfo is None or not job_id:
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the page cursor is not one this server gave out") from None
+    return created, job_id

@@ -1,0 +1,200 @@
+"""Signed webhooks: sign / verify, and delivery with retries to a real HTTP receiver in the test."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from latentdub.errors import InputError
+from latentdub.service.db import open_database, session_factory
+from latentdub.service.models import WebhookDelivery
+from latentdub.service.store import JobStore
+from latentdub.service.webhooks import check_webhook_url, deliver, sign, verify
+
+SECRET = "whsec_test_secret"
+
+
+# -- sign / verify ------------------------------------------------------------------------------
+def test_sign_format_and_verify() -> None:
+    body = b'{"a":1}'
+    header = sign(body, SECRET, 1_700_000_000)
+    t, v1 = header.split(",")
+    assert t == "t=1700000000" and v1.startswith("v1=") and len(v1) == 3 + 64
+    import hashlib
+    import hmac
+
+    expected = hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert v1 == f"v1={expected}"
+    assert verify(header, body, SECRET, now=1_700_000_000)
+    assert verify(header, body, SECRET, now=1_700_000_299)
+    # Rotation: several v1 entries, any one matching is enough.
+    rotated = f"{header},v1={'0' * 64}"
+    assert verify(rotated, body, SECRET, now=1_700_000_000)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "garbage",
+        "t=1700000000",
+        "v1=abc",
+        "t=abc,v1=" + "0" * 64,
+        "t=-5,v1=" + "0" * 64,
+        "t=1700000000,t=1700000000,v1=" + "0" * 64,
+        "t=1700000000,,v1=x",
+        "t=1700000000,v1=" + "0" * 64,
+    ],
+)
+def test_verify_rejects_malformed(header: str | None) -> None:
+    assert not verify(header, b"{}", SECRET, now=1_700_000_000)
+
+
+def test_verify_rejects_tampering_wrong_secret_and_stale() -> None:
+    body = b'{"job":"x"}'
+    header = sign(body, SECRET, 1_700_000_000)
+    assert not verify(header, body + b" ", SECRET, now=1_700_000_000)
+    assert not verify(header, body, "another", now=1_700_000_000)
+    assert not verify(header, body, "", now=1_700_000_000)
+    assert not verify(header, body, SECRET, now=1_700_000_301)  # too old
+    assert not verify(header, body, SECRET, now=1_699_999_000)  # from the future
+    assert verify(header, body, SECRET, now=1_700_000_900, tolerance_s=1000)
+    fresh = sign(body, SECRET, int(time.time()))
+    assert verify(fresh, body, SECRET)  # now = the clock
+    with pytest.raises(ValueError):
+        sign(body, "", 1)
+
+
+def test_check_webhook_url() -> None:
+    assert check_webhook_url(" https://example.org/hook ") == "https://example.org/hook"
+    for bad in ("ftp://example.org/x", "file:///etc/passwd", "/relative", "http://", "https://u:p@example.org/"):
+        with pytest.raises(InputError):
+            check_webhook_url(bad)
+
+
+# -- delivery to a real receiver ----------------------------------------------------------------
+class Receiver:
+    """A tiny HTTP server on 127.0.0.1 that verifies signatures and answers planned statuses."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.requests: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                ok = verify(self.headers.get("Webhook-Signature"), body, SECRET)
+                receiver.requests.append(
+                    {"headers": dict(self.headers), "body": body, "verified": ok, "path": self.path}
+                )
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                if not ok:
+                    status = 400
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Any]:
+    engine = open_database(f"sqlite:///{tmp_path / 'service.db'}")
+    yield engine
+    engine.dispose()
+
+
+def test_deliver_retries_after_503_and_records_attempts(db: Any) -> None:
+    job, _ = JobStore(db).create(options={})
+    sleeps: list[float] = []
+    payload = {"job": {"id": job.id, "status": "succeeded"}}
+    with Receiver([503]) as receiver, session_factory(db)() as session:
+        result = deliver(
+            receiver.url,
+            "job.succeeded",
+            payload,
+            SECRET,
+            retries=3,
+            backoff_s=0.01,
+            session=session,
+            job_id=job.id,
+            sleep=lambda s: (sleeps.append(s), time.sleep(s))[0],
+        )
+    assert result.delivered and result.attempts == 2 and result.status == 200 and result.error is None
+    assert len(receiver.requests) == 2 and all(r["verified"] for r in receiver.requests)
+    assert sleeps == [0.01]
+    first, second = receiver.requests
+    # The same event id over retries; each attempt signed with its own timestamp header.
+    assert first["headers"]["Webhook-Id"] == second["headers"]["Webhook-Id"] == result.webhook_id
+    for r in receiver.requests:
+        t = r["headers"]["Webhook-Timestamp"]
+        assert r["headers"]["Webhook-Signature"].startswith(f"t={t},v1=")
+        assert r["headers"]["Content-Type"] == "application/json"
+    envelope = json.loads(second["body"])
+    assert envelope["type"] == "job.succeeded" and envelope["data"] == payload
+    assert envelope["id"] == result.webhook_id
+    with session_factory(db)() as session:
+        row = session.scalars(select(WebhookDelivery)).one()
+    assert row.job_id == job.id and row.event == "job.succeeded" and row.attempts == 2
+    assert row.last_status == 200 and row.delivered_at is not None and row.next_attempt_at is None
+
+
+def test_deliver_gives_up_on_4xx_without_retry() -> None:
+    with Receiver([410]) as receiver:
+        result = deliver(receiver.url, "job.failed", {}, SECRET, retries=5, backoff_s=0.01, sleep=lambda s: None)
+    assert not result.delivered and result.attempts == 1 and result.status == 410
+    assert result.error == "HTTP 410"
+
+
+def test_deliver_exhausts_retries_with_exponential_backoff(db: Any) -> None:
+    sleeps: list[float] = []
+    with Receiver([500, 502, 503, 504]) as receiver, session_factory(db)() as session:
+        result = deliver(
+            receiver.url, "job.cancelled", {}, SECRET, retries=2, backoff_s=0.5,
+            session=session, sleep=sleeps.append,
+        )
+    assert not result.delivered and result.attempts == 3 and result.status == 503
+    assert sleeps == [0.5, 1.0]
+    with session_factory(db)() as session:
+        row = session.scalars(select(WebhookDelivery)).one()
+    assert row.attempts == 3 and row.last_status == 503 and row.delivered_at is None
+
+
+def test_deliver_retries_network_errors() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps: list[float] = []
+    result = deliver(
+        f"http://127.0.0.1:{port}/hook", "job.failed", {}, SECRET, retries=2, backoff_s=0.1,
+        timeout_s=2, sleep=sleeps.append,
+    )
+    assert not result.delivered and result.attempts == 3 and result.status is None
+    assert result.error and "Connect" in result.error
+    assert sleeps == [0.1, 0.2]
