@@ -336,3 +336,23 @@ def test_progress_events_are_ordered_monotonic_and_complete(
     dub_events = [e for e in events if e.stage == "dub"]
     assert dub_events[-1].total == 40 and dub_events[-1].fps and dub_events[-1].fps > 0
     assert all(e.eta_s is None or e.eta_s >= 0 for e in events)
+
+
+def test_cancel_during_finalizers_stops_before_the_next_one_and_leaves_no_file(
+    pipe: LipSyncPipeline, clip40: Path, tmp_path: Path
+) -> None:
+    job, tokens, clip = make_job(pipe, clip40, np.zeros(40, bool))
+    cancel = threading.Event()
+    ran: list[str] = []
+
+    def first(path: Path) -> None:
+        ran.append("first")
+        cancel.set()
+
+    def second(path: Path) -> None:  # e.g. the audit entry: must not record a file that never appears
+        ran.append("second")
+
+    with pytest.raises(Cancelled):
+        run_render(pipe, job, tokens, clip, tmp_path / "out.mp4", finalizers=(first, second), cancel=cancel)
+    assert ran == ["first"]
+    assert not (tmp_path / "out.mp4").exists() and leftovers(tmp_path) == []

@@ -100,8 +100,9 @@ class DubProgress:
             self._start = time.perf_counter()
             self._emit_locked(0, force=True)
 
-    def update(self, done: int, total: int | None = None) -> None:
-        """Report ``done`` items of the current stage (never goes backwards)."""
+    def update(self, done: int, total: int | None = None, *, check: bool = True) -> None:
+        """Report ``done`` items of the current stage (never goes backwards); then, unless
+        ``check`` is False, raise :class:`Cancelled` if the caller asked to stop."""
         with self._lock:
             if self._stage is None or self._stage in self._finished:
                 return
@@ -113,7 +114,8 @@ class DubProgress:
                 return
             self._done = done
             self._emit_locked(done, force=False)
-        self.check()
+        if check:
+            self.check()
 
     def finish(self) -> None:
         """End the current stage with ``done == total``."""

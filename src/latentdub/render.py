@@ -367,9 +367,9 @@ class FrameSink:
                         raise HookError(f"finalizer {_name(g)} must return None or a mapping, got {type(extra).__name__}")
                     provenance.update(extra)
                 if self.progress is not None:
-                    self.progress.update(i + 1)
-            if self.progress is not None:
-                self.progress.check()  # the last moment a cancel can still keep the file from appearing
+                    self.progress.update(i + 1, check=False)
+            # No cancel check after the last finalizer: it may have recorded the file (audit log),
+            # so from here on the file appears.
 
         with self._timed("finalize"):
             path = self.writer.close(before_rename=run_finalizers)
