@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from latentdub.cli import main
+from cli_helpers import invoke
 from latentdub.provenance.audit import AuditError, AuditLog, dub_entry
 from latentdub.provenance.consent import parse_consent
 
@@ -182,14 +182,8 @@ def test_concurrent_appends_keep_the_chain(tmp_path: Path) -> None:
 
 # -- CLI ----------------------------------------------------------------------------------------
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
-    code: object = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return (code if isinstance(code, int) else 1), captured.out + captured.err
+    code, out, err = invoke(args, monkeypatch, capsys)
+    return code, out + err
 
 
 def test_cli_keys_init_signing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

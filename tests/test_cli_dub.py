@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -13,19 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from latentdub.cli import main
+from cli_helpers import invoke
 from latentdub.media.writer import VideoWriter
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return invoke(args, monkeypatch, capsys)
 
 
 def faceless_video(path: Path, frames: int = 40) -> Path:

@@ -14,17 +14,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cli_helpers import invoke
 from latentdub.cli import main
 from latentdub.errors import Cancelled
 
 
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 1), captured.out + captured.err
+    code, out, err = invoke(args, monkeypatch, capsys)
+    return code, out + err
 
 
 # -- usage errors ---------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import av
@@ -10,15 +9,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from latentdub.cli import main
+from cli_helpers import invoke
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out + captured.err
+    code, out, err = invoke(args, monkeypatch, capsys)
+    return code, out + err
 
 
 @pytest.fixture()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
-from latentdub.cli import main
+from cli_helpers import invoke
 from latentdub.service.auth import (
     KeyNotFound,
     create_key,
@@ -78,14 +77,7 @@ def test_list_and_revoke(engine: Engine) -> None:
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _run(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["latentdub", *args])
-    code: object = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return (code if isinstance(code, int) else 1), out.out, out.err
+    return invoke(args, monkeypatch, capsys)
 
 
 def test_cli_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
