@@ -356,3 +356,16 @@ def test_cancel_during_finalizers_stops_before_the_next_one_and_leaves_no_file(
         run_render(pipe, job, tokens, clip, tmp_path / "out.mp4", finalizers=(first, second), cancel=cancel)
     assert ran == ["first"]
     assert not (tmp_path / "out.mp4").exists() and leftovers(tmp_path) == []
+
+
+def test_a_progress_callback_failing_at_the_start_of_dub_leaves_no_partial(
+    pipe: LipSyncPipeline, clip40: Path, tmp_path: Path
+) -> None:
+    job, tokens, clip = make_job(pipe, clip40, np.zeros(40, bool))
+
+    def refuse(event: ProgressEvent) -> None:
+        raise RuntimeError("event sink down")
+
+    with pytest.raises(HookError):
+        run_render(pipe, job, tokens, clip, tmp_path / "out.mp4", progress=refuse)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out.mp4").exists()

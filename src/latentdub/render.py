@@ -475,7 +475,11 @@ def render(
         threading.Thread(target=source, name="latentdub-source", daemon=True),
         threading.Thread(target=write, name="latentdub-sink", daemon=True),
     ]
-    progress.start("dub", job.num_frames, frames=True)
+    try:
+        progress.start("dub", job.num_frames, frames=True)  # may raise: cancelled, or a bad callback
+    except BaseException:
+        sink.abort()
+        raise
     for t in threads:
         t.start()
     try:
