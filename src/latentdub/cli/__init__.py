@@ -25,8 +25,10 @@ from latentdub.cli import doctor as _doctor  # noqa: F401
 from latentdub.cli import dub as _dub  # noqa: F401
 from latentdub.cli import faces as _faces  # noqa: F401
 from latentdub.cli import keys as _keys  # noqa: F401
+from latentdub.cli import serve as _serve  # noqa: F401
 from latentdub.cli import verify as _verify  # noqa: F401
 from latentdub.cli import weights as _weights  # noqa: F401
+from latentdub.cli import worker as _worker  # noqa: F401
 from latentdub.cli._app import app, console_err
 from latentdub.errors import Cancelled, LatentdubError
 

@@ -78,6 +78,14 @@ class ServiceSettings(BaseSettings):
     lease_s: float = Field(
         120.0, gt=0, description="How long a worker's claim on a running job lasts without a heartbeat."
     )
+    broker_url: str = Field(
+        "",
+        description="Celery broker for scale-out (redis://host:6379/0): jobs then run on `latentdub worker` "
+        "processes. Empty: they run inside the serving process.",
+    )
+    visibility_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds after which a job whose worker died is delivered to another worker."
+    )
 
     def __init__(self, **values: Any) -> None:
         # data_dir= by keyword; from the environment only as LATENTDUB_SERVICE_DATA_DIR (matching

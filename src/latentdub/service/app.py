@@ -1,0 +1,208 @@
+"""``create_app``: the dubbing service's FastAPI application.
+
+* Every error of every route (validation, 404, 405, 413, uncaught bugs) is JSON
+  ``{"error": {"code", "message"}}`` with no traceback.
+* ``/api/…`` needs ``Authorization: Bearer KEY`` when ``settings.auth_enabled``; the check runs
+  before the request body is read. ``/healthz``, ``/readyz`` and ``/metrics`` are open.
+* A request body larger than two uploads' worth is refused (413) while it streams in; each
+  upload is limited to ``max_upload_bytes`` as it is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from latentdub.errors import InputError, LatentdubError
+from latentdub.service.routes import ApiError, api, probes
+from latentdub.service.schemas import error_body
+from latentdub.service.settings import ServiceSettings
+from latentdub.service.store import Conflict, InvalidTransition, JobNotFound
+from latentdub.service.uploads import UploadError
+
+log = logging.getLogger(__name__)
+
+BODY_SLACK = 1 << 20  # multipart headers and the text fields, on top of two uploads
+DEFAULT_SYNC_TIMEOUT_S = 600.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+class GateMiddleware:
+    """API-key check and request-body limit for ``/api/`` routes, before the body is read."""
+
+    def __init__(self, app: ASGIApp, settings: ServiceSettings, engine: Any) -> None:
+        self.app = app
+        self.settings = settings
+        self.engine = engine
+        self.max_body = 2 * settings.max_upload_bytes + BODY_SLACK
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = None
+        if self.settings.auth_enabled:
+            from latentdub.service.auth import verify_key
+
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                key = await anyio.to_thread.run_sync(verify_key, self.engine, token.strip())
+            if key is None:
+                response = _json(
+                    401, "unauthorized",
+                    "a valid API key is required: send Authorization: Bearer KEY (make one with `latentdub keys create`)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        scope.setdefault("state", {})["api_key"] = key
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _json(
+            413, "upload_too_large",
+            f"the request is larger than the limit ({self.settings.max_upload_bytes} bytes per upload)",
+        )
+        await response(scope, receive, send)
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    runner: Any = None,
+    *,
+    pipe_factory: Any = None,
+    sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
+    preload: bool = False,
+) -> FastAPI:
+    """The app. ``runner``: an :class:`~.runner.InProcessRunner` (or alike: submit, cancel,
+    ready, queue_depth, recover, start, stop, store); default: one made from ``settings`` and
+    ``pipe_factory``. The runner is started (and its jobs recovered) with the app's lifespan."""
+    from latentdub.service.runner import InProcessRunner
+
+    settings = settings or ServiceSettings()
+    settings.ensure_data_dir()
+    if runner is None:
+        runner = InProcessRunner(settings, pipe_factory)
+    store = runner.store
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start(preload=preload)
+        await anyio.to_thread.run_sync(runner.recover)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runner.stop)
+
+    app = FastAPI(
+        title="latentdub",
+        summary="Lip-sync dubbing: video + new speech in, the same video with a new mouth out.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runner = runner
+    app.state.store = store
+    app.state.sync_timeout_s = sync_timeout_s
+    app.include_router(api)
+    app.include_router(probes)
+    app.add_middleware(GateMiddleware, settings=settings, engine=store.engine)
+    _install_error_handlers(app)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("latentdub")
+    except Exception:
+        return "0"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return _json(err.status, err.code, err.message, headers=err.headers, field=err.field, job_id=err.job_id)
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_: Request, err: UploadError) -> JSONResponse:
+        return _json(err.status, err.code, err.message, field=err.field)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
+        return _json(413, "upload_too_large", "the request body is larger than the server accepts")
+
+    @app.exception_handler(LatentdubError)
+    async def _latentdub_error(_: Request, err: LatentdubError) -> JSONResponse:
+        if isinstance(err, JobNotFound):
+            return _json(404, "not_found", str(err))
+        if isinstance(err, Conflict):
+            return _json(409, "idempotency_conflict", str(err), job_id=err.job_id)
+        if isinstance(err, InvalidTransition):
+            return _json(409, "invalid_state", str(err), job_id=err.job_id)
+        if isinstance(err, InputError):
+            return _json(422, "bad_input", str(err), field=getattr(err, "field", None))
+        log.error("unexpected service error: %s", err)
+        return _json(500, "internal", str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = []
+        field = None
+        for e in err.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
+            name = ".".join(loc) or "request"
+            field = field or name
+            problems.append(f"{name}: {e.get('msg', 'is invalid')}")
+        return _json(422, "validation_error", "; ".join(problems) or "the request is invalid", field=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if isinstance(err.__cause__, BodyTooLarge):
+            return _json(413, "upload_too_large", "the request body is larger than the server accepts")
+        codes = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                 413: "too_large", 415: "unsupported_media"}
+        message = err.detail if isinstance(err.detail, str) else "the request cannot be served"
+        if err.status_code == 404 and message == "Not Found":
+            message = "no such route"
+        return _json(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), message,
+                     headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=err)
+        return _json(500, "internal", "internal server error; see the server log")

@@ -1,0 +1,229 @@
+"""``run_job``: one service job through the dubbing pipeline, from queued to a final status.
+
+The same function runs in the in-process worker (:mod:`.runner`) and in any other worker: it
+only needs the job store, a loaded pipeline and the settings. The output always goes to
+``data_dir/results/<job id>.mp4``, a path the service chose; nothing here is derived from the
+request except through the job's stored, validated fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from latentdub.errors import Cancelled, HookError, InputError, LatentdubError, WeightsError
+from latentdub.options import DubOptions
+from latentdub.progress import ProgressEvent
+from latentdub.service.db import read_session
+from latentdub.service.models import Asset, Job
+from latentdub.service.settings import ServiceSettings
+from latentdub.service.store import InvalidTransition, JobStore
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = "results"
+# How often the cancel token asks the database (the in-memory event is checked on every call).
+CANCEL_POLL_S = 0.5
+# How often a running job's lease is renewed (also from the cancel token's polling).
+HEARTBEAT_S = 20.0
+WEBHOOK_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
+
+
+def worker_name(kind: str = "inproc") -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{kind}"
+
+
+def result_path(settings: ServiceSettings, job_id: str) -> Path:
+    """Where a job's result lives (the job id is a UUID the service made)."""
+    return settings.data_dir / RESULTS_DIR / f"{job_id}.mp4"
+
+
+def error_code(err: BaseException) -> str:
+    """A stable error code for a failed job."""
+    if isinstance(err, InputError):
+        return "bad_input"
+    if isinstance(err, WeightsError):
+        return "weights"
+    if isinstance(err, HookError):
+        return "hook"
+    return "internal"
+
+
+class StoreCancelToken:
+    """``is_set()`` is True once ``event`` is set or the store says the job was asked to stop.
+
+    The store is asked at most every ``poll_s`` seconds, so the engine may poll this as often as
+    it likes. The same polling renews the worker's lease on the job every ``heartbeat_s``.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        event: threading.Event,
+        *,
+        worker: str | None = None,
+        lease_s: float = 120.0,
+        poll_s: float = CANCEL_POLL_S,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.event = event
+        self.worker = worker
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._last_poll = 0.0
+        self._last_beat = time.monotonic()
+
+    def is_set(self) -> bool:
+        if self.event.is_set():
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_poll < self.poll_s:
+                return False
+            self._last_poll = now
+            beat = self.worker is not None and now - self._last_beat >= self.heartbeat_s
+            if beat:
+                self._last_beat = now
+        try:
+            if self.store.is_cancel_requested(self.job_id):
+                self.event.set()
+                return True
+            if beat:
+                self.store.heartbeat(self.job_id, self.worker or "", lease_s=self.lease_s)
+        except InvalidTransition:
+            self.event.set()  # the job is no longer ours: stop
+            return True
+        except Exception:  # a database hiccup must not kill the dub; try again later
+            log.warning("cancel check of job %s failed", self.job_id, exc_info=True)
+        return self.event.is_set()
+
+
+def _asset_path(store: JobStore, asset_id: str | None, what: str) -> Path:
+    if asset_id is None:
+        raise InputError(f"the job has no {what} file (its upload was deleted)")
+    with read_session(store.engine) as session:
+        asset = session.get(Asset, asset_id)
+    if asset is None:
+        raise InputError(f"the {what} upload of this job no longer exists")
+    path = Path(asset.path)
+    if not path.is_file():
+        raise InputError(f"the {what} upload of this job is missing from the server's storage")
+    return path
+
+
+def run_job(
+    job_id: str,
+    *,
+    store: JobStore,
+    pipe: Any,
+    settings: ServiceSettings,
+    cancel_event: threading.Event | None = None,
+    worker: str | None = None,
+    webhook_in_background: bool = False,
+    shutdown_event: threading.Event | None = None,
+) -> None:
+    """Run one queued job to its final status, then send its webhook (if it has one).
+
+    Never raises for a failure of the dub itself: that is recorded on the job. A job that is not
+    queued any more (cancelled before it started, deleted) is skipped. When ``shutdown_event``
+    is set (the server is stopping; it must also set ``cancel_event``), the stopped job is left
+    running in the store, and the next start's recovery queues it again.
+    """
+    from latentdub.provenance.consent import parse_consent
+
+    event = cancel_event if cancel_event is not None else threading.Event()
+    worker = worker or worker_name()
+    try:
+        job = store.mark_running(job_id, worker, lease_s=settings.lease_s)
+    except InvalidTransition as err:
+        log.info("job %s not started: %s", job_id, err)
+        return
+    except LatentdubError as err:  # JobNotFound: deleted meanwhile
+        log.info("job %s not started: %s", job_id, err)
+        return
+
+    output = result_path(settings, job.id)
+    # Renew the lease well before it runs out, so no other worker takes over a live job.
+    token = StoreCancelToken(store, job.id, event, worker=worker, lease_s=settings.lease_s,
+                             heartbeat_s=min(HEARTBEAT_S, settings.lease_s / 3))
+
+    def on_progress(ev: ProgressEvent) -> None:
+        store.update_progress(job.id, ev)
+
+    final: Job | None = None
+    try:
+        opts = DubOptions.from_dict(job.options or {})
+        consent = parse_consent(job.consent) if job.consent is not None else None
+        video = _asset_path(store, job.video_asset_id, "video")
+        audio = _asset_path(store, job.audio_asset_id, "audio")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        result = pipe(video, audio, output, opts, consent=consent, progress=on_progress, cancel=token, job_id=job.id)
+        final = store.finish(job.id, result.to_dict(), output_path=str(output))
+    except Cancelled:
+        if shutdown_event is not None and shutdown_event.is_set() and not _cancel_requested(store, job.id):
+            log.info("job %s stopped by the server shutdown; it runs again after a restart", job.id)
+            return
+        final = _safely(store.cancelled, job.id)
+    except LatentdubError as err:
+        final = _safely(store.fail, job.id, error_code(err), str(err))
+    except Exception as err:
+        log.exception("job %s failed with an internal error", job.id)
+        final = _safely(store.fail, job.id, "internal", f"internal error ({type(err).__name__}); see the server log")
+    if final is not None and final.webhook_url and final.status in WEBHOOK_EVENTS:
+        if webhook_in_background:
+            threading.Thread(
+                target=send_webhook, args=(final, store, settings), name=f"webhook-{job.id}", daemon=True
+            ).start()
+        else:
+            send_webhook(final, store, settings)
+
+
+def _cancel_requested(store: JobStore, job_id: str) -> bool:
+    try:
+        return store.is_cancel_requested(job_id)
+    except Exception:
+        return False
+
+
+def _safely(move: Any, *args: Any) -> Job | None:
+    """A final store move that may race with a delete or a cancel; log instead of raising."""
+    try:
+        return move(*args)
+    except LatentdubError as err:
+        log.warning("could not record the end of job %s: %s", args[0], err)
+        return None
+
+
+def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
+    """POST the job's final state to its ``webhook_url``, signed; the delivery is recorded."""
+    from latentdub.service import webhooks
+
+    if not job.webhook_url:
+        return
+    try:
+        with read_session(store.engine) as session:
+            outcome = webhooks.deliver(
+                job.webhook_url,
+                WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
+                job.to_dict(),
+                settings.webhook_signing_secret(),
+                retries=settings.webhook_retries,
+                backoff_s=settings.webhook_backoff_s,
+                timeout_s=settings.webhook_timeout_s,
+                session=session,
+                job_id=job.id,
+            )
+        if not outcome.delivered:
+            log.warning("webhook of job %s was not delivered: %s", job.id, outcome.error)
+    except Exception:
+        log.exception("webhook of job %s failed", job.id)

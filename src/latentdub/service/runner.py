@@ -1,0 +1,207 @@
+"""``InProcessRunner``: the default execution of service jobs, inside the server process.
+
+One worker thread keeps the pipeline loaded and runs queued jobs one at a time, in submission
+order (one job at a time per GPU). Jobs live in the database, so a restart loses nothing:
+:meth:`InProcessRunner.recover` puts back what was queued or running when the server stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from latentdub.service.db import open_database
+from latentdub.service.jobs import run_job, worker_name
+from latentdub.service.models import Job
+from latentdub.service.settings import ServiceSettings
+from latentdub.service.store import JobStore
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class InProcessRunner:
+    """Runs jobs of ``store`` (default: the settings' database) with ``pipe_factory()``'s pipeline.
+
+    ``pipe_factory`` is called once, in the worker thread, on the first job or at start with
+    ``start(preload=True)``. None: the runner has no model and is never ready (jobs wait).
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        pipe_factory: Callable[[], Any] | None,
+        *,
+        store: JobStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipe_factory = pipe_factory
+        if store is None:
+            settings.ensure_data_dir()
+            store = JobStore(open_database(settings.database_url))
+        self.store = store
+        self.worker = worker_name()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pipe: Any = None
+        self._load_error: str | None = None
+        self._loading = False
+        self._current: tuple[str, threading.Event] | None = None
+        self._pending: set[str] = set()
+        self._shutdown = threading.Event()
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self, *, preload: bool = False) -> None:
+        """Start the worker thread (a no-op if it runs); ``preload`` loads the model first."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._shutdown.clear()
+            self._thread = threading.Thread(
+                target=self._work, args=(preload,), name="latentdub-worker", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker; a running job is interrupted and stays running in the store, so the
+        next start's :meth:`recover` runs it again."""
+        self._shutdown.set()
+        with self._lock:
+            thread = self._thread
+            current = self._current
+        if current is not None:
+            current[1].set()
+        self._queue.put(_STOP)
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def recover(self) -> list[str]:
+        """Queue again the jobs the store says were queued or running; returns their ids."""
+        jobs = self.store.recover()
+        for job in jobs:
+            self.submit(job.id)
+        if jobs:
+            log.info("recovered %d job(s)", len(jobs))
+        return [job.id for job in jobs]
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def submit(self, job_id: str) -> None:
+        """Queue a job that the store holds as queued (a second submit of the same id is ignored)."""
+        with self._lock:
+            if job_id in self._pending:
+                return
+            self._pending.add(job_id)
+        self._queue.put(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask the job to stop: a queued one is cancelled at once, a running one within seconds."""
+        job = self.store.request_cancel(job_id)
+        with self._lock:
+            current = self._current
+        if current is not None and current[0] == job_id:
+            current[1].set()
+        return job
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def running_job(self) -> str | None:
+        with self._lock:
+            return None if self._current is None else self._current[0]
+
+    def ready(self) -> dict[str, Any]:
+        """``{"ready", "weights_loaded", "worker_alive", "reasons"}`` for ``/readyz``."""
+        with self._lock:
+            alive = self._thread is not None and self._thread.is_alive()
+            loaded = self._pipe is not None
+            loading, load_error = self._loading, self._load_error
+        reasons = []
+        if not alive:
+            reasons.append("the worker thread is not running")
+        if not loaded:
+            if self.pipe_factory is None:
+                reasons.append("no model weights are configured")
+            elif load_error:
+                reasons.append(f"the model failed to load: {load_error}")
+            else:
+                reasons.append("the model is loading" if loading else "the model is not loaded yet")
+        return {"ready": alive and loaded, "weights_loaded": loaded, "worker_alive": alive, "reasons": reasons}
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _load(self) -> Any:
+        if self._pipe is not None:
+            return self._pipe
+        if self.pipe_factory is None:
+            raise RuntimeError("no model weights are configured")
+        with self._lock:
+            self._loading = True
+        try:
+            pipe = self.pipe_factory()
+        except Exception as err:
+            with self._lock:
+                self._load_error = str(err) or type(err).__name__
+            raise
+        finally:
+            with self._lock:
+                self._loading = False
+        with self._lock:
+            self._pipe, self._load_error = pipe, None
+        return pipe
+
+    def _work(self, preload: bool) -> None:
+        if preload and self.pipe_factory is not None:
+            try:
+                self._load()
+            except Exception:
+                log.exception("loading the model failed")
+        while True:
+            item = self._queue.get()
+            if item is _STOP or self._shutdown.is_set():
+                return
+            job_id = str(item)
+            event = threading.Event()
+            with self._lock:
+                self._pending.discard(job_id)
+                self._current = (job_id, event)
+            try:
+                self._run(job_id, event)
+            except Exception:
+                log.exception("the worker failed on job %s", job_id)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run(self, job_id: str, event: threading.Event) -> None:
+        try:
+            job = self.store.get(job_id)
+        except Exception:
+            return
+        if job.status != "queued":
+            return
+        try:
+            pipe = self._load()
+        except Exception as err:
+            from latentdub.errors import LatentdubError
+
+            code = "weights" if isinstance(err, LatentdubError) else "internal"
+            try:
+                self.store.fail(job_id, code, f"the model could not be loaded: {err}")
+            except Exception:
+                log.exception("could not fail job %s", job_id)
+            return
+        run_job(
+            job_id,
+            store=self.store,
+            pipe=pipe,
+            settings=self.settings,
+            cancel_event=event,
+            worker=self.worker,
+            webhook_in_background=True,
+            shutdown_event=self._shutdown,
+        )

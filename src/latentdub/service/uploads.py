@@ -1,0 +1,207 @@
+"""Uploads: streamed to ``data_dir/uploads/<uuid>.<ext>`` with a byte limit, then sniffed.
+
+The stored name is a fresh UUID and the extension comes from what PyAV finds in the content;
+the client's filename and content type are never used. Limits (bytes, duration, frame size)
+come from :class:`~latentdub.service.settings.ServiceSettings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from latentdub.errors import InputError
+from latentdub.service.db import write_session
+from latentdub.service.models import Asset, utcnow
+from latentdub.service.settings import ServiceSettings
+
+UPLOADS_DIR = "uploads"
+CHUNK = 1 << 20
+MIN_AUDIO_S = 0.5
+
+# Container format (PyAV's names) → the extension the stored file gets.
+_EXTENSIONS = (
+    ("mp4", "mp4"),
+    ("mov", "mov"),
+    ("matroska", "mkv"),
+    ("webm", "webm"),
+    ("avi", "avi"),
+    ("mpegts", "ts"),
+    ("wav", "wav"),
+    ("mp3", "mp3"),
+    ("flac", "flac"),
+    ("ogg", "ogg"),
+    ("aac", "aac"),
+)
+
+
+class UploadError(Exception):
+    """An upload refused: HTTP ``status``, error ``code``, a message naming the field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        super().__init__(message)
+
+
+def _extension(format_name: str) -> str:
+    names = format_name.split(",")
+    for name, ext in _EXTENSIONS:
+        if name in names:
+            return ext
+    return "bin"
+
+
+def _clean(message: str, path: Path, field: str) -> str:
+    """An error message without the server's storage path (the field's name instead)."""
+    return message.replace(str(path), f"the {field} upload").replace(path.name, f"the {field} upload")
+
+
+async def receive(upload: Any, field: str, settings: ServiceSettings) -> tuple[Path, str, int]:
+    """Stream ``upload`` (a Starlette ``UploadFile``) to a new file: ``(path, sha256, bytes)``."""
+    folder = settings.data_dir / UPLOADS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4()}.part"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("xb") as fh:
+            while True:
+                chunk = await upload.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise UploadError(
+                        413,
+                        "upload_too_large",
+                        f"{field}: the upload is larger than the limit of {settings.max_upload_bytes} bytes",
+                        field,
+                    )
+                digest.update(chunk)
+                await anyio.to_thread.run_sync(fh.write, chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        path.unlink(missing_ok=True)
+        raise UploadError(422, "empty_upload", f"{field}: the uploaded file is empty (0 bytes)", field)
+    return path, digest.hexdigest(), size
+
+
+def sniff(path: Path, field: str, kind: str, settings: ServiceSettings) -> Path:
+    """Check the content with PyAV and give the file its extension; returns the final path.
+
+    Not media at all (or no stream of the needed kind) → 415; media that cannot be dubbed
+    (too short, one frame, broken) → 422; over the duration or frame size limits → 413 / 422.
+    """
+    import av
+
+    try:
+        try:
+            with av.open(str(path), mode="r") as container:
+                fmt = container.format.name
+                has_video = bool(container.streams.video)
+                has_audio = bool(container.streams.audio)
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
+            raise UploadError(
+                415,
+                "unsupported_media",
+                f"{field}: the file is not a media file that can be read (or it is truncated); "
+                f"upload a {kind} file ({getattr(err, 'strerror', None) or type(err).__name__})",
+                field,
+            ) from None
+        if kind == "video" and not has_video:
+            raise UploadError(415, "unsupported_media", f"{field}: the file has no video stream", field)
+        if kind == "audio" and not has_audio:
+            raise UploadError(415, "unsupported_media", f"{field}: the file has no audio stream", field)
+        final = path.with_suffix(f".{_extension(fmt)}")
+        path.rename(final)
+        path = final
+        if kind == "video":
+            _check_video(path, field, settings)
+        else:
+            _check_audio(path, field, settings)
+        return path
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _check_video(path: Path, field: str, settings: ServiceSettings) -> None:
+    from latentdub.media.reader import check_video, probe_video
+
+    try:
+        info = probe_video(path)
+        check_video(info, path)
+    except InputError as err:
+        raise UploadError(422, "bad_video", f"{field}: {_clean(str(err), path, field)}", field) from None
+    if info.frame_pixels > settings.max_frame_pixels:
+        raise UploadError(
+            422,
+            "frame_too_large",
+            f"{field}: the frame size {info.width}x{info.height} is over the limit of "
+            f"{settings.max_frame_pixels} pixels",
+            field,
+        )
+    if info.duration_s > settings.max_duration_s:
+        raise UploadError(
+            413,
+            "too_long",
+            f"{field}: the video is {info.duration_s:.1f} s long; the limit is {settings.max_duration_s:g} s",
+            field,
+        )
+
+
+def _check_audio(path: Path, field: str, settings: ServiceSettings) -> None:
+    from latentdub.media.audio_io import load_audio
+
+    try:
+        clip = load_audio(path, min_duration_s=MIN_AUDIO_S)
+    except InputError as err:
+        raise UploadError(422, "bad_audio", f"{field}: {_clean(str(err), path, field)}", field) from None
+    if clip.duration_s > settings.max_duration_s:
+        raise UploadError(
+            413,
+            "too_long",
+            f"{field}: the audio is {clip.duration_s:.1f} s long; the limit is {settings.max_duration_s:g} s",
+            field,
+        )
+
+
+async def save_upload(
+    upload: Any, field: str, kind: str, settings: ServiceSettings, engine: Any, api_key_id: str | None
+) -> Asset:
+    """Receive, sniff and record one upload as an :class:`Asset`."""
+    path, sha, size = await receive(upload, field, settings)
+    final = await anyio.to_thread.run_sync(sniff, path, field, kind, settings)
+    asset = Asset(kind=kind, sha256=sha, bytes=size, path=str(final), api_key_id=api_key_id, created_at=utcnow())
+    try:
+        with write_session(engine) as session:
+            session.add(asset)
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
+    return asset
+
+
+def remove_assets(engine: Any, asset_ids: list[str | None]) -> None:
+    """Delete asset rows and their files (missing ones are fine)."""
+    for asset_id in asset_ids:
+        if asset_id is None:
+            continue
+        with write_session(engine) as session:
+            asset = session.get(Asset, asset_id)
+            if asset is None:
+                continue
+            path = Path(asset.path)
+            session.delete(asset)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
