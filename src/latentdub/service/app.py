@@ -28,6 +28,7 @@ from latentdub.service.schemas import error_body
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import Conflict, InvalidTransition, JobNotFound
 from latentdub.service.uploads import UploadError
+from latentdub.service.web import INFO_PATH, web
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class GateMiddleware:
         self.max_body = 2 * settings.max_upload_bytes + BODY_SLACK
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/api/") or scope["path"] == INFO_PATH:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -139,6 +140,7 @@ def create_app(
     app.state.sync_timeout_s = sync_timeout_s
     app.include_router(api)
     app.include_router(probes)
+    app.include_router(web)
     app.add_middleware(GateMiddleware, settings=settings, engine=store.engine)
     _install_error_handlers(app)
     return app

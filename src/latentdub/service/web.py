@@ -1,0 +1,135 @@
+"""The service's web page (``GET /``) and the two small API routes it needs.
+
+* ``GET /`` serves ``static/index.html``; ``/static/app.js`` and ``/static/style.css`` its script
+  and style. Nothing external is loaded: no CDN, no framework, no build step.
+* ``GET /api/v1/info`` (open, no key): ``{"auth_enabled", "version"}``, so the page can show
+  that authentication is off.
+* ``POST /api/v1/verify`` (a multipart ``video``): the watermark and C2PA findings of any video,
+  as ``latentdub verify`` reports them. The upload is stored under ``data_dir/uploads`` with a
+  fresh UUID name, sniffed with PyAV and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from latentdub.errors import InputError
+from latentdub.service import schemas
+from latentdub.service.routes import ApiError
+from latentdub.service.uploads import UploadError, _extension, receive
+
+STATIC_DIR = Path(__file__).parent / "static"
+INFO_PATH = "/api/v1/info"
+MAX_VERIFY_FRAMES = 1000
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+web = APIRouter()
+_api = APIRouter(
+    prefix="/api/v1", responses={c: {"model": schemas.ErrorResponse} for c in (401, 413, 415, 422)}
+)
+
+
+@web.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+
+@web.get("/static/{name}", include_in_schema=False)
+async def static_file(name: str) -> FileResponse:
+    if name not in _ASSETS:  # a fixed list: no path is ever made from the request
+        raise ApiError(404, "not_found", "no such file")
+    return FileResponse(STATIC_DIR / name, media_type=_ASSETS[name])
+
+
+@_api.get(
+    INFO_PATH.removeprefix("/api/v1"),
+    summary="Service version and whether auth is on (no key needed)",
+)
+async def info(request: Request) -> dict[str, Any]:
+    from latentdub import __version__
+
+    return {"auth_enabled": bool(request.app.state.settings.auth_enabled), "version": __version__}
+
+
+def _inspect(path: Path, max_frames: int) -> dict[str, Any]:
+    """Sniff ``path`` (PyAV) and run the watermark detector and the C2PA reader on it."""
+    import av
+
+    from latentdub.media.reader import probe_video
+    from latentdub.provenance.c2pa import read_credentials
+    from latentdub.provenance.watermark import detect_file
+
+    try:
+        probe_video(path)
+        with av.open(str(path), mode="r") as container:
+            fmt = container.format.name
+    except InputError as err:
+        message = str(err).replace(str(path), "the upload").replace(path.name, "the upload")
+        raise UploadError(415, "unsupported_media", f"video: {message}", "video") from None
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError):
+        raise UploadError(
+            415,
+            "unsupported_media",
+            "video: the file is not a video that can be read (or it is truncated)",
+            "video",
+        ) from None
+    final = path.with_suffix(f".{_extension(fmt)}")  # the C2PA reader goes by the extension
+    path.rename(final)
+    try:
+        mark = detect_file(final, max_frames=max_frames)
+        creds = read_credentials(final)
+    finally:
+        final.unlink(missing_ok=True)
+    report: dict[str, Any] = {"watermark": mark.to_dict(), "c2pa": creds.to_dict()}
+    report["c2pa"].pop("path", None)  # the server's storage path is nobody's business
+    report["marked"] = bool(mark.found or creds.present)
+    return report
+
+
+@_api.post("/verify", summary="Look for the watermark and C2PA content credentials in a video")
+async def verify(
+    request: Request,
+    video: Annotated[UploadFile | None, File(description="Any video file.")] = None,
+    max_frames: Annotated[
+        str | None, Form(description="Frames to sample for the watermark (default 150).")
+    ] = None,
+) -> dict[str, Any]:
+    """``{"watermark": {...}, "c2pa": {...}, "marked": bool}`` (as ``latentdub verify --json``)."""
+    if video is None or isinstance(video, str):
+        raise ApiError(
+            422,
+            "missing_field",
+            "video is required: upload it as a multipart file field",
+            field="video",
+        )
+    frames = 150
+    if max_frames is not None and max_frames.strip():
+        try:
+            frames = int(max_frames)
+        except ValueError:
+            frames = 0
+        if not 1 <= frames <= MAX_VERIFY_FRAMES:
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"max_frames must be a whole number from 1 to {MAX_VERIFY_FRAMES}",
+                field="max_frames",
+            )
+    settings = request.app.state.settings
+    path, _, _ = await receive(video, "video", settings)  # uploads/<uuid>.part, size-limited
+    try:
+        return await anyio.to_thread.run_sync(_inspect, path, frames)
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+web.include_router(_api)
+
+__all__ = ["INFO_PATH", "web"]
