@@ -227,3 +227,51 @@ def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
             log.warning("webhook of job %s was not delivered: %s", job.id, outcome.error)
     except Exception:
         log.exception("webhook of job %s failed", job.id)
+
+
+# Undelivered webhooks older than this are not sent again at start.
+REDELIVER_MAX_AGE_S = 3 * 24 * 3600.0
+
+
+def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
+    """Send again the webhooks not delivered yet: those that failed all their retries and those
+    still pending when the server stopped (with the same ``Webhook-Id``). Returns the ids of the
+    deliveries that got through now."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from latentdub.service import webhooks
+    from latentdub.service.models import WebhookDelivery, utcnow
+
+    since = utcnow() - dt.timedelta(seconds=REDELIVER_MAX_AGE_S)
+    with read_session(store.engine) as session:
+        ids = list(session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.created_at >= since)
+            .order_by(WebhookDelivery.created_at)
+        ))
+    delivered: list[str] = []
+    for delivery_id in ids:
+        try:
+            with read_session(store.engine) as session:
+                record = session.get(WebhookDelivery, delivery_id)
+                job = None if record is None or record.job_id is None else session.get(Job, record.job_id)
+                if record is None or record.delivered_at is not None:
+                    continue
+                if job is None:  # the job was deleted: nothing to report any more
+                    record.next_attempt_at = None
+                    session.commit()
+                    continue
+                outcome = webhooks.deliver(
+                    record.url, record.event, job.to_dict(), settings.webhook_signing_secret(),
+                    retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
+                    timeout_s=settings.webhook_timeout_s, session=session, job_id=job.id, record=record,
+                )
+            if outcome.delivered:
+                delivered.append(delivery_id)
+            else:
+                log.warning("webhook %s of job %s still not delivered: %s", delivery_id, job.id, outcome.error)
+        except Exception:
+            log.exception("redelivery of webhook %s failed", delivery_id)
+    return delivered

@@ -19,12 +19,13 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
 
 from latentdub.errors import InputError
 from latentdub.options import DubOptions
 from latentdub.service import schemas
 from latentdub.service.store import Conflict, JobStore, request_hash
-from latentdub.service.uploads import remove_assets, save_upload
+from latentdub.service.uploads import remove_assets, remove_unused_assets, save_upload
 
 CONSENT_HELP = (
     "The consent record of the person in the video, as a JSON object in text: subject, granted_by, "
@@ -128,6 +129,42 @@ def _check_quota(request: Request, store: JobStore, settings: Any) -> None:
             raise ApiError(429, "daily_quota", f"this API key used its {settings.key_daily_quota} jobs for today")
 
 
+def _lookup_asset(store: JobStore, asset_id: str, field: str, kind: str, key_id: str | None) -> Any:
+    """The stored asset ``asset_id`` of this key: 404 if unknown or another key's, 422 if the wrong kind."""
+    from latentdub.service.db import read_session
+    from latentdub.service.models import Asset
+
+    with read_session(store.engine) as session:
+        asset = session.get(Asset, asset_id)
+    if asset is None or (key_id is not None and asset.api_key_id != key_id) or not Path(asset.path).is_file():
+        raise ApiError(404, "asset_not_found", f"{field}: no {kind} asset with id {asset_id!r}", field=field)
+    if asset.kind != kind:
+        raise ApiError(
+            422, "wrong_asset_kind", f"{field}: asset {asset_id} is a {asset.kind} asset, not a {kind} asset",
+            field=field,
+        )
+    return asset
+
+
+def _one_source(name: str, upload: Any, asset_id: str | None) -> tuple[Any, str | None]:
+    """Exactly one of the file field ``name`` and the form field ``name_asset_id``."""
+    has_file = upload is not None and not isinstance(upload, str)
+    asset_id = asset_id.strip() if isinstance(asset_id, str) and asset_id.strip() else None
+    if has_file and asset_id is not None:
+        raise ApiError(
+            422, "ambiguous_field",
+            f"{name}: give either the {name} file or {name}_asset_id, not both", field=f"{name}_asset_id",
+        )
+    if not has_file and asset_id is None:
+        raise ApiError(
+            422, "missing_field",
+            f"{name} is required: upload it as a multipart file field, or give {name}_asset_id "
+            "(the id of an asset uploaded to /api/v1/assets)",
+            field=name,
+        )
+    return (upload if has_file else None), asset_id
+
+
 async def _submit(
     request: Request,
     video: UploadFile | None,
@@ -135,58 +172,70 @@ async def _submit(
     consent: str | None,
     webhook_url: str | None,
     options: dict[str, str | None],
+    video_asset_id: str | None = None,
+    audio_asset_id: str | None = None,
 ) -> tuple[Any, bool]:
     """Validate, store the uploads, create (or find, by idempotency key) the job and queue it."""
-    from latentdub.service.webhooks import check_webhook_url
+    from latentdub.service.webhooks import check_webhook_target, check_webhook_url
 
     store, runner, settings = _state(request)
-    for name, upload in (("video", video), ("audio", audio)):
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "missing_field", f"{name} is required: upload it as a multipart file field", field=name)
+    sources = {
+        "video": _one_source("video", video, video_asset_id),
+        "audio": _one_source("audio", audio, audio_asset_id),
+    }
     consent_record = _parse_consent(consent)
     opts = _parse_options(options)
     hook = None
     if webhook_url is not None and webhook_url.strip():
         try:
             hook = check_webhook_url(webhook_url)
+            if not getattr(settings, "allow_private_webhooks", False):
+                await anyio.to_thread.run_sync(check_webhook_target, hook)
         except InputError as err:
             raise ApiError(422, "invalid_webhook_url", str(err), field="webhook_url") from None
     idem = request.headers.get("idempotency-key")
     if idem is not None and (not idem.strip() or len(idem.strip()) > 255):
         raise ApiError(422, "invalid_idempotency_key", "the Idempotency-Key header must be 1 to 255 characters")
     key_id = _key_id(request)
+    assets: dict[str, Any] = {}
+    for name, (_, asset_id) in sources.items():  # ids first: a bad id costs no upload
+        if asset_id is not None:
+            assets[name] = await anyio.to_thread.run_sync(_lookup_asset, store, asset_id, f"{name}_asset_id", name, key_id)
     if not idem:
         await anyio.to_thread.run_sync(_check_quota, request, store, settings)
-    assets: list[Any] = []
+    fresh: list[Any] = []  # uploaded by this request: removed again if it does not make a job
     try:
-        assets.append(await save_upload(video, "video", "video", settings, store.engine, key_id))
-        assets.append(await save_upload(audio, "audio", "audio", settings, store.engine, key_id))
+        for name, (upload, _) in sources.items():
+            if upload is not None:
+                assets[name] = await save_upload(upload, name, name, settings, store.engine, key_id)
+                fresh.append(assets[name].id)
     except BaseException:
-        await anyio.to_thread.run_sync(remove_assets, store.engine, [a.id for a in assets])
+        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
         raise
     body = {
         "options": opts,
         "consent": consent_record,
         "webhook_url": hook,
-        "video_sha256": assets[0].sha256,
-        "audio_sha256": assets[1].sha256,
+        "video_sha256": assets["video"].sha256,
+        "audio_sha256": assets["audio"].sha256,
     }
 
     def create() -> tuple[Any, bool]:
         if idem:
             _check_quota_unless_replay(request, store, settings, idem.strip())
         return store.create(
-            options=opts, consent=consent_record, video_asset_id=assets[0].id, audio_asset_id=assets[1].id,
-            webhook_url=hook, api_key_id=key_id, idempotency_key=idem, request_hash=request_hash(body),
+            options=opts, consent=consent_record, video_asset_id=assets["video"].id,
+            audio_asset_id=assets["audio"].id, webhook_url=hook, api_key_id=key_id, idempotency_key=idem,
+            request_hash=request_hash(body),
         )
 
     try:
         job, created = await anyio.to_thread.run_sync(create)
     except BaseException:
-        await anyio.to_thread.run_sync(remove_assets, store.engine, [a.id for a in assets])
+        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
         raise
     if not created:  # an idempotent repeat: the first request's files are the job's
-        await anyio.to_thread.run_sync(remove_assets, store.engine, [a.id for a in assets])
+        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
     else:
         runner.submit(job.id)
     return job, created
@@ -246,10 +295,14 @@ async def create_job(
     audio: Annotated[UploadFile | None, File(description="The new speech (any audio file, or a video with sound).")] = None,
     consent: Annotated[str | None, Form(description=CONSENT_HELP)] = None,
     webhook_url: Annotated[str | None, Form(description="Optional http(s) URL that gets a signed POST when the job ends.")] = None,
+    video_asset_id: Annotated[str | None, Form(description="Instead of the video file: the id of a video asset uploaded to /api/v1/assets.")] = None,
+    audio_asset_id: Annotated[str | None, Form(description="Instead of the audio file: the id of an audio asset uploaded to /api/v1/assets.")] = None,
     **options: str | None,
 ) -> JSONResponse:
     """Submit a dub: 202 and the job. With ``Idempotency-Key``, a repeat returns the same job (200)."""
-    job, created = await _submit(request, video, audio, consent, webhook_url, options)
+    job, created = await _submit(
+        request, video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id
+    )
     return JSONResponse(schemas.job_out(job), status_code=202 if created else 200)
 
 
@@ -266,6 +319,8 @@ async def sync_dub(
     audio: Annotated[UploadFile | None, File(description="The new speech.")] = None,
     consent: Annotated[str | None, Form(description=CONSENT_HELP)] = None,
     webhook_url: Annotated[str | None, Form(description="Optional webhook URL, as for /jobs.")] = None,
+    video_asset_id: Annotated[str | None, Form(description="Instead of the video file: the id of a video asset uploaded to /api/v1/assets.")] = None,
+    audio_asset_id: Annotated[str | None, Form(description="Instead of the audio file: the id of an audio asset uploaded to /api/v1/assets.")] = None,
     timeout_s: Annotated[str | None, Form(description="Seconds to wait for the result (default: the server's sync_timeout_s).")] = None,
     **options: str | None,
 ) -> Response:
@@ -278,7 +333,9 @@ async def sync_dub(
             limit = float("nan")
         if not (0 < limit <= 24 * 3600):
             raise ApiError(422, "invalid_field", "timeout_s must be a number of seconds above 0", field="timeout_s")
-    job, _ = await _submit(request, video, audio, consent, webhook_url, options)
+    job, _ = await _submit(
+        request, video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id
+    )
     store, _, _ = _state(request)
     deadline = time.monotonic() + limit
     while True:
@@ -305,6 +362,39 @@ async def sync_dub(
 api.add_api_route(
     "/sync", sync_dub, methods=["POST"], summary="Dub and wait for the video",
     responses={200: {"content": {"video/mp4": {}}}, 504: {"model": schemas.ErrorResponse}},
+)
+
+
+class AssetOut(BaseModel):
+    """An uploaded asset."""
+
+    id: str
+    kind: str = Field(description="video | audio")
+    sha256: str = Field(description="SHA-256 of the uploaded bytes.")
+    bytes: int
+
+
+async def create_asset(
+    request: Request,
+    file: Annotated[UploadFile | None, File(description="The media file (content is sniffed; the name is ignored).")] = None,
+    kind: Annotated[str | None, Form(description="video or audio: what the asset will be used as.")] = None,
+) -> JSONResponse:
+    """Upload a video or audio once; jobs then name it with ``video_asset_id`` / ``audio_asset_id``."""
+    store, _, settings = _state(request)
+    kind = (kind or "").strip()
+    if kind not in ("video", "audio"):
+        raise ApiError(422, "invalid_field", "kind is required: video or audio", field="kind")
+    if file is None or isinstance(file, str):
+        raise ApiError(422, "missing_field", "file is required: upload it as a multipart file field", field="file")
+    asset = await save_upload(file, "file", kind, settings, store.engine, _key_id(request))
+    return JSONResponse(
+        {"id": asset.id, "kind": asset.kind, "sha256": asset.sha256, "bytes": asset.bytes}, status_code=201
+    )
+
+
+api.add_api_route(
+    "/assets", create_asset, methods=["POST"], status_code=201, response_model=AssetOut,
+    summary="Upload a video or audio for later jobs",
 )
 
 
@@ -357,7 +447,7 @@ async def delete_job(request: Request, job_id: str) -> dict[str, Any]:
     if job.output_path:
         with contextlib.suppress(OSError):
             Path(job.output_path).unlink(missing_ok=True)
-    await anyio.to_thread.run_sync(remove_assets, store.engine, [job.video_asset_id, job.audio_asset_id])
+    await anyio.to_thread.run_sync(remove_unused_assets, store.engine, [job.video_asset_id, job.audio_asset_id])
     return {"id": job.id, "deleted": True}
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from latentdub.service.db import open_database
-from latentdub.service.jobs import run_job, worker_name
+from latentdub.service.jobs import redeliver_webhooks, run_job, worker_name
 from latentdub.service.models import Job
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import JobStore
@@ -48,6 +48,7 @@ class InProcessRunner:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._webhooks: threading.Thread | None = None
         self._pipe: Any = None
         self._load_error: str | None = None
         self._loading = False
@@ -57,7 +58,9 @@ class InProcessRunner:
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, *, preload: bool = False) -> None:
-        """Start the worker thread (a no-op if it runs); ``preload`` loads the model first."""
+        """Start the worker thread (a no-op if it runs); ``preload`` loads the model first.
+
+        Webhooks that an earlier run did not deliver are sent again, in a background thread."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -66,6 +69,20 @@ class InProcessRunner:
                 target=self._work, args=(preload,), name="latentdub-worker", daemon=True
             )
             self._thread.start()
+            self._webhooks = threading.Thread(
+                target=self._redeliver, name="latentdub-webhook-redelivery", daemon=True
+            )
+            self._webhooks.start()
+
+    def _redeliver(self) -> None:
+        """Send again the webhooks a previous run did not deliver (same Webhook-Id)."""
+        try:
+            sent = redeliver_webhooks(self.store, self.settings)
+        except Exception:
+            log.exception("webhook redelivery failed")
+            return
+        if sent:
+            log.info("redelivered %d webhook(s)", len(sent))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the worker; a running job is interrupted and stays running in the store, so the

@@ -71,6 +71,11 @@ class ServiceSettings(BaseSettings):
     webhook_backoff_s: float = Field(
         2.0, ge=0, description="First retry delay of a webhook; doubles with each retry."
     )
+    allow_private_webhooks: bool = Field(
+        False,
+        description="Allow webhook_url hosts that resolve to loopback, private or link-local addresses "
+        "(local testing only).",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         description="HMAC secret that signs webhooks; unset: a random one kept in data_dir/webhook-secret.",

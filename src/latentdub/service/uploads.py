@@ -205,3 +205,25 @@ def remove_assets(engine: Any, asset_ids: list[str | None]) -> None:
             session.delete(asset)
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def remove_unused_assets(engine: Any, asset_ids: list[str | None]) -> None:
+    """Like :func:`remove_assets`, but keep assets that some job still names (shared by id)."""
+    from sqlalchemy import func, or_, select
+
+    from latentdub.service.db import read_session
+    from latentdub.service.models import Job
+
+    unused = []
+    for asset_id in asset_ids:
+        if asset_id is None:
+            continue
+        with read_session(engine) as session:
+            users = session.scalar(
+                select(func.count()).select_from(Job).where(
+                    or_(Job.video_asset_id == asset_id, Job.audio_asset_id == asset_id)
+                )
+            )
+        if not users:
+            unused.append(asset_id)
+    remove_assets(engine, unused)

@@ -104,6 +104,40 @@ def check_webhook_url(url: str) -> str:
     return url.strip()
 
 
+def check_webhook_target(url: str) -> str:
+    """``url`` if every address its host resolves to is public, else :class:`InputError`.
+
+    Loopback, private, link-local, multicast, reserved and unspecified addresses are refused
+    (the server must not be made to POST into its own network). The host is resolved here, once;
+    a name that does not resolve is refused too.
+    """
+    import ipaddress
+    import socket
+
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InputError("webhook_url has an invalid port") from None
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as err:
+        raise InputError(f"webhook_url: the host {host!r} does not resolve ({err})") from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:
+            address = mapped
+        if not address.is_global or address.is_multicast:
+            raise InputError(
+                f"webhook_url: the host {host!r} resolves to {address}, a loopback, private or link-local "
+                "address; webhooks go to public addresses only (the server setting allow_private_webhooks "
+                "allows others)"
+            )
+    return url.strip()
+
+
 @dataclass
 class DeliveryResult:
     """How a webhook delivery ended."""
@@ -134,6 +168,7 @@ def deliver(
     job_id: str | None = None,
     client: Any = None,
     sleep: Callable[[float], None] = time.sleep,
+    record: WebhookDelivery | None = None,
 ) -> DeliveryResult:
     """POST the event to ``url``, signed, retrying up to ``retries`` times.
 
@@ -141,25 +176,29 @@ def deliver(
     Redirects are not followed. With a ``session``, a :class:`WebhookDelivery` row records the
     attempts, the last status or error and the next attempt time; it is committed after every
     attempt, so a crash mid-way leaves an accurate record. ``client``: an ``httpx.Client`` to use
-    (tests, connection reuse); one is made otherwise.
+    (tests, connection reuse); one is made otherwise. ``record``: an undelivered
+    :class:`WebhookDelivery` of ``session`` to send again (after a restart): its id is the
+    ``Webhook-Id``, and its attempts go on counting.
     """
     import httpx
 
     url = check_webhook_url(url)
-    webhook_id = str(uuid.uuid4())
-    created = int(time.time())
+    if record is not None:  # a redelivery: the same Webhook-Id (the record's id) and creation time
+        webhook_id = record.id
+        created = int(record.created_at.timestamp())
+    else:
+        webhook_id = str(uuid.uuid4())
+        created = int(time.time())
     body = encode_event(event, payload, webhook_id, created)
-    record: WebhookDelivery | None = None
-    if session is not None:
-        record = WebhookDelivery(
-            id=str(uuid.uuid4()), job_id=job_id, event=event, url=url, attempts=0, created_at=utcnow()
-        )
+    if session is not None and record is None:
+        record = WebhookDelivery(id=webhook_id, job_id=job_id, event=event, url=url, attempts=0, created_at=utcnow())
         session.add(record)
         session.commit()
 
     own_client = client is None
     http = client if client is not None else httpx.Client(timeout=timeout_s, follow_redirects=False)
     attempts, status, error = 0, None, None
+    base_attempts = record.attempts if record is not None else 0
     try:
         for attempt in range(max(0, int(retries)) + 1):
             attempts = attempt + 1
@@ -186,7 +225,7 @@ def deliver(
             delay = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
             more = retry and attempt < retries
             if record is not None and session is not None:
-                record.attempts = attempts
+                record.attempts = base_attempts + attempts
                 record.last_status = status
                 record.last_error = error
                 record.delivered_at = utcnow() if error is None else None
