@@ -142,3 +142,40 @@ def test_three_jobs_survive_a_worker_killed_mid_job(
     for job in jobs:
         assert sum(1 for e in entries if e.get("job_id") == job.id) == 1, job.id
     assert store.get(victim).attempts >= 2  # the killed run, then the one that finished
+
+
+def test_cancel_reaches_a_job_running_on_a_worker(
+    redis_url: str, tiny_weights: Path, media_dir: Path, tmp_path: Path
+) -> None:
+    from latentdub.service.celery_app import CeleryRunner
+
+    settings = ServiceSettings(data_dir=tmp_path / "svc", broker_url=redis_url, visibility_timeout_s=30, lease_s=30)
+    engine = open_database(settings.database_url)
+    store = JobStore(engine)
+    data, rate = sf.read(str(media_dir / "audio_musetalk_eng_60s_16k.wav"), dtype="float32", always_2d=True)
+    sf.write(str(tmp_path / "a.wav"), data[: 3 * rate], rate)
+    video = add_asset(settings, engine, media_dir / "retalking_face3_woman_25fps.mp4", "video")
+    audio = add_asset(settings, engine, tmp_path / "a.wav", "audio")
+    job, _ = store.create(options={"steps": 200}, consent=CONSENT, video_asset_id=video, audio_asset_id=audio)
+    runner = CeleryRunner(settings)
+    runner.submit(job.id)
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, tiny_weights, log)
+    try:
+        deadline = time.monotonic() + 180
+        while store.get(job.id).stage != "dub" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get(job.id).stage == "dub", log.read_text()[-3000:]
+        asked = time.monotonic()
+        runner.cancel(job.id)
+        while store.get(job.id).status == "running" and time.monotonic() - asked < 30:
+            time.sleep(0.1)
+        assert store.get(job.id).status == "cancelled", log.read_text()[-3000:]
+        assert time.monotonic() - asked < 5.0
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+    assert not (settings.data_dir / "results" / f"{job.id}.mp4").exists()
