@@ -6,12 +6,13 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-import soundfile as sf
+
+from service_helpers import Receiver, assert_error, speech
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -27,10 +28,7 @@ VIDEO = "retalking_face3_woman_25fps.mp4"
 CONSENT = {"subject": "Test Woman", "granted_by": "Test Woman", "method": "signed release form", "evidence": "doc-1"}
 
 
-def speech(media_dir: Path, dst: Path, seconds: float) -> Path:
-    data, rate = sf.read(str(media_dir / "audio_musetalk_eng_60s_16k.wav"), dtype="float32", always_2d=True)
-    sf.write(str(dst), data[: int(seconds * rate)], rate)
-    return dst
+
 
 
 class Service:
@@ -94,33 +92,14 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, media_
         yield svc
 
 
-def assert_error(r: Any, status: int, *words: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert set(err) >= {"code", "message"} and "Traceback" not in r.text
-    for word in words:
-        assert word in err["message"], err
-    return err
 
-
-class Receiver(BaseHTTPRequestHandler):
-    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 # -- the life cycle -----------------------------------------------------------------------------
 def test_job_life_cycle_result_range_and_signed_webhook(service: Service) -> None:
     from latentdub.service import webhooks
 
+    Receiver.got.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

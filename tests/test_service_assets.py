@@ -7,12 +7,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-import soundfile as sf
+
+from service_helpers import Receiver, assert_error, speech
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -28,22 +29,7 @@ CONSENT = {"subject": "Test Woman", "granted_by": "Test Woman", "method": "signe
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def speech(media_dir: Path, dst: Path, seconds: float) -> Path:
-    data, rate = sf.read(str(media_dir / "audio_musetalk_eng_60s_16k.wav"), dtype="float32", always_2d=True)
-    sf.write(str(dst), data[: int(seconds * rate)], rate)
-    return dst
 
-
-def assert_error(r: Any, status: int, *words: str, field: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert set(err) >= {"code", "message"} and "Traceback" not in r.text
-    for word in words:
-        assert word in err["message"], err
-    if field is not None:
-        assert err.get("field") == field, err
-    return err
 
 
 class Api:
@@ -221,17 +207,7 @@ def test_public_webhook_url_passes_the_check() -> None:
 
 
 # -- 4. webhook redelivery after a restart ------------------------------------------------------
-class Receiver(BaseHTTPRequestHandler):
-    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
 
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_undelivered_webhooks_are_sent_again_after_a_restart(

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import soundfile as sf
+
+from service_helpers import assert_error, speech
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -29,20 +30,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def speech(media_dir: Path, dst: Path, seconds: float) -> Path:
-    data, rate = sf.read(str(media_dir / "audio_musetalk_eng_60s_16k.wav"), dtype="float32", always_2d=True)
-    sf.write(str(dst), data[: int(seconds * rate)], rate)
-    return dst
 
 
-def assert_error(r: Any, status: int, *words: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert set(err) >= {"code", "message"} and "Traceback" not in r.text
-    for word in words:
-        assert word in err["message"], err
-    return err
+
+
 
 
 # -- without a browser ---------------------------------------------------------------------------

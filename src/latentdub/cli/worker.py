@@ -26,8 +26,7 @@ def worker(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps: one worker process per GPU.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
 ) -> None:
-    """Take jobs from the queue one at a time, with the models loaded once (late acks: a job whose
-    worker dies is run again by another)."""
+    """Take jobs from the queue one at a time, models loaded once; a job whose worker dies runs again elsewhere."""
     from latentdub.errors import InputError
     from latentdub.service.celery_app import configure_pipeline, run_worker
     from latentdub.service.settings import ServiceSettings
