@@ -1,0 +1,295 @@
+"""Lip-sync scores LSE-C / LSE-D (and the AV offset) with the classic evaluation SyncNet.
+
+The protocol is the one of syncnet_python that LatentSync's ``eval/eval_sync_conf.py`` uses:
+
+1. Video at 25 fps, audio at 16 kHz. Audio features are 13 MFCCs at 100 Hz (:func:`mfcc`),
+   so one video frame spans 4 MFCC steps (640 samples).
+2. Windows of 0.2 s: video window ``i`` is frames ``i .. i+4``, audio window ``i`` is MFCC
+   steps ``4i .. 4i+19``. With ``L = min(frames, samples // 640)`` there are ``L - 5`` windows
+   (the original's count, which leaves out the last possible one).
+3. Every window goes through the SyncNet towers (video: BGR float 0–255 crops at the model's
+   input size). For each video window ``i`` and shift ``s`` in ``-15 .. 15`` the Euclidean
+   distance to audio window ``i + s`` is taken; audio embeddings outside the clip count as
+   zero vectors, as in the original.
+4. The mean over windows gives one distance per shift. AV offset = ``15 - argmin`` (i.e. the
+   video lags the audio by ``offset`` frames; a correct dub has 0), LSE-D = the minimum mean
+   distance, LSE-C (confidence) = median − minimum of the 31 means. Over several clips or face
+   tracks both are averaged (:func:`average_scores`).
+
+Where this may differ from the official numbers:
+
+* Face crops: the official pipeline crops faces with S3FD + IoU tracking + median filtering
+  (crop scale 0.4, 224 × 224); here the caller supplies the crops, so their framing differs.
+* MFCC: :func:`mfcc` is an independent implementation of python_speech_features' defaults
+  (25 ms rectangular frames every 10 ms, pre-emphasis 0.97, 512-point power spectrum, 26 mel
+  filters over 0–8 kHz, log, orthonormal DCT-II, lifter 22, c0 replaced by the log frame
+  energy), computed in float64; it has not been compared against that library here, so tiny
+  numerical differences (and any difference in its framing/rounding details) are possible.
+  Float audio in [-1, 1] is scaled to int16 levels first, because the original feeds the
+  integer samples of a wav file and the log features are not scale invariant.
+* Resizing crops to the model's input size uses bilinear filtering with antialiasing (torch),
+  not OpenCV's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.fft import dct
+
+from latentdub.errors import InputError
+
+__all__ = [
+    "AUDIO_RATE",
+    "FPS",
+    "VSHIFT",
+    "SyncScores",
+    "average_scores",
+    "lip_sync_scores",
+    "mfcc",
+    "scores_from_embeddings",
+    "window_embeddings",
+]
+
+FPS = 25
+AUDIO_RATE = 16_000
+MFCC_RATE = 100
+WINDOW_FRAMES = 5
+STEPS_PER_FRAME = MFCC_RATE // FPS  # 4
+WINDOW_STEPS = WINDOW_FRAMES * STEPS_PER_FRAME  # 20
+SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
+VSHIFT = 15
+_PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance's eps, as the original used
+
+
+@dataclass(frozen=True)
+class SyncScores:
+    """Scores of one clip (or face track).
+
+    ``per_frame_distance``: distance of each window at the best shift; ``offset_distances``:
+    the mean distance for each shift from ``-vshift`` to ``+vshift`` (audio relative to video).
+    """
+
+    lse_c: float
+    lse_d: float
+    offset: int
+    per_frame_distance: list[float]
+    offset_distances: list[float] = field(default_factory=list)
+    random_weights: bool = False
+
+
+# ---------------------------------------------------------------------------------------- MFCC
+
+
+def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+
+
+def _mel_filterbank(nfilt: int, nfft: int, rate: int, low: float, high: float) -> np.ndarray:
+    """Triangular filters on FFT bins (python_speech_features' bin rounding)."""
+    mels = np.linspace(_hz_to_mel(low), _hz_to_mel(high), nfilt + 2)
+    bins = np.floor((nfft + 1) * _mel_to_hz(mels) / rate).astype(int)
+    bank = np.zeros((nfilt, nfft // 2 + 1))
+    for j in range(nfilt):
+        lo, mid, hi = bins[j], bins[j + 1], bins[j + 2]
+        for i in range(lo, mid):
+            bank[j, i] = (i - lo) / (mid - lo)
+        for i in range(mid, hi):
+            bank[j, i] = (hi - i) / (hi - mid)
+    return bank
+
+
+def mfcc(
+    signal: np.ndarray,
+    rate: int = AUDIO_RATE,
+    *,
+    numcep: int = 13,
+    nfilt: int = 26,
+    nfft: int = 512,
+    winlen: float = 0.025,
+    winstep: float = 0.01,
+    preemph: float = 0.97,
+    ceplifter: int = 22,
+) -> np.ndarray:
+    """MFCCs as ``(numcep, frames)`` float64, python_speech_features-style (see module doc).
+
+    ``frames = 1 + ceil((n - 400) / 160)`` for ``n`` samples at 16 kHz (~100 per second; the
+    last partial frame is zero-padded).
+    """
+    x = np.asarray(signal, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise InputError("cannot compute MFCCs of empty audio")
+    x = np.concatenate([x[:1], x[1:] - preemph * x[:-1]])
+    frame_len = math.floor(winlen * rate + 0.5)
+    frame_step = math.floor(winstep * rate + 0.5)
+    n_frames = 1 + max(0, math.ceil((x.size - frame_len) / frame_step))
+    pad = (n_frames - 1) * frame_step + frame_len - x.size
+    x = np.concatenate([x, np.zeros(max(pad, 0))])
+    idx = np.arange(frame_len)[None, :] + frame_step * np.arange(n_frames)[:, None]
+    frames = x[idx]
+    power = np.abs(np.fft.rfft(frames, nfft)) ** 2 / nfft
+    eps = np.finfo(np.float64).eps
+    energy = power.sum(axis=1)
+    energy = np.where(energy == 0, eps, energy)
+    feat = power @ _mel_filterbank(nfilt, nfft, rate, 0.0, rate / 2).T
+    feat = np.log(np.where(feat == 0, eps, feat))
+    cep = dct(feat, type=2, axis=1, norm="ortho")[:, :numcep]
+    if ceplifter > 0:
+        n = np.arange(numcep)
+        cep = cep * (1 + (ceplifter / 2.0) * np.sin(np.pi * n / ceplifter))
+    cep[:, 0] = np.log(energy)
+    return cep.T
+
+
+def _audio_levels(audio: np.ndarray) -> np.ndarray:
+    """Mono samples at int16 levels (float input in [-1, 1] is scaled by 32768)."""
+    a = np.asarray(audio)
+    if a.ndim == 2:  # (samples, channels) or (channels, samples): average the short axis
+        a = a.mean(axis=int(np.argmin(a.shape)))
+    if a.ndim != 1:
+        raise InputError(f"audio must be mono samples (1-D), got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        return a.astype(np.float64) * 32768.0
+    return a.astype(np.float64)
+
+
+# ------------------------------------------------------------------------------ embeddings
+
+
+def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    try:
+        p = next(iter(model.parameters()))
+        return p.device, p.dtype
+    except (AttributeError, StopIteration):
+        return torch.device("cpu"), torch.float32
+
+
+def _crops_bgr(crops: np.ndarray) -> np.ndarray:
+    """``(N, H, W, 3)`` RGB or ``(N, H, W)`` / ``(N, H, W, 1)`` grayscale → ``(N, H, W, 3)`` BGR."""
+    c = np.asarray(crops)
+    if c.ndim == 3:
+        c = c[..., None]
+    if c.ndim != 4 or c.shape[-1] not in (1, 3):
+        raise InputError(f"mouth crops must be (N, H, W, 3) or (N, H, W), got shape {c.shape}")
+    if c.shape[-1] == 1:
+        return np.repeat(c, 3, axis=-1)
+    return c[..., ::-1]
+
+
+def _video_batch(bgr: np.ndarray, start: int, count: int, size: int, device, dtype) -> torch.Tensor:
+    """Windows ``start .. start+count-1`` as ``(count, 3, 5, size, size)`` float 0–255."""
+    frames = torch.from_numpy(np.ascontiguousarray(bgr[start : start + count + WINDOW_FRAMES - 1]))
+    x = frames.permute(0, 3, 1, 2).to(torch.float32)  # (F, 3, H, W)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    windows = x.unfold(0, WINDOW_FRAMES, 1)  # (count, 3, H, W, 5)
+    return windows.permute(0, 1, 4, 2, 3).contiguous().to(device=device, dtype=dtype)
+
+
+def window_embeddings(
+    mouth_crops: np.ndarray, audio_16k: np.ndarray, model: Any, *, batch_size: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Video and audio embeddings of every 0.2 s window, in time order: two ``(W, D)`` arrays.
+
+    ``model`` needs ``forward_video`` / ``forward_audio`` (see :class:`~latentdub.models.
+    syncnet.SyncNet`); it is fed windows in increasing time order.
+    """
+    bgr = _crops_bgr(mouth_crops)
+    levels = _audio_levels(audio_16k)
+    length = min(bgr.shape[0], levels.size // SAMPLES_PER_FRAME)
+    n_windows = length - WINDOW_FRAMES
+    if n_windows < 1:
+        raise InputError(
+            f"too short for lip-sync scoring: {bgr.shape[0]} frames and "
+            f"{levels.size / AUDIO_RATE:.2f} s of audio; at least {WINDOW_FRAMES + 1} frames "
+            f"(0.24 s at {FPS} fps) of both are needed"
+        )
+    cc = mfcc(levels)
+    device, dtype = _model_device_dtype(model)
+    dims = getattr(model, "dims", None)
+    size = int(getattr(dims, "image_size", bgr.shape[1]))
+    video, audio = [], []
+    with torch.inference_mode():
+        for start in range(0, n_windows, batch_size):
+            count = min(batch_size, n_windows - start)
+            v = _video_batch(bgr, start, count, size, device, dtype)
+            a = np.stack([cc[:, 4 * i : 4 * i + WINDOW_STEPS] for i in range(start, start + count)])
+            a_t = torch.from_numpy(a[:, None]).to(device=device, dtype=dtype)
+            video.append(model.forward_video(v).float().cpu().numpy())
+            audio.append(model.forward_audio(a_t).float().cpu().numpy())
+    return np.concatenate(video).astype(np.float64), np.concatenate(audio).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------- scores
+
+
+def scores_from_embeddings(
+    video_emb: np.ndarray,
+    audio_emb: np.ndarray,
+    *,
+    vshift: int = VSHIFT,
+    random_weights: bool = False,
+) -> SyncScores:
+    """Offset search and confidence from per-window embeddings (both ``(W, D)``)."""
+    v = np.asarray(video_emb, dtype=np.float64)
+    a = np.asarray(audio_emb, dtype=np.float64)
+    if v.ndim != 2 or v.shape != a.shape or v.shape[0] < 1:
+        raise ValueError(f"need two equal (W, D) arrays, got {v.shape} and {a.shape}")
+    win = 2 * vshift + 1
+    padded = np.concatenate([np.zeros((vshift, a.shape[1])), a, np.zeros((vshift, a.shape[1]))])
+    # dists[i, j]: video window i against audio window i + j - vshift.
+    idx = np.arange(v.shape[0])[:, None] + np.arange(win)[None, :]
+    dists = np.linalg.norm(v[:, None, :] - padded[idx] + _PAIRWISE_EPS, axis=-1)
+    mean = dists.mean(axis=0)
+    best = int(np.argmin(mean))
+    lse_d = float(mean[best])
+    return SyncScores(
+        lse_c=float(np.median(mean) - lse_d),
+        lse_d=lse_d,
+        offset=vshift - best,
+        per_frame_distance=[float(d) for d in dists[:, best]],
+        offset_distances=[float(d) for d in mean],
+        random_weights=random_weights,
+    )
+
+
+def lip_sync_scores(
+    mouth_crops: np.ndarray,
+    audio_16k: np.ndarray,
+    model: Any,
+    *,
+    batch_size: int = 20,
+    vshift: int = VSHIFT,
+) -> SyncScores:
+    """LSE-C, LSE-D and AV offset of one clip.
+
+    ``mouth_crops``: ``(N, H, W, 3)`` uint8 RGB face/mouth crops at 25 fps (grayscale
+    ``(N, H, W)`` is accepted too); ``audio_16k``: mono samples at 16 kHz (int16, or float in
+    [-1, 1]); ``model``: a loaded :class:`~latentdub.models.syncnet.SyncNet`.
+    """
+    video, audio = window_embeddings(mouth_crops, audio_16k, model, batch_size=batch_size)
+    return scores_from_embeddings(
+        video, audio, vshift=vshift, random_weights=bool(getattr(model, "random_weights", False))
+    )
+
+
+def average_scores(scores: Sequence[SyncScores]) -> tuple[float, float]:
+    """``(LSE-C, LSE-D)`` averaged over clips / face tracks, as the papers report them."""
+    if not scores:
+        raise ValueError("no scores to average")
+    return (
+        float(np.mean([s.lse_c for s in scores])),
+        float(np.mean([s.lse_d for s in scores])),
+    )
