@@ -19,3 +19,13 @@ def invoke(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         code = exc.code
     captured = capsys.readouterr()
     return (code if isinstance(code, int) else (0 if code is None else 1)), captured.out, captured.err
+
+
+# Every dub needs a consent record (library ``consent=``, CLI ``--consent``); tests use this one.
+TEST_CONSENT: dict[str, str] = {
+    "subject": "the person in the test clip",
+    "granted_by": "the latentdub test suite",
+    "method": "test fixture",
+    "evidence": "tests/cli_helpers.py",
+}
+TEST_CONSENT_JSON = '{"subject": "the person in the test clip", "granted_by": "the latentdub test suite", "method": "test fixture", "evidence": "tests/cli_helpers.py"}'

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli_helpers import invoke
+from cli_helpers import TEST_CONSENT_JSON, invoke
 from latentdub.media.writer import VideoWriter
 
 
@@ -85,7 +85,7 @@ def test_input_checks_run_before_the_model_loads(
     empty = tmp_path / "no-weights"
     empty.mkdir()
     start = time.perf_counter()
-    code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(out), "--weights", str(empty)], capsys, monkeypatch)
+    code, _, err = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(audio), "-o", str(out), "--weights", str(empty)], capsys, monkeypatch)
     assert code == 2
     assert str(named) in err and "weights" not in err.lower(), err
     assert "Traceback" not in err
@@ -106,7 +106,7 @@ def test_a_dub_with_nothing_dubbed_says_so_on_stderr_and_warnings_come_once(
     audio.write_bytes(bytes(data))
     out = tmp_path / "out.mp4"
     code, stdout, err = run_cli(
-        ["dub", str(video), str(audio), "-o", str(out), "--weights", str(tiny_weights), "--version", "1.5",
+        ["dub", "--consent", TEST_CONSENT_JSON, str(video), str(audio), "-o", str(out), "--weights", str(tiny_weights), "--version", "1.5",
          "--steps", "1", "--json"], capsys, monkeypatch)
     assert code == 0 and out.exists()
     assert "passes through undubbed" in err
@@ -120,7 +120,7 @@ def test_option_errors_speak_in_flags(
 ) -> None:
     video, audio = faceless_video(tmp_path / "v.mp4"), tone(tmp_path / "a.wav")
     for flag, value in (("--steps", "0"), ("--max-stretch", "0.5"), ("--length-policy", "bounce"), ("--crf", "60")):
-        code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(tmp_path / "o.mp4"), flag, value],
+        code, _, err = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(audio), "-o", str(tmp_path / "o.mp4"), flag, value],
                                capsys, monkeypatch)
         assert code == 2 and f"error: {flag} " in err, err
     assert not (tmp_path / "o.mp4").exists()
@@ -162,7 +162,7 @@ def test_a_dub_probes_the_video_and_decodes_the_audio_once(
         monkeypatch.setattr(mod, "probe_video", probe)
     monkeypatch.setattr(audio_mod, "load_audio", load)
     video, audio = faceless_video(tmp_path / "v.mp4"), tone(tmp_path / "a.wav")
-    code, _, err = run_cli(["dub", str(video), str(audio), "-o", str(tmp_path / "o.mp4"), "--weights",
+    code, _, err = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(audio), "-o", str(tmp_path / "o.mp4"), "--weights",
                             str(tiny_weights), "--version", "1.5", "--steps", "1"], capsys, monkeypatch)
     assert code == 0, err
     assert calls["probe"].count(video) == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli_helpers import invoke
+from cli_helpers import TEST_CONSENT_JSON, invoke
 from latentdub.cli import main
 from latentdub.errors import Cancelled
 
@@ -118,7 +118,7 @@ def test_sigint_during_a_dub_exits_130_and_leaves_no_output(tmp_path: Path, tiny
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout.open("wb") as so, stderr.open("wb") as se:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "latentdub", "dub", str(video), str(speech), "-o", str(out),
+            [sys.executable, "-m", "latentdub", "dub", "--consent", TEST_CONSENT_JSON, str(video), str(speech), "-o", str(out),
              "--weights", str(tiny_weights)],
             stdout=so, stderr=se, env=env,
         )

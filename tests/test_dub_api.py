@@ -11,11 +11,13 @@ import pytest
 import soundfile as sf
 from pydantic import ValidationError
 
+from cli_helpers import TEST_CONSENT
 from latentdub import Cancelled, DubOptions, LipSyncPipeline
 from latentdub.errors import InputError
 from latentdub.media.reader import iter_frames
 from latentdub.options import OptionError
 from latentdub.progress import STAGES, ProgressEvent
+from latentdub.provenance.consent import ConsentError
 from latentdub.render import FrameInfo
 
 
@@ -71,8 +73,25 @@ def test_options_round_trip_and_overrides_go_through_the_same_validation() -> No
 
 def test_a_bad_override_fails_before_anything_is_read(pipe: LipSyncPipeline, tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="steps"):
-        pipe(tmp_path / "missing.mp4", tmp_path / "missing.wav", tmp_path / "o.mp4", steps=0)
+        pipe(tmp_path / "missing.mp4", tmp_path / "missing.wav", tmp_path / "o.mp4", steps=0, consent=TEST_CONSENT)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_refuses_a_dub_without_consent_before_any_work(
+    pipe: LipSyncPipeline, media_dir: Path, tmp_path: Path
+) -> None:
+    audio = speech(media_dir, tmp_path / "a.wav", 1.0)
+    out = tmp_path / "out.mp4"
+    events: list[ProgressEvent] = []
+    for consent in (None, {"subject": "Jane", "granted_by": "Jane", "method": "form"}):
+        with pytest.raises(ConsentError) as err:
+            pipe(media_dir / "retalking_face3_woman_25fps.mp4", audio, out, steps=1, consent=consent,
+                 progress=events.append)
+        for field in ("subject", "granted_by", "method", "evidence"):
+            assert field in str(err.value)
+    with pytest.raises(ConsentError, match="consent="):
+        pipe(media_dir / "retalking_face3_woman_25fps.mp4", audio, out, steps=1)
+    assert events == [] and not out.exists() and no_partials(tmp_path)
 
 
 # -- the contract -----------------------------------------------------------------------------
@@ -95,7 +114,7 @@ def test_filters_see_every_output_frame_and_finalizers_fill_provenance(
         assert path.exists() and path != out and not out.exists()
         return {"signed_bytes": path.stat().st_size}
 
-    result = pipe(video, audio, out, DubOptions(steps=2), progress=events.append, cancel=threading.Event(),
+    result = pipe(video, audio, out, DubOptions(steps=2), consent=TEST_CONSENT, progress=events.append, cancel=threading.Event(),
                   frame_filters=[white_square], finalizers=[sign])
     frames = [f.image for f in iter_frames(out)]
     assert len(calls) == len(frames) == result.frames == 30
@@ -132,7 +151,7 @@ def test_cancel_from_the_first_dub_event_stops_a_10s_clip_within_2s(
             set_at.append(time.perf_counter())
 
     with pytest.raises(Cancelled):
-        pipe(video, audio, out, DubOptions(steps=20), progress=on_progress, cancel=event)
+        pipe(video, audio, out, DubOptions(steps=20), consent=TEST_CONSENT, progress=on_progress, cancel=event)
     elapsed = time.perf_counter() - set_at[0]
     assert elapsed < 2.0, elapsed
     assert not out.exists() and no_partials(tmp_path)
@@ -151,5 +170,5 @@ def test_cancel_during_face_analysis_stops_before_anything_is_written(
 
     with pytest.raises(Cancelled):
         pipe(media_dir / "infinitetalk_hdtf_man_25fps.mp4", speech(media_dir, tmp_path / "a.wav", 3.0),
-             tmp_path / "out.mp4", progress=on_progress, cancel=event)
+             tmp_path / "out.mp4", consent=TEST_CONSENT, progress=on_progress, cancel=event)
     assert "dub" not in stages and not (tmp_path / "out.mp4").exists() and no_partials(tmp_path)

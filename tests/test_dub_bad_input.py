@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cli_helpers import invoke
+from cli_helpers import TEST_CONSENT_JSON, invoke
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
@@ -65,7 +65,7 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, media_dir: Path, spe
     out = tmp_path / "out" / "dubbed.mp4"
     out.parent.mkdir()
     before = set(out.parent.iterdir())
-    code, text = run_cli(["dub", str(video), str(audio), "-o", str(out), "--weights", str(tmp_path)], capsys, monkeypatch)
+    code, text = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(audio), "-o", str(out), "--weights", str(tmp_path)], capsys, monkeypatch)
     assert code != 0
     assert "Traceback" not in text
     assert "error" in text.lower()
@@ -78,7 +78,7 @@ def test_bad_options_fail_cleanly(tmp_path: Path, media_dir: Path, speech: Path,
     video = media_dir / "vexpress_hdtf_radio10_29.97fps_2s.mp4"
     for extra, hint in ([["--length-policy", "bounce"], "length-policy"], [["--face", "left"], "face policy"],
                         [["--fit", "warp"], "--fit"], [["--steps", "0"], "--steps"]):
-        code, text = run_cli(["dub", str(video), str(speech), "-o", str(tmp_path / "o.mp4"), *extra], capsys, monkeypatch)
+        code, text = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(speech), "-o", str(tmp_path / "o.mp4"), *extra], capsys, monkeypatch)
         assert code != 0 and hint in text and "Traceback" not in text
-    code, text = run_cli(["dub", str(video), str(speech), "-o", str(tmp_path / "missing" / "o.mp4")], capsys, monkeypatch)
+    code, text = run_cli(["dub", "--consent", TEST_CONSENT_JSON, str(video), str(speech), "-o", str(tmp_path / "missing" / "o.mp4")], capsys, monkeypatch)
     assert code != 0 and "does not exist" in text

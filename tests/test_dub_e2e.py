@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cli_helpers import TEST_CONSENT, TEST_CONSENT_JSON
 from latentdub.face import analyze_video, blend_region_mask, select_face
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
@@ -91,7 +92,7 @@ def run(pipe: LipSyncPipeline, video: Path, audio: Path, out: Path, **kw: object
     # out as it went in. The watermark (a separate, deliberate ±1-2 level change over the whole
     # frame) is tested on its own in test_responsible_use.py / test_watermark.py.
     kw.setdefault("watermark", False)
-    result = pipe(video, audio, out, steps=STEPS, **kw).to_dict()
+    result = pipe(video, audio, out, steps=STEPS, consent=TEST_CONSENT, **kw).to_dict()
     assert out.exists()
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]  # no temp files left
     return result
@@ -247,7 +248,7 @@ def test_cli_json_summary_is_the_last_stdout_line(tiny_weights: Path, media_dir:
 
     audio = slice_audio(media_dir / "audio_latentsync_demo1_16k.wav", tmp_path / "a.wav", 0.6)
     out = tmp_path / "cli.mp4"
-    monkeypatch.setattr(sys, "argv", ["latentdub", "dub", str(media_dir / "retalking_face3_woman_25fps.mp4"),
+    monkeypatch.setattr(sys, "argv", ["latentdub", "dub", "--consent", TEST_CONSENT_JSON, str(media_dir / "retalking_face3_woman_25fps.mp4"),
                                       str(audio), "-o", str(out), "--weights", str(tiny_weights),
                                       "--version", "1.5", "--steps", "1", "--json"])
     main()

@@ -16,6 +16,7 @@ import cv2
 import pytest
 import soundfile as sf
 
+from cli_helpers import invoke
 from latentdub import DubOptions, LipSyncPipeline
 from latentdub.cli import main
 from latentdub.media.reader import iter_frames, probe_video
@@ -137,9 +138,9 @@ def test_opting_out_of_the_watermark_is_recorded(tiny_weights: Path, media_dir: 
     sf.write(str(tmp_path / "a.wav"), data[:rate], rate)
     pipe = LipSyncPipeline.from_pretrained(tiny_weights)
     out = tmp_path / "plain.mp4"
-    result = pipe(media_dir / "retalking_face3_woman_25fps.mp4", tmp_path / "a.wav", out, steps=1, watermark=False)
+    result = pipe(media_dir / "retalking_face3_woman_25fps.mp4", tmp_path / "a.wav", out, steps=1, watermark=False,
+                  consent=CONSENT)
     assert result.provenance["watermark"]["on"] is False
-    assert any("no consent record" in w for w in result.warnings)  # said, though not yet refused
     assert not detect_file(out).found
     creds = read_credentials(out)
     assert creds.valid and creds.claims["latentdub"]["watermark"] is False
@@ -158,3 +159,26 @@ def test_frame_timing_of_the_transforms_is_what_the_test_means(dubbed: tuple[Pat
     cut = [f.time_s for f in iter_frames(transcode(out, tmp_path / "c.mp4", start_s=0.5, end_s=2.5))]
     assert abs(slow.fps - 15) < 0.1 and abs(slow.duration_s - 3.0) < 0.15
     assert abs((cut[-1] - cut[0]) - 1.96) < 0.05 and len(cut) == 50
+
+
+@pytest.mark.parametrize("consent", [None, '{"subject": "Jane", "granted_by": "Jane", "method": "form"}', "missing.json"])
+def test_the_cli_refuses_to_dub_without_a_complete_consent_record(
+    consent: str | None, tiny_weights: Path, media_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data, rate = sf.read(str(media_dir / "audio_musetalk_eng_60s_16k.wav"), dtype="float32", always_2d=True)
+    sf.write(str(tmp_path / "a.wav"), data[:rate], rate)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["dub", str(media_dir / "retalking_face3_woman_25fps.mp4"), str(tmp_path / "a.wav"),
+            "-o", str(out_dir / "dubbed.mp4"), "--weights", str(tiny_weights), "--version", "1.5", "--steps", "1"]
+    if consent is not None:
+        args += ["--consent", str(tmp_path / consent) if consent.endswith(".json") else consent]
+    code, _, err = invoke(args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "--consent" in err
+    if consent is None or consent.startswith("{"):
+        assert all(field in err for field in ("subject", "granted_by", "method", "evidence")), err
+    if consent is not None and consent.startswith("{"):
+        assert "missing: evidence" in err, err
+    assert list(out_dir.iterdir()) == []  # no output, no partial file

@@ -39,6 +39,7 @@ import torch
 
 from latentdub import memory
 from latentdub.errors import InputError
+from latentdub.media.writer import check_encoder
 from latentdub.options import DubOptions
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
 from latentdub.provenance.dub import DubProvenance, ProvenanceSettings
@@ -62,10 +63,6 @@ log = logging.getLogger(__name__)
 MIN_AUDIO_S = 0.5
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (smoke-test model): the output is not a real dub"
 NO_FACE_WARNING = "the selected face was not found on any frame: the video passes through undubbed"
-NO_CONSENT_WARNING = (
-    "no consent record was given (consent=… / --consent): the dub is marked and logged, but not tied to the "
-    "depicted person's consent"
-)
 
 __all__ = [
     "WINDOW",
@@ -303,8 +300,9 @@ class LipSyncPipeline:
 
         Every output is watermarked (unless ``watermark=False``), signed with content
         credentials and recorded in the audit log, after the caller's own hooks. ``consent`` is
-        the consent record (a ``ConsentRecord``, a mapping, JSON text or a JSON file path); its
-        id goes into the credentials and the audit log. ``job_id`` names the dub in the
+        the consent record (a ``ConsentRecord``, a mapping, JSON text or a JSON file path) and is
+        required: without one the dub is refused before any work. Its id goes into the
+        credentials and the audit log. ``job_id`` names the dub in the
         watermark payload (default: a new random id).
         """
         opts = DubOptions.resolve(options, overrides)
@@ -337,8 +335,9 @@ class LipSyncPipeline:
         warnings = list(inputs.warnings)
         if self.model_info.get("random_weights"):
             self._warn(warnings, RANDOM_WEIGHTS_WARNING)
-        if record is None:
-            self._warn(warnings, NO_CONSENT_WARNING)
+        for message in opts.output_change_warnings():  # opt-in profiles that leave the official output
+            self._warn(warnings, message)
+        check_encoder(opts.encoder)  # an explicit nvenc that cannot open fails now, not after pass 1
 
         with run.stage("read"):
             timer.add("read_inputs", inputs.read_s)
@@ -460,10 +459,12 @@ class LipSyncPipeline:
 
     def window_generator(self, opts: DubOptions) -> WindowGenerator:
         """The diffusion stage for one dub's options."""
+        from latentdub.models.scheduler import scheduler_for
+
         return WindowGenerator(
             unet=self.unet,
             vae=self.vae,
-            scheduler=self.scheduler,
+            scheduler=scheduler_for(opts.sampler, self.scheduler),  # ddim: the official one itself
             pixel_mask=self.pixel_mask,
             latent_mask=self.latent_mask,
             device=self.device,
@@ -504,6 +505,8 @@ class LipSyncPipeline:
             time_base=job.timeline.time_base,
             fps=job.fps,
             crf=opts.crf,
+            preset=opts.preset,
+            encoder=opts.encoder,
             audio=clip,
             rotation=job.rotation,
         )
@@ -522,12 +525,10 @@ class LipSyncPipeline:
 
 
 def _consent_record(consent: Any) -> Any:
-    """The consent record as a ``ConsentRecord`` (parsed and checked), or None."""
-    if consent is None:
-        return None
-    from latentdub.provenance.consent import parse_consent
+    """The consent record as a ``ConsentRecord`` (parsed and checked); a dub without one is refused."""
+    from latentdub.provenance.consent import require_consent
 
-    return parse_consent(consent)  # checks a given ConsentRecord's expiry too
+    return require_consent(consent, how="consent=")  # checks a given ConsentRecord's expiry too
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -50,7 +50,7 @@ def dub(
     weights: Annotated[
         Path | None, typer.Option(help="Local weights folder (official layout) instead of the HF hub/cache.")
     ] = None,
-    steps: Annotated[int, typer.Option(help=_help("steps"))] = _DEFAULTS.steps,
+    steps: Annotated[int | None, typer.Option(help=_help("steps"), show_default=False)] = None,
     guidance: Annotated[float, typer.Option(help=_help("guidance"))] = _DEFAULTS.guidance,
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _DEFAULTS.seed,
     deepcache: Annotated[bool, typer.Option("--deepcache/--no-deepcache", help=_help("deepcache"))] = _DEFAULTS.deepcache,
@@ -59,10 +59,13 @@ def dub(
     max_stretch: Annotated[float, typer.Option(help=_help("max_stretch"))] = _DEFAULTS.max_stretch,
     face: Annotated[str, typer.Option(help=_help("face"))] = _DEFAULTS.face,
     crf: Annotated[int, typer.Option(help=_help("crf"))] = _DEFAULTS.crf,
+    preset: Annotated[str, typer.Option(help=_help("preset"))] = _DEFAULTS.preset,
+    encoder: Annotated[str, typer.Option(help=_help("encoder"))] = _DEFAULTS.encoder,
+    sampler: Annotated[str, typer.Option(help=_help("sampler"))] = _DEFAULTS.sampler,
     watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help=_help("watermark"))] = _DEFAULTS.watermark,
     consent: Annotated[
         str | None,
-        typer.Option(help="The consent record: JSON text or a .json file with subject, granted_by, method and evidence."),
+        typer.Option(help="Required. The consent record: JSON text or a .json file with subject, granted_by, method and evidence."),
     ] = None,
     signing_cert: Annotated[
         Path | None, typer.Option(help="Certificate chain (PEM, leaf first) to sign the content credentials with.")
@@ -73,12 +76,15 @@ def dub(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
 ) -> None:
     """Dub VIDEO with the speech in AUDIO and write the result to OUTPUT."""
+    from latentdub.media.writer import check_encoder
     from latentdub.pipeline import LipSyncPipeline, read_inputs
 
     _setup_logging()
     values = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
               "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf,
-              "watermark": watermark}
+              "watermark": watermark, "preset": preset, "encoder": encoder, "sampler": sampler}
+    if steps is None:
+        del values["steps"]  # the sampler's own default: 20 for ddim, 10 for dpm++
     try:
         options = DubOptions(**values)  # the one place the CLI builds them
     except OptionError as err:
@@ -86,6 +92,7 @@ def dub(
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     # Every check that needs no model, before the model loads (seconds, not minutes).
+    check_encoder(options.encoder)  # an explicit --encoder nvenc that cannot open
     record = _consent(consent)
     keys = _signing(signing_cert, signing_key)
     inputs = read_inputs(video, audio, output)
@@ -119,12 +126,10 @@ def dub(
 
 
 def _consent(value: str | None) -> Any:
-    if value is None:
-        return None
-    from latentdub.provenance.consent import parse_consent
+    from latentdub.provenance.consent import require_consent
 
     try:
-        return parse_consent(value)
+        return require_consent(value, how="--consent")
     except InputError as err:
         raise InputError(f"--consent: {err}") from None
 

@@ -87,6 +87,25 @@ def content_id(fields: Mapping[str, Any]) -> str:
     return "consent-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
+CONSENT_EXAMPLE = (
+    '{"subject": "Jane Doe", "granted_by": "Jane Doe", "method": "signed release form", '
+    '"evidence": "contracts/2026-114.pdf"}'
+)
+
+
+def require_consent(value: Any, *, how: str = "consent=…") -> ConsentRecord:
+    """The checked record, or :class:`ConsentError` saying that every dub needs one and how to give it.
+
+    ``how`` names the way to pass it in the caller's world (``--consent``, a form field, ``consent=``).
+    """
+    if value is None:
+        raise ConsentError(
+            f"every dub needs a consent record: give {how} with a JSON object (or .json file) holding "
+            f"{', '.join(REQUIRED)}, e.g. {CONSENT_EXAMPLE}"
+        )
+    return parse_consent(value)
+
+
 def parse_consent(value: str | Path | Mapping[str, Any], *, now: dt.datetime | None = None) -> ConsentRecord:
     """A checked, current :class:`ConsentRecord` from a JSON string, a JSON file or a mapping."""
     data = _load(value)
