@@ -21,8 +21,11 @@ import typer
 
 # Importing the command modules registers their commands on ``app``.
 from latentdub.cli import audit as _audit  # noqa: F401
+from latentdub.cli import batch as _batch  # noqa: F401
+from latentdub.cli import compare as _compare  # noqa: F401
 from latentdub.cli import doctor as _doctor  # noqa: F401
 from latentdub.cli import dub as _dub  # noqa: F401
+from latentdub.cli import eval as _eval  # noqa: F401
 from latentdub.cli import faces as _faces  # noqa: F401
 from latentdub.cli import keys as _keys  # noqa: F401
 from latentdub.cli import serve as _serve  # noqa: F401

@@ -137,12 +137,13 @@ def doctor(
         console.print(f"weights: {weights_rows}")
     else:
         wt = Table(title="weights")
-        for col in ("version", "where", "location", "complete", "converted", "random"):
+        for col in ("version", "where", "location", "complete", "converted", "random", "eval syncnet"):
             wt.add_column(col)
         for row in weights_rows:
             wt.add_row(str(row.get("version")), str(row.get("where")), str(row.get("location")),
                        "yes" if row.get("complete") else "no", "yes" if row.get("converted") else "no",
-                       "[yellow]RANDOM[/]" if row.get("random_weights") else "")
+                       "[yellow]RANDOM[/]" if row.get("random_weights") else "",
+                       "yes" if row.get("syncnet") else "no")
         console.print(wt)
     for line in warnings:
         console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)

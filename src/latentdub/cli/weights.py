@@ -76,12 +76,25 @@ def download(
             "DIR). Default: the Hugging Face cache.",
         ),
     ] = None,
+    syncnet: Annotated[
+        bool,
+        typer.Option(
+            "--syncnet", help="Also fetch the evaluation SyncNet (auxiliary/syncnet_v2.model, "
+            "55 MB) that `latentdub eval` scores lip sync with."
+        ),
+    ] = False,
 ) -> None:
     """Download the UNet, Whisper tiny and the VAE (resumable; HF_TOKEN and HF_HOME honoured)."""
     from latentdub.weights import download_weights
 
-    files = download_weights(version, dir)
-    console.print(_files_table(files))
+    files = download_weights(version, dir, syncnet=syncnet)
+    table = _files_table(files)
+    if syncnet:
+        from latentdub.weights import resolve_syncnet
+
+        sync = resolve_syncnet(files.version, dir, download=False)
+        table.add_row("syncnet", f"{sync.path}  [dim]({_size(_file_size(sync.path))})[/]")
+    console.print(table)
     if dir is not None:
         console.print(f"Use it with: latentdub dub … --weights {dir} --version {files.version}")
 
@@ -145,7 +158,7 @@ def list_cmd(
     if json_out:
         print(json.dumps(entries))
         return
-    table = Table("version", "where", "unet", "whisper", "vae", "status")
+    table = Table("version", "where", "unet", "whisper", "vae", "syncnet", "status")
     for e in entries:
         if e["complete"]:
             status = "[green]complete[/]"
@@ -158,7 +171,7 @@ def list_cmd(
         table.add_row(
             str(e["version"] or "?"),
             f"{e['where']}: {e['location']}",
-            *("yes" if e[k] else "-" for k in ("unet", "whisper", "vae")),
+            *("yes" if e.get(k) else "-" for k in ("unet", "whisper", "vae", "syncnet")),
             status,
         )
     console.print(table)

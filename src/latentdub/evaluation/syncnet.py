@@ -16,6 +16,9 @@ The protocol is the one of syncnet_python that LatentSync's ``eval/eval_sync_con
    distance, LSE-C (confidence) = median − minimum of the 31 means. Over several clips or face
    tracks both are averaged (:func:`average_scores`).
 
+:class:`StreamingSyncScorer` computes the same numbers from crops pushed one at a time (long
+videos: no array of all crops), for ``latentdub eval``.
+
 Where this may differ from the official numbers:
 
 * Face crops: the official pipeline crops faces with S3FD + IoU tracking + median filtering
@@ -48,11 +51,15 @@ from latentdub.errors import InputError
 __all__ = [
     "AUDIO_RATE",
     "FPS",
+    "SAMPLES_PER_FRAME",
     "VSHIFT",
+    "WINDOW_FRAMES",
+    "StreamingSyncScorer",
     "SyncScores",
     "average_scores",
     "lip_sync_scores",
     "mfcc",
+    "scores_from_distances",
     "scores_from_embeddings",
     "window_embeddings",
 ]
@@ -293,3 +300,141 @@ def average_scores(scores: Sequence[SyncScores]) -> tuple[float, float]:
         float(np.mean([s.lse_c for s in scores])),
         float(np.mean([s.lse_d for s in scores])),
     )
+
+
+# ------------------------------------------------------------------------------- streaming
+
+
+def scores_from_distances(
+    distances: np.ndarray, *, vshift: int = VSHIFT, random_weights: bool = False
+) -> SyncScores:
+    """Offset, LSE-D and LSE-C from the ``(W, 2 * vshift + 1)`` window × shift distances.
+
+    The same arithmetic as :func:`scores_from_embeddings`, for callers that computed the
+    distances themselves (e.g. :class:`StreamingSyncScorer`, which never holds all embeddings).
+    """
+    dists = np.asarray(distances, dtype=np.float64)
+    if dists.ndim != 2 or dists.shape[0] < 1 or dists.shape[1] != 2 * vshift + 1:
+        raise ValueError(f"need (W, {2 * vshift + 1}) distances, got {dists.shape}")
+    mean = dists.mean(axis=0)
+    best = int(np.argmin(mean))
+    lse_d = float(mean[best])
+    return SyncScores(
+        lse_c=float(np.median(mean) - lse_d),
+        lse_d=lse_d,
+        offset=vshift - best,
+        per_frame_distance=[float(d) for d in dists[:, best]],
+        offset_distances=[float(d) for d in mean],
+        random_weights=random_weights,
+    )
+
+
+class StreamingSyncScorer:
+    """:func:`lip_sync_scores` of one clip fed one crop at a time, in bounded memory.
+
+    ``audio_16k`` is the clip's whole audio (mono 16 kHz, as for :func:`lip_sync_scores`) and
+    ``num_frames`` the number of crops that will be pushed; with them the number of windows is
+    known up front, so each batch of video windows is compared with the audio windows it can
+    reach (``±vshift``) as soon as it is embedded. Only ``batch_size + 4`` crops, the audio
+    embeddings within reach and one row of ``2 * vshift + 1`` distances per window are kept
+    (≈ 250 bytes per frame), never all crops or all embeddings. The results equal
+    :func:`lip_sync_scores` on the same crops and audio.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        audio_16k: np.ndarray,
+        num_frames: int,
+        *,
+        vshift: int = VSHIFT,
+        batch_size: int = 20,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        levels = _audio_levels(audio_16k)
+        length = min(int(num_frames), levels.size // SAMPLES_PER_FRAME)
+        self.num_frames = int(num_frames)
+        self.num_windows = length - WINDOW_FRAMES
+        if self.num_windows < 1:
+            raise InputError(
+                f"too short for lip-sync scoring: {num_frames} frames and "
+                f"{levels.size / AUDIO_RATE:.2f} s of audio; at least {WINDOW_FRAMES + 1} frames "
+                f"(0.24 s at {FPS} fps) of both are needed"
+            )
+        self.model = model
+        self.vshift = vshift
+        self.batch_size = batch_size
+        self._cc = mfcc(levels)
+        self._device, self._dtype = _model_device_dtype(model)
+        self._size: int | None = getattr(getattr(model, "dims", None), "image_size", None)
+        self._frames: list[np.ndarray] = []  # BGR crops not yet consumed by a window batch
+        self._next = 0  # first video window not yet embedded
+        self._audio: dict[int, np.ndarray] = {}  # audio window → embedding, within reach only
+        self._audio_next = 0  # audio windows [0, _audio_next) have been embedded
+        self._rows = np.empty((self.num_windows, 2 * vshift + 1))
+        self._pushed = 0
+
+    @property
+    def pushed(self) -> int:
+        return self._pushed
+
+    def push(self, crop: np.ndarray) -> None:
+        """Add the next crop (``(H, W, 3)`` uint8 RGB, or ``(H, W)`` grayscale)."""
+        self._pushed += 1
+        if self._next >= self.num_windows:
+            return  # past the last window (the protocol leaves out the final frames)
+        self._frames.append(_crops_bgr(np.asarray(crop)[None])[0])
+        while len(self._frames) >= self.batch_size + WINDOW_FRAMES - 1:
+            self._embed(self.batch_size)
+
+    def finish(self) -> SyncScores:
+        """Embed what is left and score; needs all ``num_frames`` crops to have been pushed."""
+        if self._pushed < self.num_frames:
+            raise ValueError(f"{self._pushed} of {self.num_frames} crops were pushed")
+        while self._next < self.num_windows:
+            self._embed(min(self.batch_size, self.num_windows - self._next))
+        return scores_from_distances(
+            self._rows,
+            vshift=self.vshift,
+            random_weights=bool(getattr(self.model, "random_weights", False)),
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+    def _embed(self, count: int) -> None:
+        count = min(count, self.num_windows - self._next)
+        if count < 1:
+            return
+        start = self._next
+        frames = np.stack(self._frames[: count + WINDOW_FRAMES - 1])
+        size = int(self._size or frames.shape[1])
+        with torch.inference_mode():
+            v_in = _video_batch(frames, 0, count, size, self._device, self._dtype)
+            video = self.model.forward_video(v_in).float().cpu().numpy().astype(np.float64)
+        del self._frames[:count]
+        lo, hi = start - self.vshift, start + count - 1 + self.vshift  # audio windows in reach
+        self._embed_audio_until(min(hi + 1, self.num_windows))
+        for k in [k for k in self._audio if k < lo]:
+            del self._audio[k]
+        dim = video.shape[1]
+        reach = np.zeros((hi - lo + 1, dim))
+        for k in range(max(lo, 0), min(hi + 1, self.num_windows)):
+            reach[k - lo] = self._audio[k]
+        win = 2 * self.vshift + 1
+        idx = np.arange(count)[:, None] + np.arange(win)[None, :]
+        self._rows[start : start + count] = np.linalg.norm(
+            video[:, None, :] - reach[idx] + _PAIRWISE_EPS, axis=-1
+        )
+        self._next += count
+
+    def _embed_audio_until(self, stop: int) -> None:
+        while self._audio_next < stop:
+            first = self._audio_next
+            count = min(self.batch_size, stop - first)
+            a = np.stack([self._cc[:, 4 * i : 4 * i + WINDOW_STEPS] for i in range(first, first + count)])
+            with torch.inference_mode():
+                a_t = torch.from_numpy(a[:, None]).to(device=self._device, dtype=self._dtype)
+                emb = self.model.forward_audio(a_t).float().cpu().numpy().astype(np.float64)
+            for j in range(count):
+                self._audio[first + j] = emb[j]
+            self._audio_next += count

@@ -9,6 +9,8 @@ Typical use::
     unet = load_unet(files, torch.float16, "cuda")
     whisper = load_whisper(files, torch.float16, "cuda")
     vae = load_vae(files, torch.float16, "cuda")
+
+    syncnet = load_syncnet(resolve_syncnet("1.6").path)  # the evaluation SyncNet (latentdub eval)
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from latentdub.weights.resolve import (
     SUPPORTED_VERSIONS,
     VAE_REPO,
     ModelFiles,
+    SyncNetFile,
     download_weights,
+    resolve_syncnet,
     resolve_weights,
     weights_status,
 )
+from latentdub.weights.syncnet import load_syncnet, make_tiny_syncnet
 from latentdub.weights.tiny import make_tiny
 
 __all__ = [
@@ -36,12 +41,16 @@ __all__ = [
     "VAE_REPO",
     "Conversion",
     "ModelFiles",
+    "SyncNetFile",
     "convert_weights",
     "download_weights",
+    "load_syncnet",
     "load_unet",
     "load_vae",
     "load_whisper",
     "make_tiny",
+    "make_tiny_syncnet",
+    "resolve_syncnet",
     "resolve_weights",
     "weights_status",
 ]

@@ -17,6 +17,8 @@ Local folder layout (the official ``checkpoints/`` folder works as is)::
                                             "random_weights" (written by download/make-tiny)
     DIR/latentsync_unet.fp16.safetensors    optional, written by `latentdub weights convert`;
     DIR/whisper/tiny.fp16.safetensors       used (while up to date) for fp16/bf16 inference
+    DIR/auxiliary/syncnet_v2.model          optional: the evaluation SyncNet for `latentdub eval`
+                                            (:func:`resolve_syncnet`; from the hub cache if absent)
 
 1.5 and 1.6 checkpoints have identical keys and shapes (1.6 is 1.5 retrained at 512 px), so
 a file cannot tell which it is: the version — and with it the face resolution (256 / 512) —
@@ -33,7 +35,7 @@ import logging
 import os
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,8 @@ WHISPER_FP16_FILE = "whisper/tiny.fp16.safetensors"
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 VAE_SUBDIRS = ("sd-vae-ft-mse", "vae", "stabilityai/sd-vae-ft-mse")
 CONFIG_FILE = "latentdub.json"
+# The classic evaluation SyncNet (LSE-C / LSE-D), shipped in both hub repos; a raw state dict.
+SYNCNET_FILE = "auxiliary/syncnet_v2.model"
 
 LAYOUT_HELP = (
     "  DIR/latentsync_unet.pt\n"
@@ -324,6 +328,8 @@ def _hub_wanted(version: str, components: tuple[str, ...]) -> list[tuple[str, st
         wanted.append(("whisper", HUB_REPOS[version], WHISPER_FILE))
     if "vae" in components:
         wanted += [("vae", VAE_REPO, name) for name in VAE_FILES]
+    if "syncnet" in components:
+        wanted.append(("syncnet", HUB_REPOS[version], SYNCNET_FILE))
     return wanted
 
 
@@ -400,17 +406,20 @@ def _hub_files(
     download: bool,
     components: tuple[str, ...] = ("unet", "whisper", "vae"),
     local_dir: Path | None = None,
+    message: Callable[[str, list[tuple[str, str]], str, Path], str] | None = None,
 ) -> dict[str, Path]:
     """Find the hub files in the cache, download what is missing; one WeightsError listing
     all that failed.
 
     The cache (or ``local_dir``) is looked at first, so a filled cache needs no network at
     all. Before any download the hub is probed once: when it cannot be reached the error
-    comes in seconds instead of after huggingface_hub's retries for every file.
+    comes in seconds instead of after huggingface_hub's retries for every file. ``message``
+    builds the error text (default: the one for the model weights).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    describe = message or _missing_message
     offline = hub_offline()
     cache_dir = hub_cache_dir()
     endpoint = hub_endpoint()
@@ -455,7 +464,7 @@ def _hub_files(
                 "they are not in the cache"
             )
     if reason:
-        raise WeightsError(_missing_message(version, failed, reason, cache_dir))
+        raise WeightsError(describe(version, failed, reason, cache_dir))
 
     failed = []
     network = True
@@ -473,7 +482,7 @@ def _hub_files(
             continue
         found[component] = path.parent if component == "vae" else path
     if failed:
-        raise WeightsError(_missing_message(version, failed, reason, cache_dir))
+        raise WeightsError(describe(version, failed, reason, cache_dir))
     return found
 
 
@@ -541,14 +550,18 @@ def resolve_weights(
 
 
 def download_weights(
-    version: str = DEFAULT_VERSION, dest_dir: str | Path | None = None
+    version: str = DEFAULT_VERSION, dest_dir: str | Path | None = None, *, syncnet: bool = False
 ) -> ModelFiles:
     """Download a version's files: into ``dest_dir`` in the official layout (plus the VAE in
     ``dest_dir/sd-vae-ft-mse`` and a latentdub.json recording the version), or into the
     Hugging Face cache when ``dest_dir`` is None. Already complete files are not fetched again.
+    ``syncnet`` also fetches the evaluation SyncNet (``auxiliary/syncnet_v2.model``, 55 MB).
     """
     version = check_version(version, hub=True)
+    components = ("unet", "whisper", "vae", "syncnet") if syncnet else ("unet", "whisper", "vae")
     if dest_dir is None:
+        if syncnet:
+            _hub_files(version, download=True, components=components)
         return _resolve_hub(version, download=True)
     dest = Path(dest_dir).expanduser()
     if dest.exists() and not dest.is_dir():
@@ -560,11 +573,94 @@ def download_weights(
             "another folder (1.5 and 1.6 files have the same names)."
         )
     dest.mkdir(parents=True, exist_ok=True)
-    _hub_files(version, download=True, local_dir=dest)
+    _hub_files(version, download=True, local_dir=dest, components=components)
     cfg = read_folder_config(dest)
     cfg.update({"version": version, "source": f"{HUB_REPOS[version]} + {VAE_REPO}"})
     write_folder_config(dest, cfg)
     return _resolve_local(dest, version, download=False, prefer_converted=True)
+
+
+@dataclass(frozen=True)
+class SyncNetFile:
+    """Where the evaluation SyncNet comes from (see :func:`resolve_syncnet`)."""
+
+    path: Path
+    source: str
+    random_weights: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "source": self.source, "random_weights": self.random_weights}
+
+
+def _syncnet_missing_message(
+    version: str,
+    failed: list[tuple[str, str]],
+    reason: str,
+    cache_dir: Path,
+    *,
+    folder: Path | None = None,
+) -> str:
+    v = version if version in HUB_VERSIONS else DEFAULT_VERSION
+    where = f"is not in {folder / SYNCNET_FILE} and not" if folder is not None else "is not"
+    repos = sorted({repo for repo, _ in failed}) or [HUB_REPOS[v]]
+    return (
+        f"The evaluation SyncNet ({SYNCNET_FILE}, needed for the lip-sync scores LSE-C / "
+        f"LSE-D) {where} available from the Hugging Face hub: {reason}.\n"
+        f"It is the classic SyncNet shipped in {' and '.join(repos)} (cache: {cache_dir}).\n"
+        "Get it with one of:\n"
+        f"  - latentdub weights download --version {v} --syncnet            (into the Hugging "
+        "Face cache; `latentdub eval` then finds it)\n"
+        f"  - latentdub weights download --version {v} --syncnet --dir DIR  (then pass --weights "
+        "DIR)\n"
+        "  - or copy syncnet_v2.model from that repository to DIR/auxiliary/syncnet_v2.model "
+        "and pass --weights DIR (or --syncnet FILE)\n"
+        "(Downloading needs network access; a token in HF_TOKEN is used if set.)"
+    )
+
+
+def resolve_syncnet(
+    version: str | None = DEFAULT_VERSION,
+    weights_dir: str | Path | None = None,
+    *,
+    download: bool = True,
+) -> SyncNetFile:
+    """Find the evaluation SyncNet file ``auxiliary/syncnet_v2.model``.
+
+    With ``weights_dir``: ``DIR/auxiliary/syncnet_v2.model`` (the official ``checkpoints/``
+    layout; ``make-tiny`` writes a random one there). When the folder has none, or without a
+    folder, it comes from the Hugging Face cache of the version's hub repo (downloaded first if
+    missing and ``download`` is true), exactly like the model weights. Raises WeightsError
+    saying how to get it. Nothing is loaded here (see :func:`latentdub.weights.syncnet.
+    load_syncnet`).
+    """
+    from latentdub.weights.syncnet import read_syncnet_sidecar
+
+    folder: Path | None = None
+    if weights_dir is not None:
+        folder = Path(weights_dir).expanduser()
+        if not folder.exists():
+            raise WeightsError(f"weights folder {folder} does not exist.")
+        if not folder.is_dir():
+            raise WeightsError(f"--weights must be a folder, but {folder} is a file.")
+        folder = folder.resolve()
+        candidate = folder / SYNCNET_FILE
+        if candidate.is_file():
+            side = read_syncnet_sidecar(candidate)
+            return SyncNetFile(
+                candidate, f"local folder {folder}", bool(side.get("random_weights", False))
+            )
+        if version is None:
+            version = read_folder_config(folder).get("version")
+    v = version or DEFAULT_VERSION
+    v = v if v in HUB_VERSIONS else DEFAULT_VERSION  # a 1.0 folder: the file is the same
+
+    def message(ver: str, failed: list[tuple[str, str]], reason: str, cache: Path) -> str:
+        return _syncnet_missing_message(ver, failed, reason, cache, folder=folder)
+
+    path = _hub_files(
+        check_version(v, hub=True), download=download, components=("syncnet",), message=message
+    )["syncnet"]
+    return SyncNetFile(path, f"Hugging Face cache ({HUB_REPOS[v]})", False)
 
 
 def _hub_cached(repo: str, filename: str, cache_dir: Path) -> Path | None:
@@ -582,8 +678,9 @@ def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]
 
     One entry per hub version (1.5, 1.6) for the Hugging Face cache, plus one for
     ``weights_dir`` if given. Each entry: version, where ("hf-cache" / "folder"), location,
-    unet / whisper / vae (path or None), converted (fp16 safetensors in use), random_weights,
-    complete, and error (a message, or None).
+    unet / whisper / vae (path or None), syncnet (the evaluation SyncNet's path or None; not
+    needed for dubbing, so not part of "complete"), converted (fp16 safetensors in use),
+    random_weights, complete, and error (a message, or None).
     """
     entries: list[dict[str, Any]] = []
     cache_dir = hub_cache_dir()
@@ -594,6 +691,7 @@ def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]
         }
         vae_hits = [_hub_cached(VAE_REPO, name, cache_dir) for name in VAE_FILES]
         vae = vae_hits[0].parent if all(vae_hits) and vae_hits[0] is not None else None
+        syncnet = _hub_cached(HUB_REPOS[version], SYNCNET_FILE, cache_dir)
         entries.append(
             {
                 "version": version,
@@ -602,6 +700,7 @@ def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]
                 "unet": str(paths["unet"]) if paths["unet"] else None,
                 "whisper": str(paths["whisper"]) if paths["whisper"] else None,
                 "vae": str(vae) if vae else None,
+                "syncnet": str(syncnet) if syncnet else None,
                 "converted": False,
                 "random_weights": False,
                 "complete": all(paths.values()) and vae is not None,
@@ -617,11 +716,14 @@ def weights_status(weights_dir: str | Path | None = None) -> list[dict[str, Any]
             "unet": None,
             "whisper": None,
             "vae": None,
+            "syncnet": None,
             "converted": False,
             "random_weights": False,
             "complete": False,
             "error": None,
         }
+        if (folder / SYNCNET_FILE).is_file():
+            entry["syncnet"] = str(folder / SYNCNET_FILE)
         try:
             files = _resolve_local(folder, None, download=False, prefer_converted=True)
         except WeightsError as err:

@@ -30,6 +30,7 @@ from latentdub.weights.checkpoint import (
     load_module_strict,
     read_torch_file,
 )
+from latentdub.weights.resolve import SYNCNET_FILE
 
 log = logging.getLogger("latentdub.weights")
 
@@ -42,12 +43,11 @@ __all__ = [
     "sidecar_path",
 ]
 
-SYNCNET_FILE = "auxiliary/syncnet_v2.model"
 _WHAT = "SyncNet (syncnet_v2.model)"
 _HINT = (
     "Expected the classic evaluation SyncNet, `auxiliary/syncnet_v2.model` from the "
     "ByteDance/LatentSync-1.5 or -1.6 hub repo (a raw state dict of 102 entries). Download it "
-    "again (`latentdub weights download`)."
+    "again (`latentdub weights download --syncnet`)."
 )
 
 

@@ -21,6 +21,10 @@ while keeping every part of the official network:
   channels) at widths [4, 8, 16, 32].
 
 Faces are 256 px (32x32 latents), as for 1.5.
+
+The folder also gets a tiny random evaluation SyncNet at ``auxiliary/syncnet_v2.model`` (the
+official path; 96 px crops, 8-d embeddings) with its sidecar ``syncnet_v2.model.json`` saying
+``"random_weights": true``, so that ``latentdub eval --weights DIR`` runs its whole path.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ import torch
 from latentdub.errors import WeightsError
 from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG
 from latentdub.weights.resolve import (
+    SYNCNET_FILE,
     UNET_FILE,
     VAE_SUBDIRS,
     WHISPER_FILE,
     read_folder_config,
     write_folder_config,
 )
+from latentdub.weights.syncnet import make_tiny_syncnet, read_syncnet_sidecar
 from latentdub.weights.vae import save_vae_folder
 
 if TYPE_CHECKING:
@@ -88,8 +94,9 @@ RANDOM WEIGHTS — NOT A REAL MODEL
 
 This folder was written by `latentdub weights make-tiny` (seed {seed}). It holds tiny, randomly
 initialised networks in the exact file layout and formats of the official LatentSync
-checkpoints (latentsync_unet.pt, whisper/tiny.pt, sd-vae-ft-mse/), so that tests and smoke runs
-can exercise the whole program quickly. Its output is noise, not a dub.
+checkpoints (latentsync_unet.pt, whisper/tiny.pt, sd-vae-ft-mse/, and the evaluation SyncNet
+auxiliary/syncnet_v2.model), so that tests and smoke runs can exercise the whole program quickly.
+Its output is noise, not a dub, and its lip-sync scores (latentdub eval) mean nothing.
 
 For real results use the released weights: `latentdub weights download --version 1.6`.
 """
@@ -215,7 +222,8 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
 
     Files: ``latentsync_unet.pt`` (``{"state_dict", "global_step": 0}``), ``whisper/tiny.pt``
     (OpenAI format, fp16, with decoder), ``sd-vae-ft-mse/`` (diffusers folder layout),
-    ``latentdub.json`` (dims, ``"random_weights": true``) and ``README.txt``, all with the
+    ``auxiliary/syncnet_v2.model`` (+ ``.json`` sidecar, labelled random), ``latentdub.json``
+    (dims, ``"random_weights": true``) and ``README.txt``, all with the
     usual umask file mode. Deterministic for a given seed. Refuses to write over a folder that
     holds real (non-random) weights.
     """
@@ -226,6 +234,12 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
         raise WeightsError(
             f"{out} already holds a {UNET_FILE} that is not a random tiny model; refusing to "
             "overwrite it. Choose an empty folder."
+        )
+    syncnet = out / SYNCNET_FILE
+    if syncnet.exists() and not read_syncnet_sidecar(syncnet).get("random_weights", False):
+        raise WeightsError(
+            f"{out} already holds a {SYNCNET_FILE} that is not a random tiny SyncNet; refusing "
+            "to overwrite it. Choose an empty folder."
         )
     (out / "whisper").mkdir(parents=True, exist_ok=True)
 
@@ -238,6 +252,7 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     torch.save(whisper, out / WHISPER_FILE)
     save_vae_folder(_tiny_vae(seed), out / VAE_SUBDIRS[0])
+    make_tiny_syncnet(out / SYNCNET_FILE, seed=seed)
 
     # Stale conversions of an earlier tiny model would otherwise be preferred.
     for stale in ("latentsync_unet.fp16.safetensors", "whisper/tiny.fp16.safetensors"):
