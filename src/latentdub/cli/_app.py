@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 from rich.console import Console
 
@@ -15,3 +17,20 @@ app = typer.Typer(
 )
 console = Console()
 console_err = Console(stderr=True)
+
+
+class StderrWarnings(logging.Handler):
+    """Library warnings (random weights, nothing dubbed, CPU cost, audio header) as ``warning: …``
+    lines on stderr, through the console, which follows ``sys.stderr`` even when it is swapped."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console_err.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+def show_library_warnings() -> None:
+    """Route the library's warnings to stderr, once per process however many commands run."""
+    root = logging.getLogger("latentdub")
+    if not any(isinstance(h, StderrWarnings) for h in root.handlers):
+        root.addHandler(StderrWarnings(level=logging.WARNING))
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)

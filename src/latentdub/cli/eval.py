@@ -12,7 +12,6 @@ note that the sync scores are missing and how to get the model); with neither it
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,25 +19,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err
+from latentdub.cli._app import app, console, console_err, show_library_warnings
 from latentdub.errors import InputError, WeightsError
 
 _STAGES = {"faces": "faces (video)", "faces (original)": "faces (original)", "score": "scoring"}
-
-
-class _StderrWarnings(logging.Handler):
-    """Library warnings as ``warning: …`` lines on stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        console_err.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger("latentdub")
-    if not any(type(h).__name__ == "_StderrWarnings" for h in root.handlers):
-        root.addHandler(_StderrWarnings(level=logging.WARNING))
-    if root.level == logging.NOTSET or root.level > logging.WARNING:
-        root.setLevel(logging.WARNING)
 
 
 def _check_report_path(report: Path) -> None:
@@ -142,7 +126,7 @@ def eval_cmd(
     from latentdub.media.files import check_input_file
     from latentdub.media.reader import check_video, probe_video
 
-    _setup_logging()
+    show_library_warnings()
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     if min_track < 6:
