@@ -3,16 +3,25 @@
 Memory is O(frames + observations): per frame its pts and a shot flag; per observed face a box,
 three anchors, a score and a yaw (≈ 60 bytes). A 2-hour 25 fps video with two faces per frame
 costs ≈ 20 MB. No image is kept, so the dubbing pass decodes the video again.
+
+Speed: the sequential part (cut flags, search cadence, tracking) is :class:`_FramePass`, shared
+by every way of running the pass. Decoding + RGB conversion and the cut-detector thumbnail run
+in two background threads, overlapped with MediaPipe (1.8-2.5x the one-thread loop, measured
+on a shared two-core machine). With worker processes (:mod:`latentdub.face.parallel`; default from four cores on),
+segments of the video are analysed ahead in parallel and the tracking is replayed here in frame
+order from their records. Every path gives the same numbers bit for bit;
+:func:`analyze_video_reference` is the plain loop the tests compare against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from latentdub.errors import InputError
-from latentdub.face.backend import FaceBackend, MediaPipeBackend
+from latentdub.face.backend import FaceBackend, FaceObservation, MediaPipeBackend
 from latentdub.face.tracking import SceneCutDetector, Tracker
-from latentdub.media.reader import VideoInfo, iter_frames, probe_video
+from latentdub.media.reader import Frame, VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +297,95 @@ def present_spans(
     return [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
+#: Detects the faces of one frame: (frame index, tracked ROIs, search?) → observations.
+DetectFn = Callable[[int, list[np.ndarray], bool], list[FaceObservation]]
+
+
+class _FramePass:
+    """The sequential part of pass 1: cut flags, sampling, search cadence, tracking, buffers.
+
+    Every way of running pass 1 feeds frames through this one class in frame order: the serial
+    path with a live backend, a parallel worker with its own (speculative) state, and the
+    parallel replay, which gets the image operations from the workers' records. Identical
+    inputs therefore give identical observations and tracks whichever path ran.
+    """
+
+    def __init__(self, *, every_n: int, search_every: int, max_gap: int) -> None:
+        self.every_n = every_n
+        self.search_every = search_every
+        self.max_gap = max_gap
+        self.tracker = Tracker(max_gap=max_gap)
+        # Compact typed buffers (8 bytes per number, no Python object per value): a 2-hour
+        # video with two faces per frame needs ~40 MB here.
+        self.pts = array("q")
+        self.times = array("d")
+        self.sampled = array("b")
+        self.scene_cuts: list[int] = []
+        self.o_frame = array("l")
+        self.o_track = array("l")
+        self.o_bbox = array("d")
+        self.o_anchor = array("d")
+        self.o_score = array("f")
+        self.o_yaw = array("f")
+        self.last_duration: int | None = None
+
+    def step(
+        self, i: int, pts: int, time_s: float, duration: int | None, is_cut: bool, detect: DetectFn
+    ) -> None:
+        self.pts.append(pts)
+        self.times.append(time_s)
+        self.last_duration = duration
+        if is_cut:
+            self.scene_cuts.append(i)
+            self.tracker.cut()
+        sample = is_cut or i % self.every_n == 0
+        self.sampled.append(sample)
+        if not sample:
+            return
+        rois = self.tracker.active_boxes(i)
+        search = is_cut or not rois or (i // self.every_n) % self.search_every == 0
+        faces = detect(i, rois, search)
+        ids = self.tracker.update(i, faces)
+        for face, tid in zip(faces, ids, strict=True):
+            self.o_frame.append(i)
+            self.o_track.append(tid)
+            self.o_bbox.extend(np.asarray(face.bbox, dtype=np.float64).ravel()[:4])
+            self.o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
+            self.o_score.append(face.score)
+            self.o_yaw.append(np.nan if face.yaw is None else face.yaw)
+
+    def result(self, path: Path, info: VideoInfo, backend_name: str) -> FaceAnalysis:
+        n = len(self.pts)
+        pts_arr = np.asarray(self.pts, dtype=np.int64)
+        if self.last_duration:
+            step = self.last_duration
+        elif n >= 2:
+            step = int(np.median(np.diff(pts_arr[-min(n, 9) :])))
+        else:
+            step = max(1, round(1 / (info.fps * float(info.time_base)))) if info.fps > 0 else 1
+        analysis = FaceAnalysis(
+            path=path,
+            info=info,
+            backend=backend_name,
+            every_n=self.every_n,
+            max_gap=self.max_gap,
+            pts=pts_arr,
+            times_s=np.asarray(self.times, dtype=np.float64),
+            time_base=info.time_base,
+            end_pts=int(pts_arr[-1] + max(1, step)),
+            sampled=np.asarray(self.sampled, dtype=bool),
+            scene_cuts=np.asarray(self.scene_cuts, dtype=np.int64),
+            obs_frame=np.asarray(self.o_frame, dtype=np.int32),
+            obs_track=np.asarray(self.o_track, dtype=np.int32),
+            obs_bbox=np.asarray(self.o_bbox, dtype=np.float64).reshape(-1, 4),
+            obs_anchors=np.asarray(self.o_anchor, dtype=np.float64).reshape(-1, 3, 2),
+            obs_score=np.asarray(self.o_score, dtype=np.float32),
+            obs_yaw=np.asarray(self.o_yaw, dtype=np.float32),
+        )
+        analysis.tracks = _summarise_tracks(analysis)
+        return analysis
+
+
 def analyze_video(
     path: str | Path,
     *,
@@ -299,6 +397,7 @@ def analyze_video(
     max_gap_s: float = 0.25,
     progress: ProgressFn | None = None,
     info: VideoInfo | None = None,
+    workers: int | None = None,
 ) -> FaceAnalysis:
     """Decode ``path`` once and detect, landmark and track faces on every ``every_n``-th frame.
 
@@ -310,100 +409,142 @@ def analyze_video(
     ``max_frames`` stops early (tests, previews). Faces that drop out for up to ``max_gap_s``
     seconds keep their track (the gap is interpolated). Videos with fewer than ``min_frames``
     decodable frames raise :class:`InputError` (a still image is not a video to dub).
-    ``progress(done, total)`` is called every few frames; ``total`` is the header's estimate.
+    ``progress(done, total)`` is called every few frames with a ``done`` that never decreases;
+    ``total`` is the header's estimate. An exception raised by ``progress`` (a cancellation)
+    stops the analysis and its worker processes, and propagates.
     ``info`` is the file's :func:`probe_video` result when the caller already has it.
+
+    ``workers``: processes for the parallel analysis (:mod:`latentdub.face.parallel`; None =
+    one per CPU core, 1 = this process only). The result is the same whatever the number:
+    the workers compute the image operations of video segments ahead, and the tracking is
+    replayed here in frame order from their records. It needs a :class:`MediaPipeBackend`
+    (or none); any other backend runs in this process. Either way decoding runs in a
+    background thread, overlapped with detection.
     """
     path = Path(path)
     if every_n < 1 or search_every < 1:
         raise ValueError("every_n and search_every must be >= 1")
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be >= 1 (or None for one per CPU core)")
     if info is None:
         info = probe_video(path)
-    own_backend = backend is None
-    be: FaceBackend = MediaPipeBackend() if backend is None else backend
     max_gap = max(2 * every_n, math.ceil(max_gap_s * max(info.fps, 1.0)))
-    tracker = Tracker(max_gap=max_gap)
-    cuts = SceneCutDetector()
+    params = {"every_n": every_n, "search_every": search_every, "max_gap": max_gap}
 
-    # Compact typed buffers (8 bytes per number, no Python object per value): a 2-hour video
-    # with two faces per frame needs ~40 MB here.
-    pts = array("q")
-    times = array("d")
-    sampled = array("b")
-    scene_cuts: list[int] = []
-    o_frame = array("l")
-    o_track = array("l")
-    o_bbox = array("d")
-    o_anchor = array("d")
-    o_score = array("f")
-    o_yaw = array("f")
-    last_duration: int | None = None
-    total = info.num_frames if max_frames is None else min(info.num_frames, max_frames)
-    try:
-        for frame in iter_frames(path, stop=max_frames):
-            i = frame.index
-            pts.append(frame.pts)
-            times.append(frame.time_s)
-            last_duration = frame.duration
-            is_cut = cuts(frame.image)
-            if is_cut:
-                scene_cuts.append(i)
-                tracker.cut()
-            sample = is_cut or i % every_n == 0
-            sampled.append(sample)
-            if sample:
-                rois = tracker.active_boxes(i)
-                search = is_cut or not rois or (i // every_n) % search_every == 0
-                faces = be.detect(frame.image, rois=rois, search=search)
-                ids = tracker.update(i, faces)
-                for face, tid in zip(faces, ids, strict=True):
-                    o_frame.append(i)
-                    o_track.append(tid)
-                    o_bbox.extend(np.asarray(face.bbox, dtype=np.float64).ravel()[:4])
-                    o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
-                    o_score.append(face.score)
-                    o_yaw.append(np.nan if face.yaw is None else face.yaw)
-            if progress is not None and (i % 10 == 0):
-                progress(i + 1, total)
-    finally:
-        if own_backend:
-            be.close()
-    n = len(pts)
-    if progress is not None:
-        progress(n, n)
+    from latentdub.face import parallel
+
+    report = _Monotonic(progress) if progress is not None else None
+    fp: _FramePass | None = None
+    plan = parallel.plan(path, info, backend, max_frames=max_frames, workers=workers)
+    if plan is not None:
+        fp = parallel.run(plan, backend, params, progress=report)
+        if fp is None:
+            log.info("%s: the parallel face analysis fell back to one process", path)
+    if fp is None:
+        fp = _analyze_serial(path, info, backend, params, max_frames, report)
+    n = len(fp.pts)
+    if report is not None:
+        report.finish(n)
     if n < min_frames:
         raise InputError(
             f"{path} has only {n} decodable frame{'s' if n != 1 else ''}; a video of at least "
             f"{min_frames} frames is needed (a still image cannot be dubbed)"
         )
+    return fp.result(path, info, _backend_name(backend))
 
-    pts_arr = np.asarray(pts, dtype=np.int64)
-    if last_duration:
-        step = last_duration
-    elif n >= 2:
-        step = int(np.median(np.diff(pts_arr[-min(n, 9) :])))
-    else:
-        step = max(1, round(1 / (info.fps * float(info.time_base)))) if info.fps > 0 else 1
-    analysis = FaceAnalysis(
-        path=path,
-        info=info,
-        backend=getattr(be, "name", type(be).__name__),
-        every_n=every_n,
-        max_gap=max_gap,
-        pts=pts_arr,
-        times_s=np.asarray(times, dtype=np.float64),
-        time_base=info.time_base,
-        end_pts=int(pts_arr[-1] + max(1, step)),
-        sampled=np.asarray(sampled, dtype=bool),
-        scene_cuts=np.asarray(scene_cuts, dtype=np.int64),
-        obs_frame=np.asarray(o_frame, dtype=np.int32),
-        obs_track=np.asarray(o_track, dtype=np.int32),
-        obs_bbox=np.asarray(o_bbox, dtype=np.float64).reshape(-1, 4),
-        obs_anchors=np.asarray(o_anchor, dtype=np.float64).reshape(-1, 3, 2),
-        obs_score=np.asarray(o_score, dtype=np.float32),
-        obs_yaw=np.asarray(o_yaw, dtype=np.float32),
-    )
-    analysis.tracks = _summarise_tracks(analysis)
-    return analysis
+
+class _Monotonic:
+    """Forwards progress with ``done`` never decreasing (a fallback to the serial path starts
+    counting again from 0); :meth:`finish` always sends a last ``done == total`` event."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self.progress = progress
+        self.last = -1
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if done > self.last:
+            self.last = done
+            self.progress(done, None if total is None else max(total, done))
+
+    def finish(self, frames: int) -> None:
+        done = max(frames, self.last)
+        self.last = done
+        self.progress(done, done)
+
+
+def _backend_name(backend: FaceBackend | None) -> str:
+    return getattr(backend, "name", type(backend).__name__) if backend is not None else "mediapipe"
+
+
+def analyze_video_reference(
+    path: str | Path,
+    *,
+    backend: FaceBackend | None = None,
+    every_n: int = 1,
+    search_every: int = 3,
+    max_frames: int | None = None,
+    max_gap_s: float = 0.25,
+    info: VideoInfo | None = None,
+) -> FaceAnalysis:
+    """Pass 1 as one plain loop in one thread: the reference the fast paths are tested against.
+
+    Same arguments and result as :func:`analyze_video` (which gives the same numbers faster);
+    kept for the equality tests and the bench.
+    """
+    path = Path(path)
+    if info is None:
+        info = probe_video(path)
+    max_gap = max(2 * every_n, math.ceil(max_gap_s * max(info.fps, 1.0)))
+    params = {"every_n": every_n, "search_every": search_every, "max_gap": max_gap}
+    fp = _analyze_serial(path, info, backend, params, max_frames, None, threaded=False)
+    if len(fp.pts) == 0:
+        raise InputError(f"{path}: no frame could be decoded")
+    return fp.result(path, info, _backend_name(backend))
+
+
+def _analyze_serial(
+    path: Path,
+    info: VideoInfo,
+    backend: FaceBackend | None,
+    params: dict[str, int],
+    max_frames: int | None,
+    progress: ProgressFn | None,
+    *,
+    threaded: bool = True,
+) -> _FramePass:
+    """Pass 1 in this process; decoding, RGB conversion and cut features in other threads."""
+    from latentdub.face.parallel import prefetch_frames
+
+    own_backend = backend is None
+    be: FaceBackend = MediaPipeBackend() if backend is None else backend
+    fp = _FramePass(**params)
+    cuts = SceneCutDetector()
+    total = info.num_frames if max_frames is None else min(info.num_frames, max_frames)
+    try:
+        with contextlib.ExitStack() as stack:
+            if threaded:
+                frames: Iterable[tuple[Frame, Any]] = stack.enter_context(
+                    prefetch_frames(path, stop=max_frames)
+                )
+            else:
+                frames = (
+                    (f, SceneCutDetector.features(f.image))
+                    for f in iter_frames(path, stop=max_frames)
+                )
+            for frame, features in frames:
+                i = frame.index
+                image = frame.image
+
+                def detect(_i: int, rois: list[np.ndarray], search: bool) -> list[FaceObservation]:
+                    return be.detect(image, rois=rois, search=search)  # noqa: B023 - used at once
+
+                fp.step(i, frame.pts, frame.time_s, frame.duration, cuts.update(features), detect)
+                if progress is not None and (i % 10 == 0):
+                    progress(i + 1, total)
+    finally:
+        if own_backend:
+            be.close()
+    return fp
 
 
 def _summarise_tracks(analysis: FaceAnalysis) -> list[TrackInfo]:

@@ -258,22 +258,31 @@ class MediaPipeBackend:
         self.close()
 
     # -- detection ----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild an equivalent backend (in a worker process)."""
+        return {
+            "min_score": self.min_score,
+            "max_faces": self.max_faces,
+            "roi_scale": self.roi_scale,
+            "max_roi_side": self.max_roi_side,
+            "keep_landmarks": self.keep_landmarks,
+        }
+
     def _process(self, graph: str, image: np.ndarray) -> Any:
         """Run one MediaPipe graph, hiding the warnings it logs on fd 2 until its first face."""
         solution = getattr(self, graph)
         if graph in self._warm:
-            return solution.process(image)
+            return _run_graph(solution, image)
         with _quiet_native_stderr():
-            result = solution.process(image)
-        if getattr(result, "detections", None) or getattr(result, "multi_face_landmarks", None):
+            result = _run_graph(solution, image)
+        if result:
             self._warm.add(graph)
         return result
 
     def _search(self, image: np.ndarray) -> list[tuple[np.ndarray, float]]:
         h, w = image.shape[:2]
-        result = self._process("_detector", image)
         found: list[tuple[np.ndarray, float]] = []
-        for det in result.detections or []:
+        for det in self._process("_detector", image) or []:
             rel = det.location_data.relative_bounding_box
             box = np.array(
                 [
@@ -301,11 +310,11 @@ class MediaPipeBackend:
             scale = self.max_roi_side / side
             crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         crop = np.ascontiguousarray(crop)
-        result = self._process("_mesh", crop)
-        if not result.multi_face_landmarks:
+        faces = self._process("_mesh", crop)
+        if not faces:
             return None
         ch, cw = crop.shape[:2]
-        lm = result.multi_face_landmarks[0].landmark
+        lm = faces[0].landmark
         pts = np.array([(p.x, p.y, p.z) for p in lm], dtype=np.float64)
         pts[:, 0] = pts[:, 0] * cw / scale + x0
         pts[:, 1] = pts[:, 1] * ch / scale + y0
@@ -313,54 +322,192 @@ class MediaPipeBackend:
         return pts, crop
 
     def _crop_score(self, crop: np.ndarray) -> float:
-        result = self._process("_crop_detector", crop)
-        return max((float(d.score[0]) for d in result.detections or []), default=0.0)
+        return max(
+            (float(d.score[0]) for d in self._process("_crop_detector", crop) or []), default=0.0
+        )
 
-    def detect(
-        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
-    ) -> list[FaceObservation]:
+    def ops(self, image: np.ndarray) -> FrameOps:
+        """The three pure per-frame operations :meth:`detect` is built from, on ``image``."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}"
             )
-        h, w = image.shape[:2]
-        detections = self._search(image) if search else []
-        # Proposals: detector boxes first, then tracked boxes that no detection already covers.
-        proposals: list[tuple[np.ndarray, float | None]] = [(b, s) for b, s in detections]
-        for roi in rois:
-            roi = np.asarray(roi, dtype=np.float64)
-            if all(box_iou(roi, b) < 0.3 for b, _ in proposals):
-                proposals.append((roi, None))
+        return LiveOps(self, image)
 
-        faces: list[FaceObservation] = []
-        for box, score in proposals[: self.max_faces]:
-            # A detector box is tight around eyes-to-mouth; the tracked box is the mesh extent.
-            square = _square_roi(
-                box, self.roi_scale if score is not None else self.roi_scale * 0.85, w, h
-            )
-            if square is None:
+    def detect(
+        self, image: np.ndarray, *, rois: Sequence[np.ndarray] = (), search: bool = True
+    ) -> list[FaceObservation]:
+        return self.assemble(self.ops(image), image.shape[0], image.shape[1], rois, search)
+
+    def assemble(
+        self,
+        ops: FrameOps,
+        height: int,
+        width: int,
+        rois: Sequence[np.ndarray] = (),
+        search: bool = True,
+    ) -> list[FaceObservation]:
+        """The faces of one frame from its operations: :meth:`detect` without the image."""
+        return assemble_faces(
+            ops,
+            height,
+            width,
+            rois,
+            search,
+            min_score=self.min_score,
+            max_faces=self.max_faces,
+            roi_scale=self.roi_scale,
+        )
+
+
+def assemble_faces(
+    ops: FrameOps,
+    height: int,
+    width: int,
+    rois: Sequence[np.ndarray],
+    search: bool,
+    *,
+    min_score: float,
+    max_faces: int,
+    roi_scale: float,
+) -> list[FaceObservation]:
+    """Proposals → landmarked, de-duplicated, scored faces of one frame.
+
+    Everything that depends on the tracking state (which ROIs, which proposals win) is decided
+    here; the image is touched only through ``ops``, whose results depend on the frame and an
+    integer crop alone. That split lets the parallel analysis compute ``ops`` ahead in worker
+    processes and replay this part exactly, in frame order.
+    """
+    h, w = height, width
+    detections = ops.search() if search else []
+    # Proposals: detector boxes first, then tracked boxes that no detection already covers.
+    proposals: list[tuple[np.ndarray, float | None]] = [(b, s) for b, s in detections]
+    for roi in rois:
+        roi = np.asarray(roi, dtype=np.float64)
+        if all(box_iou(roi, b) < 0.3 for b, _ in proposals):
+            proposals.append((roi, None))
+
+    faces: list[FaceObservation] = []
+    for box, score in proposals[:max_faces]:
+        # A detector box is tight around eyes-to-mouth; the tracked box is the mesh extent.
+        square = _square_roi(box, roi_scale if score is not None else roi_scale * 0.85, w, h)
+        if square is None:
+            continue
+        mesh = ops.landmark(square)
+        if mesh is None:
+            continue
+        if any(box_iou(mesh.bbox, f.bbox) > 0.5 for f in faces):
+            continue  # the same face reached from two proposals
+        if score is None:
+            score = ops.crop_score(square)
+            if score < min_score:
                 continue
-            found = self._landmark(image, square)
-            if found is None:
-                continue
-            pts, crop = found
-            bbox = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
-            if any(box_iou(bbox, f.bbox) > 0.5 for f in faces):
-                continue  # the same face reached from two proposals
-            if score is None:
-                score = self._crop_score(crop)
-                if score < self.min_score:
-                    continue
-            faces.append(
-                FaceObservation(
-                    bbox=bbox,
-                    anchors=mesh_anchors(pts),
-                    score=score,
-                    yaw=mesh_yaw_degrees(pts),
-                    landmarks=pts if self.keep_landmarks else None,
-                )
+        faces.append(
+            FaceObservation(
+                bbox=mesh.bbox,
+                anchors=mesh.anchors,
+                score=score,
+                yaw=mesh.yaw,
+                landmarks=mesh.landmarks,
             )
-        return faces
+        )
+    return faces
+
+
+# -- per-frame operations -----------------------------------------------------------------------
+Square = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MeshResult:
+    """What one Face Mesh run on one integer crop gives, already in frame pixels."""
+
+    bbox: np.ndarray  # (4,) landmark extent
+    anchors: np.ndarray  # (3, 2)
+    yaw: float
+    landmarks: np.ndarray | None = None  # (468, 3), only when the backend keeps landmarks
+
+    @staticmethod
+    def from_points(pts: np.ndarray, *, keep: bool = False) -> MeshResult:
+        bbox = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+        return MeshResult(bbox, mesh_anchors(pts), mesh_yaw_degrees(pts), pts if keep else None)
+
+
+class FrameOps(Protocol):
+    """The image-dependent operations of :meth:`MediaPipeBackend.assemble` on one frame.
+
+    Each result depends only on the frame's pixels and the arguments (an integer crop), never
+    on tracking state, so they can be computed anywhere and looked up later.
+    """
+
+    def search(self) -> list[tuple[np.ndarray, float]]: ...
+
+    def landmark(self, square: Square) -> MeshResult | None: ...
+
+    def crop_score(self, square: Square) -> float: ...
+
+
+class LiveOps:
+    """:class:`FrameOps` computed on the frame by a :class:`MediaPipeBackend`."""
+
+    def __init__(self, backend: MediaPipeBackend, image: np.ndarray) -> None:
+        self.backend = backend
+        self.image = image
+        self._crops: dict[Square, np.ndarray] = {}
+
+    def search(self) -> list[tuple[np.ndarray, float]]:
+        return self.backend._search(self.image)
+
+    def landmark(self, square: Square) -> MeshResult | None:
+        found = self.backend._landmark(self.image, square)
+        if found is None:
+            return None
+        pts, crop = found
+        self._crops[square] = crop
+        return MeshResult.from_points(pts, keep=self.backend.keep_landmarks)
+
+    def crop_score(self, square: Square) -> float:
+        crop = self._crops.get(square)
+        if crop is None:  # asked without a landmark run first (a replay): cut the same crop
+            x0, y0, x1, y1 = square
+            crop = self.image[y0:y1, x0:x1]
+            side = max(x1 - x0, y1 - y0)
+            if side > self.backend.max_roi_side:
+                scale = self.backend.max_roi_side / side
+                crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            crop = np.ascontiguousarray(crop)
+        return self.backend._crop_score(crop)
+
+
+def _run_graph(solution: Any, image: np.ndarray) -> Any:
+    """``SolutionBase.process`` for a one-image-in, one-stream-out graph, returning that stream.
+
+    The same packet, timestamp and graph calls as ``process`` (so the same results), without
+    building a namedtuple class and converting every output stream on each call, which costs
+    more than a small graph run. Falls back to ``process`` if mediapipe's internals differ.
+    """
+    try:
+        inputs = solution._input_stream_type_info
+        outputs = solution._output_stream_type_info
+        graph = solution._graph
+        ((in_name, in_type),) = inputs.items()
+        ((out_name, out_type),) = outputs.items()
+    except (AttributeError, ValueError):  # pragma: no cover - another mediapipe layout
+        result = solution.process(image)
+        return getattr(result, "detections", None) or getattr(result, "multi_face_landmarks", None)
+    solution._graph_outputs.clear()
+    solution._simulated_timestamp += 33333
+    if image.flags.c_contiguous and image.flags.writeable:
+        # MediaPipe copies a writable array into every packet (6 MB per 1080p frame, ~2 ms with
+        # its page faults) but references a read-only one: same pixels, so the same results.
+        # The view keeps the array alive; nothing writes to it while the graph runs (we wait).
+        image = image.view()
+        image.flags.writeable = False
+    packet = solution._make_packet(in_type, image).at(solution._simulated_timestamp)
+    graph.add_packet_to_input_stream(stream=in_name, packet=packet)
+    graph.wait_until_idle()
+    out = solution._graph_outputs.get(out_name)
+    return None if out is None else solution._get_packet_content(out_type, out)
 
 
 def default_backend() -> FaceBackend:

@@ -52,16 +52,28 @@ class SceneCutDetector:
 
     def __call__(self, image: np.ndarray) -> bool:
         """True if ``image`` starts a new shot (never for the first frame)."""
-        feats = self.features(image)
-        prev, self._prev = self._prev, feats
+        return self.update(self.features(image))
+
+    def update(self, features: tuple[np.ndarray, np.ndarray]) -> bool:
+        """:meth:`__call__` on precomputed :meth:`features` (computed off the main thread)."""
+        prev, self._prev = self._prev, features
         if prev is None:
             return False
-        pixel = float(np.abs(feats[0] - prev[0]).mean())
-        hist = float(np.abs(feats[1] - prev[1]).sum() / 4.0)  # two normalised histograms → [0, 1]
-        self.last_scores = (pixel, hist)
-        return (
+        is_cut, self.last_scores = self.compare(prev, features)
+        return is_cut
+
+    def compare(
+        self, prev: tuple[np.ndarray, np.ndarray], features: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[bool, tuple[float, float]]:
+        """Whether ``features`` starts a new shot after ``prev``, and the two scores."""
+        pixel = float(np.abs(features[0] - prev[0]).mean())
+        hist = float(
+            np.abs(features[1] - prev[1]).sum() / 4.0
+        )  # two normalised histograms → [0, 1]
+        is_cut = (
             pixel > self.pixel_threshold and hist > self.hist_threshold
         ) or hist > self.hist_alone
+        return is_cut, (pixel, hist)
 
 
 @dataclass
