@@ -422,3 +422,21 @@ def test_own_partial_is_not_stale_while_writing(tmp_path: Path) -> None:
         writer.write(np.zeros((64, 64, 3), np.uint8), pts=1)
     assert _leftovers(tmp_path) == ["dub.mp4"]
     assert mux_info(out).num_frames == 2
+
+
+def test_preset_changes_the_encoding_not_the_picture(ntsc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Lossless (crf 0): both presets must decode to the same pixels, in different bitstreams."""
+    frames, time_base, fps = ntsc
+    decoded = {}
+    for preset in ("ultrafast", "veryslow"):
+        out = tmp_path / f"{preset}.mp4"
+        with VideoWriter(out, width=512, height=512, time_base=time_base, fps=fps, crf=0, preset=preset) as w:
+            for image, pts in frames[:6]:
+                w.write(image, pts=pts)
+        decoded[preset] = (_decode(out)[0], out.stat().st_size)
+    (fast, fast_size), (slow, slow_size) = decoded["ultrafast"], decoded["veryslow"]
+    assert len(fast) == len(slow) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert slow_size < 0.9 * fast_size  # veryslow really ran: the same pixels in fewer bytes
+    # and both are close to the input (only the RGB→YUV 4:2:0 conversion is lossy)
+    assert min(_psnr(a, image) for a, (image, _) in zip(fast, frames, strict=False)) > 35

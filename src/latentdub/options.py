@@ -5,6 +5,9 @@ The library, the CLI (its ``--help`` text comes from the field descriptions) and
 once, at construction; a bad value raises :class:`OptionError`, which names the field and
 speaks about options (``steps must be at least 1``), not about CLI flags.
 
+Every default reproduces the official LatentSync sampler; the one opt-in that changes the
+pictures beyond that (``sampler="dpm++"``) says so in its description and in the dub's warnings.
+
 Loading choices (model version, device, dtype) are not here: they belong to the pipeline, which
 is loaded once and then runs many dubs.
 """
@@ -12,14 +15,33 @@ is loaded once and then runs many dubs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from latentdub.errors import InputError
 
 LengthPolicy = Literal["pingpong", "loop", "cut", "pad"]
 FitMode = Literal["none", "stretch", "align"]
+# "auto" (see below), then x264's presets fastest first ("placebo" left out: it costs many times
+# veryslow for nothing visible).
+Preset = Literal["auto", "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
+PRESETS: tuple[str, ...] = get_args(Preset)[1:]  # the x264 ones
+Encoder = Literal["auto", "x264", "nvenc"]
+Sampler = Literal["ddim", "dpm++"]
+#: Steps used when ``steps`` is not given: the official 20 for DDIM; DPM-Solver++ (2nd order
+#: multistep) reaches a similar level of detail in about half as many model calls.
+DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
+# preset "auto" (the default) is resolved per dub by the device it runs on:
+# * CUDA: encode runs beside diffusion and must never be the slowest stage on a 16-core GPU host.
+#   The targets need 25 fps / 1.2 s/s ≈ 21 fps at 512 and 25 / 0.4 ≈ 63 fps at 256; measured
+#   x264 at 1080×1920 on 16 cores (../shared/research/gpu-baseline.md): medium 42 fps (would bound
+#   the 256 target), veryfast 83 fps (1.3× headroom at 256, 4× at 512). At crf 18 veryfast is
+#   0.2-1.4 dB PSNR below medium (clip-dependent) for ~7-10 % more bits (bench/bench_encode.py).
+# * elsewhere (CPU, MPS) diffusion is far slower than any preset, so the better-compressing
+#   medium costs nothing, and keeps the end-of-stream frames above the suite's 40 dB bar.
+AUTO_PRESETS: dict[str, str] = {"cuda": "veryfast"}
+FALLBACK_PRESET = "medium"
 
 
 class OptionError(InputError):
@@ -36,7 +58,12 @@ class DubOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    steps: int = Field(20, ge=1, le=1000, description="DDIM denoising steps (official: 20).")
+    steps: int = Field(
+        DEFAULT_STEPS["ddim"],
+        ge=1,
+        le=1000,
+        description="DDIM denoising steps (official: 20); with sampler dpm++ its solver steps, 10 when not given.",
+    )
     guidance: float = Field(
         1.5, ge=0.0, le=20.0, description="Audio classifier-free guidance scale; 1 or less turns it off (official: 1.5)."
     )
@@ -53,7 +80,24 @@ class DubOptions(BaseModel):
     face: str = Field(
         "largest", min_length=1, description="Which face to dub: largest, X,Y@T (the face at pixel X,Y at T s), or track:N."
     )
-    crf: int = Field(18, ge=0, le=51, description="x264 quality, lower is better (18 is visually lossless).")
+    crf: int = Field(
+        18, ge=0, le=51, description="Video quality, lower is better (18 is visually lossless; NVENC uses it as -cq)."
+    )
+    preset: Preset = Field(
+        "auto",
+        description="x264 speed preset, ultrafast … veryslow (slower = smaller file at the same crf), or auto: "
+        "veryfast on a CUDA GPU so encoding keeps up, medium elsewhere. NVENC maps it to p1 … p7.",
+    )
+    encoder: Encoder = Field(
+        "auto",
+        description="Video encoder: auto (NVIDIA NVENC when it can be opened, else x264), x264, or nvenc "
+        "(fails if NVENC cannot be opened).",
+    )
+    sampler: Sampler = Field(
+        "ddim",
+        description="Diffusion sampler: ddim (the official one, exact) or dpm++ (DPM-Solver++, 10 steps by "
+        "default: half the U-Net work) - dpm++ CHANGES THE OUTPUT vs the official sampler.",
+    )
     watermark: bool = Field(
         True,
         description="Embed the invisible AI-generated watermark in every frame. Turning it off is recorded "
@@ -65,6 +109,27 @@ class DubOptions(BaseModel):
             super().__init__(**data)
         except ValidationError as err:
             raise _option_error(err) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_steps(cls, data: Any) -> Any:
+        """``steps`` not given: the chosen sampler's own default (20 for ddim, 10 for dpm++)."""
+        if isinstance(data, dict) and "steps" not in data:
+            sampler = data.get("sampler", "ddim")
+            if isinstance(sampler, str) and sampler in DEFAULT_STEPS:
+                data = {**data, "steps": DEFAULT_STEPS[sampler]}
+        return data
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _known_preset(cls, value: Any) -> Any:
+        # Named here rather than via the generic Literal message, so the error lists them in speed order.
+        if isinstance(value, str) and value.strip().lower() in ("auto", *PRESETS):
+            return value.strip().lower()
+        choices = f"must be auto or one of {', '.join(PRESETS)}"
+        if value == "placebo":
+            raise ValueError(f"{choices}; placebo is not offered (many times slower than veryslow for no visible gain)")
+        raise ValueError(f"{choices} (fastest to slowest), got {value!r}")
 
     @field_validator("face")
     @classmethod
@@ -90,10 +155,32 @@ class DubOptions(BaseModel):
         return cls(**dict(data))
 
     def replace(self, **changes: Any) -> DubOptions:
-        """A copy with some fields changed, validated like a new instance."""
+        """A copy with some fields changed, validated like a new instance.
+
+        Changing ``sampler`` while ``steps`` sits at the old sampler's default moves ``steps`` to
+        the new sampler's default (20 for ddim, 10 for dpm++); other step counts are kept.
+        """
         if not changes:
             return self
-        return type(self)(**{**self.to_dict(), **changes})
+        current = self.to_dict()
+        if "sampler" in changes and "steps" not in changes and self.steps == DEFAULT_STEPS[self.sampler]:
+            del current["steps"]
+        return type(self)(**{**current, **changes})
+
+    def for_device(self, device_type: str) -> DubOptions:
+        """These options with ``preset="auto"`` made concrete for a dub on ``device_type`` (cuda, cpu, …)."""
+        if self.preset != "auto":
+            return self
+        return self.replace(preset=AUTO_PRESETS.get(device_type, FALLBACK_PRESET))
+
+    def output_change_warnings(self) -> list[str]:
+        """Warnings for opt-in choices that make the dub differ from the official sampler's."""
+        if self.sampler == "ddim":
+            return []
+        return [
+            f"sampler {self.sampler} ({self.steps} steps) changes the output vs the official sampler "
+            f"(ddim, {DEFAULT_STEPS['ddim']} steps): a faster opt-in profile, not the reference result"
+        ]
 
     @classmethod
     def resolve(cls, options: DubOptions | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> DubOptions:
@@ -144,4 +231,6 @@ def _option_error(err: ValidationError) -> OptionError:
     if kind in reasons:
         return OptionError(field, f"{reasons[kind]()}, got {value!r}")
     message = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
+    if message.startswith("must "):  # our own validators already speak in option terms
+        return OptionError(field, message)
     return OptionError(field, f"is invalid: {message}")
