@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err
+from latentdub.cli._app import app, console, console_err, show_library_warnings
 from latentdub.errors import InputError
 from latentdub.options import DubOptions, OptionError
 from latentdub.progress import ProgressEvent
@@ -79,7 +79,7 @@ def dub(
     from latentdub.media.writer import check_encoder
     from latentdub.pipeline import LipSyncPipeline, read_inputs
 
-    _setup_logging()
+    show_library_warnings()
     values = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
               "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf,
               "watermark": watermark, "preset": preset, "encoder": encoder, "sampler": sampler}
@@ -142,23 +142,6 @@ def _signing(cert: Path | None, key: Path | None) -> Any:
     from latentdub.provenance.keys import load_signing
 
     return load_signing(cert, key)
-
-
-class _StderrWarnings(logging.Handler):
-    """Library warnings as ``warning: …`` lines on stderr (through the console, which follows
-    ``sys.stderr`` even when it is swapped)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        console_err.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
-
-
-def _setup_logging() -> None:
-    """Library warnings (random weights, nothing dubbed, CPU cost, audio header) go to stderr once."""
-    root = logging.getLogger("latentdub")
-    if not any(isinstance(h, _StderrWarnings) for h in root.handlers):
-        handler = _StderrWarnings(level=logging.WARNING)
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)
 
 
 @contextmanager
