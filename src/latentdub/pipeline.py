@@ -14,6 +14,11 @@
 Nothing holds all frames: memory is set by the window size and the queue depths, so a
 10-minute video needs about what a 10-second one does.
 
+How pass 2 runs is a runtime setting of the pipeline, not a dub option, since it does not
+change the frames: ``pipe.acceleration = "optimized"`` (the default: crops kept on the device,
+batched windows, device paste-back, CUDA graphs where they pay) or ``"reference"`` (the plain
+engine), or an :class:`~latentdub.acceleration.Acceleration` — see :mod:`latentdub.acceleration`.
+
 Official behaviours kept (``latentsync.md`` §5): one Gaussian noise tensor shared by every frame
 of the whole video, the VAE posterior *sampled* (not its mode), reference latents = the current
 unmasked frame, the unconditional CFG branch = all-zero audio, both branches in one batch,
@@ -45,6 +50,7 @@ from latentdub.progress import CancelToken, DubProgress, ProgressCallback
 from latentdub.provenance.dub import DubProvenance, ProvenanceSettings
 from latentdub.render import (
     WINDOW,
+    AcceleratedGenerate,
     Finalizer,
     FrameFilter,
     FrameReader,
@@ -198,6 +204,7 @@ class LipSyncPipeline:
         dtype: torch.dtype,
         model_info: dict[str, Any] | None = None,
         vae_batch: int = 8,
+        acceleration: Any = None,
     ) -> None:
         from latentdub.face import Aligner, mouth_masks
 
@@ -219,6 +226,35 @@ class LipSyncPipeline:
         )
         if self.latent_mask.shape[-1] * 8 != resolution:
             raise ValueError(f"mouth mask of {self.latent_mask.shape[-1]} latents does not fit {resolution} px")
+        self._unet_steps: Any = None  # compiled step functions and CUDA graphs, kept across dubs
+        self.acceleration = acceleration  # type: ignore[assignment]  # None → the optimized default
+
+    @property
+    def acceleration(self) -> Any:
+        """How pass 2 runs (an :class:`~latentdub.acceleration.Acceleration`); the frames are the same.
+
+        Set ``"optimized"`` (default: :meth:`Acceleration.auto` for this device and resolution),
+        ``"reference"``, an ``Acceleration`` or a mapping of its fields.
+        """
+        return self._acceleration
+
+    @acceleration.setter
+    def acceleration(self, value: Any) -> None:
+        from latentdub.acceleration import Acceleration
+
+        if value is None:
+            self._acceleration = Acceleration.default_for(self.device, self.resolution)
+        else:
+            self._acceleration = Acceleration.parse(value, self.device, self.resolution)
+
+    @property
+    def unet_steps(self) -> Any:
+        """The U-Net step runner of the optimized path (compiled functions, CUDA graphs)."""
+        if self._unet_steps is None:
+            from latentdub.acceleration import UNetSteps
+
+            self._unet_steps = UNetSteps(self.unet)
+        return self._unet_steps
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -230,8 +266,11 @@ class LipSyncPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         download: bool = True,
+        acceleration: Any = None,
     ) -> LipSyncPipeline:
-        """Load ``"1.5"`` / ``"1.6"`` (local HF cache or hub download) or a local weights folder."""
+        """Load ``"1.5"`` / ``"1.6"`` (local HF cache or hub download) or a local weights folder.
+
+        ``acceleration``: see :attr:`acceleration` (default: the optimized path)."""
         from latentdub.models.scheduler import build_scheduler
         from latentdub.weights import load_unet, load_vae, load_whisper, resolve_weights
 
@@ -270,6 +309,7 @@ class LipSyncPipeline:
             device=device,
             dtype=dtype,
             model_info=info,
+            acceleration=acceleration,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -327,7 +367,7 @@ class LipSyncPipeline:
         job_id: str | None = None,
     ) -> DubResult:
         """Dub already-read inputs (see :func:`read_inputs`); the steps of :meth:`__call__`."""
-        opts = options or DubOptions()
+        opts = (options or DubOptions()).for_device(self.device.type)  # preset auto → what this device needs
         record = _consent_record(consent)
         memory.configure()
         run = DubProgress(progress, cancel)
@@ -489,13 +529,24 @@ class LipSyncPipeline:
         finalizers: Sequence[Finalizer],
     ) -> tuple[Path, dict[str, Any]]:
         """Pass 2 through the render engine; returns the output path and the provenance."""
+        from latentdub.acceleration import set_channels_last
         from latentdub.media.writer import VideoWriter
 
         generator = self.window_generator(opts)
+        accel = self.acceleration
+        engine: dict[str, Any]
+        set_channels_last(self.vae, accel.channels_last and not accel.is_reference)
+        log.info("pass 2: %s", "reference path" if accel.is_reference else f"optimized path {accel.to_dict()}")
+        if accel.is_reference:
 
-        def generate(window: Window, check: Any) -> np.ndarray:
-            assert window.crops is not None
-            return generator(window.crops, tokens[window.start : window.stop], start=window.start, check=check)
+            def generate(window: Window, check: Any) -> np.ndarray:
+                assert window.crops is not None
+                return generator(window.crops, tokens[window.start : window.stop], start=window.start, check=check)
+
+            engine = {"generate": generate}
+        else:
+            fast = AcceleratedGenerate(generator, job, tokens, accel, self.unet_steps)
+            engine = {"generate_many": fast, "batch": accel.window_batch}
 
         run.check()
         writer = VideoWriter(
@@ -516,7 +567,7 @@ class LipSyncPipeline:
         except BaseException:
             writer.abort()
             raise
-        return render(job, reader=reader, generate=generate, sink=sink, progress=run, finalizers=finalizers, timer=timer)
+        return render(job, reader=reader, sink=sink, progress=run, finalizers=finalizers, timer=timer, **engine)
 
     @staticmethod
     def _warn(warnings: list[str], message: str) -> None:
