@@ -328,7 +328,9 @@ def test_acceleration_settings_and_their_cpu_defaults(pipe: LipSyncPipeline, mon
     assert not (cpu.cuda_graphs or cpu.pinned_memory or cpu.channels_last or cpu.compile or cpu.device_paste)
     assert cpu.window_batch == 1 and not cpu.is_reference
     cuda_256 = Acceleration.auto("cuda", 256)
-    assert cuda_256.window_batch == 4 and cuda_256.cuda_graphs and cuda_256.device_paste and not cuda_256.compile
+    assert cuda_256.window_batch == 4 and cuda_256.device_paste and not cuda_256.compile
+    # never executed on a GPU yet: opt-in until bench/gpu.py has measured them there
+    assert not (cuda_256.cuda_graphs or cuda_256.pinned_memory)
     assert Acceleration.auto("cuda", 512).window_batch == 1
     # CUDA-only features are dropped on a CPU, with the rest kept.
     mixed = Acceleration(window_batch=2, cuda_graphs=True, pinned_memory=True).for_device("cpu")
