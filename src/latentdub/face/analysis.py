@@ -4,7 +4,7 @@ Memory is O(frames + observations): per frame its pts and a shot flag; per obser
 three anchors, a score and a yaw (≈ 60 bytes). A 2-hour 25 fps video with two faces per frame
 costs ≈ 20 MB. No image is kept, so the dubbing pass decodes the video again.
 
-Speed: the sequential part (cut flags, search cadence, tracking) is :class:`_FramePass`, shared
+Speed: the sequential part (cut flags, search cadence, tracking) is :class:`FramePass`, shared
 by every way of running the pass. Decoding + RGB conversion and the cut-detector thumbnail run
 in two background threads, overlapped with MediaPipe (1.8-2.5x the one-thread loop, measured
 on a shared two-core machine). With worker processes (:mod:`latentdub.face.parallel`; default from four cores on),
@@ -20,8 +20,7 @@ import itertools
 import json
 import logging
 import math
-from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -31,13 +30,11 @@ import numpy as np
 
 from latentdub.errors import InputError
 from latentdub.face.backend import FaceBackend, FaceObservation, MediaPipeBackend
-from latentdub.face.tracking import SceneCutDetector, Tracker
+from latentdub.face.framepass import FramePass, ProgressFn
+from latentdub.face.tracking import SceneCutDetector
 from latentdub.media.reader import Frame, VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[int, "int | None"], None]
-
 
 @dataclass(frozen=True)
 class TrackInfo:
@@ -297,93 +294,37 @@ def present_spans(
     return [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
-#: Detects the faces of one frame: (frame index, tracked ROIs, search?) → observations.
-DetectFn = Callable[[int, list[np.ndarray], bool], list[FaceObservation]]
-
-
-class _FramePass:
-    """The sequential part of pass 1: cut flags, sampling, search cadence, tracking, buffers.
-
-    Every way of running pass 1 feeds frames through this one class in frame order: the serial
-    path with a live backend, a parallel worker with its own (speculative) state, and the
-    parallel replay, which gets the image operations from the workers' records. Identical
-    inputs therefore give identical observations and tracks whichever path ran.
-    """
-
-    def __init__(self, *, every_n: int, search_every: int, max_gap: int) -> None:
-        self.every_n = every_n
-        self.search_every = search_every
-        self.max_gap = max_gap
-        self.tracker = Tracker(max_gap=max_gap)
-        # Compact typed buffers (8 bytes per number, no Python object per value): a 2-hour
-        # video with two faces per frame needs ~40 MB here.
-        self.pts = array("q")
-        self.times = array("d")
-        self.sampled = array("b")
-        self.scene_cuts: list[int] = []
-        self.o_frame = array("l")
-        self.o_track = array("l")
-        self.o_bbox = array("d")
-        self.o_anchor = array("d")
-        self.o_score = array("f")
-        self.o_yaw = array("f")
-        self.last_duration: int | None = None
-
-    def step(
-        self, i: int, pts: int, time_s: float, duration: int | None, is_cut: bool, detect: DetectFn
-    ) -> None:
-        self.pts.append(pts)
-        self.times.append(time_s)
-        self.last_duration = duration
-        if is_cut:
-            self.scene_cuts.append(i)
-            self.tracker.cut()
-        sample = is_cut or i % self.every_n == 0
-        self.sampled.append(sample)
-        if not sample:
-            return
-        rois = self.tracker.active_boxes(i)
-        search = is_cut or not rois or (i // self.every_n) % self.search_every == 0
-        faces = detect(i, rois, search)
-        ids = self.tracker.update(i, faces)
-        for face, tid in zip(faces, ids, strict=True):
-            self.o_frame.append(i)
-            self.o_track.append(tid)
-            self.o_bbox.extend(np.asarray(face.bbox, dtype=np.float64).ravel()[:4])
-            self.o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
-            self.o_score.append(face.score)
-            self.o_yaw.append(np.nan if face.yaw is None else face.yaw)
-
-    def result(self, path: Path, info: VideoInfo, backend_name: str) -> FaceAnalysis:
-        n = len(self.pts)
-        pts_arr = np.asarray(self.pts, dtype=np.int64)
-        if self.last_duration:
-            step = self.last_duration
-        elif n >= 2:
-            step = int(np.median(np.diff(pts_arr[-min(n, 9) :])))
-        else:
-            step = max(1, round(1 / (info.fps * float(info.time_base)))) if info.fps > 0 else 1
-        analysis = FaceAnalysis(
-            path=path,
-            info=info,
-            backend=backend_name,
-            every_n=self.every_n,
-            max_gap=self.max_gap,
-            pts=pts_arr,
-            times_s=np.asarray(self.times, dtype=np.float64),
-            time_base=info.time_base,
-            end_pts=int(pts_arr[-1] + max(1, step)),
-            sampled=np.asarray(self.sampled, dtype=bool),
-            scene_cuts=np.asarray(self.scene_cuts, dtype=np.int64),
-            obs_frame=np.asarray(self.o_frame, dtype=np.int32),
-            obs_track=np.asarray(self.o_track, dtype=np.int32),
-            obs_bbox=np.asarray(self.o_bbox, dtype=np.float64).reshape(-1, 4),
-            obs_anchors=np.asarray(self.o_anchor, dtype=np.float64).reshape(-1, 3, 2),
-            obs_score=np.asarray(self.o_score, dtype=np.float32),
-            obs_yaw=np.asarray(self.o_yaw, dtype=np.float32),
-        )
-        analysis.tracks = _summarise_tracks(analysis)
-        return analysis
+def _analysis_from_pass(fp: FramePass, path: Path, info: VideoInfo, backend_name: str) -> FaceAnalysis:
+    """The :class:`FaceAnalysis` of a finished frame pass."""
+    n = len(fp.pts)
+    pts_arr = np.asarray(fp.pts, dtype=np.int64)
+    if fp.last_duration:
+        step = fp.last_duration
+    elif n >= 2:
+        step = int(np.median(np.diff(pts_arr[-min(n, 9) :])))
+    else:
+        step = max(1, round(1 / (info.fps * float(info.time_base)))) if info.fps > 0 else 1
+    analysis = FaceAnalysis(
+        path=path,
+        info=info,
+        backend=backend_name,
+        every_n=fp.every_n,
+        max_gap=fp.max_gap,
+        pts=pts_arr,
+        times_s=np.asarray(fp.times, dtype=np.float64),
+        time_base=info.time_base,
+        end_pts=int(pts_arr[-1] + max(1, step)),
+        sampled=np.asarray(fp.sampled, dtype=bool),
+        scene_cuts=np.asarray(fp.scene_cuts, dtype=np.int64),
+        obs_frame=np.asarray(fp.o_frame, dtype=np.int32),
+        obs_track=np.asarray(fp.o_track, dtype=np.int32),
+        obs_bbox=np.asarray(fp.o_bbox, dtype=np.float64).reshape(-1, 4),
+        obs_anchors=np.asarray(fp.o_anchor, dtype=np.float64).reshape(-1, 3, 2),
+        obs_score=np.asarray(fp.o_score, dtype=np.float32),
+        obs_yaw=np.asarray(fp.o_yaw, dtype=np.float32),
+    )
+    analysis.tracks = _summarise_tracks(analysis)
+    return analysis
 
 
 def analyze_video(
@@ -434,7 +375,7 @@ def analyze_video(
     from latentdub.face import parallel
 
     report = _Monotonic(progress) if progress is not None else None
-    fp: _FramePass | None = None
+    fp: FramePass | None = None
     plan = parallel.plan(path, info, backend, max_frames=max_frames, workers=workers)
     if plan is not None:
         fp = parallel.run(plan, backend, params, progress=report)
@@ -450,7 +391,7 @@ def analyze_video(
             f"{path} has only {n} decodable frame{'s' if n != 1 else ''}; a video of at least "
             f"{min_frames} frames is needed (a still image cannot be dubbed)"
         )
-    return fp.result(path, info, _backend_name(backend))
+    return _analysis_from_pass(fp, path, info, _backend_name(backend))
 
 
 class _Monotonic:
@@ -499,7 +440,7 @@ def analyze_video_reference(
     fp = _analyze_serial(path, info, backend, params, max_frames, None, threaded=False)
     if len(fp.pts) == 0:
         raise InputError(f"{path}: no frame could be decoded")
-    return fp.result(path, info, _backend_name(backend))
+    return _analysis_from_pass(fp, path, info, _backend_name(backend))
 
 
 def _analyze_serial(
@@ -511,13 +452,13 @@ def _analyze_serial(
     progress: ProgressFn | None,
     *,
     threaded: bool = True,
-) -> _FramePass:
+) -> FramePass:
     """Pass 1 in this process; decoding, RGB conversion and cut features in other threads."""
     from latentdub.face.parallel import prefetch_frames
 
     own_backend = backend is None
     be: FaceBackend = MediaPipeBackend() if backend is None else backend
-    fp = _FramePass(**params)
+    fp = FramePass(**params)
     cuts = SceneCutDetector()
     total = info.num_frames if max_frames is None else min(info.num_frames, max_frames)
     try:

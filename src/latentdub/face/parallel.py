@@ -21,7 +21,7 @@ depends only on the frame and the integer crop. So:
    converged to the serial one, so that what the serial pass will ask for at the start of the
    next segment is recorded too.
 3. **Replay.** This process runs the serial pass itself (:class:`~latentdub.face.analysis.
-   _FramePass`, the same code) over all frames in order, with the tracking state of the one
+   FramePass`, the same code) over all frames in order, with the tracking state of the one
    true chain, taking each operation's result from the records instead of running MediaPipe.
    An operation nobody recorded (rare: a crop that rounds differently) is computed here on the
    spot, after decoding that frame. The replay costs ~0.1 ms a frame.
@@ -77,7 +77,7 @@ from latentdub.face.tracking import SceneCutDetector
 from latentdub.media.reader import Frame, VideoInfo, iter_frames, rotation_turns
 
 if TYPE_CHECKING:
-    from latentdub.face.analysis import ProgressFn, _FramePass
+    from latentdub.face.framepass import FramePass, ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +512,7 @@ def _run_segment(
     params: dict[str, int],
     progress: _Progress,
 ) -> SegmentResult:
-    from latentdub.face.analysis import _FramePass
+    from latentdub.face.framepass import FramePass
 
     t0 = time.perf_counter()
     n = job.extend - job.start
@@ -520,7 +520,7 @@ def _run_segment(
     digest = np.zeros(n, dtype=np.uint64)
     duration = np.zeros(n, dtype=np.int64)
     memos = [FrameMemo() for _ in range(n)]
-    fp = _FramePass(**params)
+    fp = FramePass(**params)
     cuts = SceneCutDetector()
     source = _Prefetch(
         lambda: _segment_frames(
@@ -942,7 +942,7 @@ def run(
     *,
     progress: ProgressFn | None = None,
     poll_s: float = 0.1,
-) -> _FramePass | None:
+) -> FramePass | None:
     """Execute ``plan``: workers speculate, this process replays. None: analyse serially."""
     global last_stats
     stats = RunStats(segments=len(plan.jobs), workers=plan.workers)
@@ -972,11 +972,11 @@ def _run(
     stats: RunStats,
     config: dict[str, Any],
     repair: _Repair,
-) -> _FramePass | None:
-    from latentdub.face.analysis import _FramePass
+) -> FramePass | None:
+    from latentdub.face.framepass import FramePass
 
     n = plan.num_frames
-    fp = _FramePass(**params)
+    fp = FramePass(**params)
     time_base = Fraction(plan.info.time_base)
     first_pts = int(plan.scan.pts[0])
     got: dict[int, SegmentResult] = {}
@@ -1017,7 +1017,7 @@ def _run(
 
 
 def _replay(
-    fp: _FramePass,
+    fp: FramePass,
     seg: SegmentResult,
     prev: SegmentResult | None,
     repair: _Repair,

@@ -44,6 +44,7 @@ import torch
 
 from latentdub.errors import WeightsError
 from latentdub.weights.checkpoint import converted_is_fresh, log, short_reason
+from latentdub.weights.syncnet import SYNCNET_FILE, read_syncnet_sidecar
 
 SUPPORTED_VERSIONS = ("1.0", "1.5", "1.6")
 HUB_VERSIONS = ("1.5", "1.6")
@@ -61,7 +62,6 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 VAE_SUBDIRS = ("sd-vae-ft-mse", "vae", "stabilityai/sd-vae-ft-mse")
 CONFIG_FILE = "latentdub.json"
 # The classic evaluation SyncNet (LSE-C / LSE-D), shipped in both hub repos; a raw state dict.
-SYNCNET_FILE = "auxiliary/syncnet_v2.model"
 
 LAYOUT_HELP = (
     "  DIR/latentsync_unet.pt\n"
@@ -633,7 +633,6 @@ def resolve_syncnet(
     saying how to get it. Nothing is loaded here (see :func:`latentdub.weights.syncnet.
     load_syncnet`).
     """
-    from latentdub.weights.syncnet import read_syncnet_sidecar
 
     folder: Path | None = None
     if weights_dir is not None:

@@ -30,9 +30,11 @@ from latentdub.weights.checkpoint import (
     load_module_strict,
     read_torch_file,
 )
-from latentdub.weights.resolve import SYNCNET_FILE
 
 log = logging.getLogger("latentdub.weights")
+
+#: Where the evaluation SyncNet sits in the official hub repos and weights folders.
+SYNCNET_FILE = "auxiliary/syncnet_v2.model"
 
 __all__ = [
     "SYNCNET_FILE",
