@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -253,6 +254,10 @@ def test_dpm_profile_dubs_with_a_warning_and_differs_from_ddim(  # type: ignore[
     assert ref.options["sampler"] == "ddim" and not any("changes the output" in w for w in ref.warnings)
     # preset auto on the CPU: the report and the bitstream both say medium
     assert ref.options["preset"] == "medium" and x264_settings(tmp_path / "ddim.mp4")["subme"] == X264_TABLE["medium"]["subme"]
+    # encoder auto on a machine without NVENC: the result names x264, as the file's stream does
+    with av.open(str(tmp_path / "ddim.mp4")) as probe:
+        written = probe.streams.video[0].codec_context.name
+    assert ref.encoder == "libx264" and written == "h264" and ref.to_dict()["encoder"] == "libx264"
     a = np.stack([f.image for f in iter_frames(tmp_path / "dpm.mp4")]).astype(np.int16)
     b = np.stack([f.image for f in iter_frames(tmp_path / "ddim.mp4")]).astype(np.int16)
     assert a.shape == b.shape and fast.dubbed_frames == ref.dubbed_frames > 0

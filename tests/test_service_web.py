@@ -59,7 +59,7 @@ def test_page_is_served_with_nothing_external(client: tuple[TestClient, str, Ser
         asset = c.get(ref)
         assert asset.status_code == 200 and asset.text, ref
         assert not re.search(r"https?://", asset.text), ref  # nor do they load anything external
-    names = {"steps", "guidance", "length_policy", "fit", "face", "watermark"}
+    names = {"sampler", "steps", "guidance", "length_policy", "fit", "face", "preset", "watermark"}
     assert all(f'name="{n}"' in html for n in names)
     assert_error(c.get("/static/../app.py"), 404)
     assert_error(c.get("/static/index.py"), 404)

@@ -99,6 +99,7 @@ class DubResult:
     options: dict[str, Any]
     model: dict[str, Any]
     fit: dict[str, Any] | None = None
+    encoder: str | None = None  # the FFmpeg encoder that wrote the video (libx264 / h264_nvenc)
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # filled in by finalizers
 
@@ -397,7 +398,7 @@ class LipSyncPipeline:
         job = self.plan_render(inputs, analysis, selection, timeline)
         if not any(w.dub for w in job.windows):
             self._warn(warnings, NO_FACE_WARNING)
-        output, signed = self.render(
+        output, signed, encoder = self.render(
             job, inputs.output, clip, tokens, opts, run, timer,
             [*frame_filters, *provenance.frame_filters()],  # the watermark goes on last
             [*finalizers, *provenance.finalizers()],  # the signature covers the final bytes
@@ -418,6 +419,7 @@ class LipSyncPipeline:
             options=opts.to_dict(),
             model=dict(self.model_info),
             fit=fit_report,
+            encoder=encoder,
             warnings=warnings,
             provenance={**provenance.summary(), **signed},
         )
@@ -527,8 +529,9 @@ class LipSyncPipeline:
         timer: StageTimer,
         frame_filters: Sequence[FrameFilter],
         finalizers: Sequence[Finalizer],
-    ) -> tuple[Path, dict[str, Any]]:
-        """Pass 2 through the render engine; returns the output path and the provenance."""
+    ) -> tuple[Path, dict[str, Any], str]:
+        """Pass 2 through the render engine; returns the output path, the provenance and the
+        encoder that wrote it (``auto`` resolves per machine)."""
         from latentdub.acceleration import set_channels_last
         from latentdub.media.writer import VideoWriter
 
@@ -567,7 +570,8 @@ class LipSyncPipeline:
         except BaseException:
             writer.abort()
             raise
-        return render(job, reader=reader, sink=sink, progress=run, finalizers=finalizers, timer=timer, **engine)
+        path, signed = render(job, reader=reader, sink=sink, progress=run, finalizers=finalizers, timer=timer, **engine)
+        return path, signed, writer.codec_name
 
     @staticmethod
     def _warn(warnings: list[str], message: str) -> None:

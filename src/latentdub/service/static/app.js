@@ -91,7 +91,7 @@ async function submitDub(ev) {
     method: $("consent-method").value.trim(),
     evidence: $("consent-evidence").value.trim(),
   }));
-  for (const name of ["steps", "guidance", "length_policy", "fit", "face", "preset"]) {
+  for (const name of ["sampler", "steps", "guidance", "length_policy", "fit", "face", "preset"]) {
     const value = f.elements[name].value.trim();
     if (value) form.append(name, value);
   }
