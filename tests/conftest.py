@@ -26,6 +26,19 @@ def private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture()
+def empty_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF_HOME in offline mode: no hub weights anywhere unless a test puts them there
+    (set at run time; huggingface_hub reads these variables when it resolves a path)."""
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return _require(SHARED / "reference", "reference data")

@@ -61,18 +61,6 @@ def last_json(out: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1], parse_constant=no_nan)
 
 
-@pytest.fixture()
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, offline: no SyncNet anywhere unless a test puts one."""
-    home = tmp_path / "hf-home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 @pytest.fixture(scope="module")
 def clips(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("eval-clips")
@@ -112,7 +100,7 @@ def test_make_tiny_writes_a_labelled_random_syncnet(tiny_weights: Path) -> None:
     assert "local folder" in found.source
 
 
-def test_missing_syncnet_says_how_to_get_it(offline_hub: Path, tmp_path: Path) -> None:
+def test_missing_syncnet_says_how_to_get_it(empty_hf_home: Path, tmp_path: Path) -> None:
     folder = tmp_path / "weights"
     folder.mkdir()
     with pytest.raises(WeightsError) as err:
@@ -127,10 +115,10 @@ def test_missing_syncnet_says_how_to_get_it(offline_hub: Path, tmp_path: Path) -
 
 
 def test_syncnet_from_the_hub_cache_and_download(
-    offline_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    empty_hf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tiny = make_tiny_syncnet(tmp_path / "src" / "syncnet_v2.model", seed=3)
-    root = offline_hub / "hub" / "models--ByteDance--LatentSync-1.6"
+    root = empty_hf_home / "hub" / "models--ByteDance--LatentSync-1.6"
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text(COMMIT)
     snap = root / "snapshots" / COMMIT / "auxiliary" / "syncnet_v2.model"
@@ -300,7 +288,7 @@ def test_dub_keeps_everything_outside_the_blend_region(
 
 
 def test_blurred_mouth_scores_lower_in_the_face_box_without_weights(
-    clips: dict[str, Path], tmp_path: Path, offline_hub: Path,
+    clips: dict[str, Path], tmp_path: Path, empty_hf_home: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """No SyncNet available: the fidelity still runs (exit 0) and says the sync scores are missing."""
@@ -390,7 +378,7 @@ def test_30fps_video_is_resampled_to_25fps(
 
 
 def test_without_weights_or_original_is_an_error(
-    clips: dict[str, Path], tmp_path: Path, offline_hub: Path,
+    clips: dict[str, Path], tmp_path: Path, empty_hf_home: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     report = tmp_path / "r.html"
@@ -398,7 +386,7 @@ def test_without_weights_or_original_is_an_error(
     assert code == 2 and out == ""
     assert "error:" in err and "latentdub weights download --version 1.6 --syncnet" in err
     assert "--original" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == [offline_hub]
+    assert list(tmp_path.iterdir()) == [empty_hf_home]
 
 
 @pytest.mark.parametrize(

@@ -20,18 +20,6 @@ from latentdub.weights import download_weights, resolve_weights, weights_status
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture()
-def empty_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HF_HOME in offline mode (set at run time; huggingface_hub read its env at import)."""
-    home = tmp_path / "hf-home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 def _fake_cache(home: Path, repo: str, files: dict[str, Path]) -> None:
     """Lay files out as huggingface_hub's cache does (refs/main -> snapshots/<commit>/...)."""
     root = home / "hub" / ("models--" + repo.replace("/", "--"))

@@ -6,6 +6,7 @@ import logging
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(
     name="latentdub",
@@ -34,3 +35,17 @@ def show_library_warnings() -> None:
         root.addHandler(StderrWarnings(level=logging.WARNING))
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
+
+
+def frame_bars(label_width: int, *, json_out: bool, eta: bool = False) -> Progress:
+    """Transient "label  ━━━  done/total frames  elapsed [ETA]" bars on stderr, shown only on a
+    terminal and never with ``--json``."""
+    columns = [
+        TextColumn(f"[bold]{{task.description:<{label_width}}}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} frames"),
+        TimeElapsedColumn(),
+    ]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console_err, transient=True, disable=json_out or not console_err.is_terminal)

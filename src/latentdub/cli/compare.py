@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err
+from latentdub.cli._app import app, console, console_err, frame_bars
 
 
 @app.command("compare")
@@ -38,16 +37,7 @@ def compare(
         raise InputError(f"--crf must be between 0 and 51, got {crf:g}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    with Progress(
-        TextColumn("[bold]{task.description:<8}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} frames"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console_err,
-        transient=True,
-        disable=json_out or not console_err.is_terminal,
-    ) as bar:
+    with frame_bars(8, json_out=json_out, eta=True) as bar:
         tasks: dict[str, Any] = {}
 
         def on_progress(event: ProgressEvent) -> None:

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err, show_library_warnings
+from latentdub.cli._app import app, console, console_err, frame_bars, show_library_warnings
 from latentdub.errors import InputError, WeightsError
 
 _STAGES = {"faces": "faces (video)", "faces (original)": "faces (original)", "score": "scoring"}
@@ -153,15 +152,7 @@ def eval_cmd(
             highlight=False,
         )
 
-    with Progress(
-        TextColumn("[bold]{task.description:<17}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} frames"),
-        TimeElapsedColumn(),
-        console=console_err,
-        transient=True,
-        disable=json_out or not console_err.is_terminal,
-    ) as bar:
+    with frame_bars(17, json_out=json_out) as bar:
         tasks: dict[str, Any] = {}
 
         def on_progress(stage: str, done: int, total: int | None) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err
+from latentdub.cli._app import app, console, frame_bars
 from latentdub.errors import InputError
 
 
@@ -58,15 +57,7 @@ def faces(
         raise InputError(f"--preview {preview}: the folder {preview.parent} does not exist")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    with Progress(
-        TextColumn("[bold]{task.description:<10}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} frames"),
-        TimeElapsedColumn(),
-        console=console_err,
-        transient=True,
-        disable=json_out or not console_err.is_terminal,
-    ) as bar:
+    with frame_bars(10, json_out=json_out) as bar:
         task = bar.add_task("faces", total=None)
 
         def on_frame(done: int, total: int | None) -> None:

@@ -259,17 +259,7 @@ def scores_from_embeddings(
     # dists[i, j]: video window i against audio window i + j - vshift.
     idx = np.arange(v.shape[0])[:, None] + np.arange(win)[None, :]
     dists = np.linalg.norm(v[:, None, :] - padded[idx] + _PAIRWISE_EPS, axis=-1)
-    mean = dists.mean(axis=0)
-    best = int(np.argmin(mean))
-    lse_d = float(mean[best])
-    return SyncScores(
-        lse_c=float(np.median(mean) - lse_d),
-        lse_d=lse_d,
-        offset=vshift - best,
-        per_frame_distance=[float(d) for d in dists[:, best]],
-        offset_distances=[float(d) for d in mean],
-        random_weights=random_weights,
-    )
+    return scores_from_distances(dists, vshift=vshift, random_weights=random_weights)
 
 
 def lip_sync_scores(
