@@ -29,7 +29,7 @@ import soundfile as sf
 
 from latentdub import LipSyncPipeline
 from latentdub.media.reader import iter_frames
-from latentdub.render import WindowGenerator
+from latentdub.diffusion import WindowDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT.parent / "shared" / "media"
@@ -40,20 +40,22 @@ from cli_helpers import TEST_CONSENT  # noqa: E402  (a bench consent record, lik
 def record_crops(store: dict[int, np.ndarray]) -> Callable[[], None]:
     """Keep every window's generated crops (by first output frame); returns the undo.
 
-    Hooks :class:`WindowGenerator`'s per-window call, which is what the reference render path
-    runs (the bench selects that path; the optimized one gives the same frames).
+    Hooks :meth:`WindowDiffusion.generate`, the one loop every render path runs.
     """
-    original = WindowGenerator.__call__
+    original = WindowDiffusion.generate
 
-    def call(self: WindowGenerator, crops: np.ndarray, tokens: Any, *, start: int, **kwargs: Any) -> np.ndarray:
-        out = original(self, crops, tokens, start=start, **kwargs)
-        store[start] = np.asarray(out).copy()
+    def call(self: WindowDiffusion, crops: Any, tokens: Any, starts: Any, **kwargs: Any) -> Any:
+        out = original(self, crops, tokens, starts, **kwargs)
+        host = out.cpu().numpy()
+        frames = len(host) // len(starts)
+        for i, start in enumerate(starts):
+            store[int(start)] = host[i * frames : (i + 1) * frames].copy()
         return out
 
-    WindowGenerator.__call__ = call  # type: ignore[method-assign]
+    WindowDiffusion.generate = call  # type: ignore[method-assign]
 
     def undo() -> None:
-        WindowGenerator.__call__ = original  # type: ignore[method-assign]
+        WindowDiffusion.generate = original  # type: ignore[method-assign]
 
     return undo
 

@@ -158,20 +158,16 @@ def warm_up(pipe: Any, opts: Any, accel: Any, tokens_width: int) -> float:
 
     start = time.perf_counter()
     res = pipe.resolution
-    gen = pipe.window_generator(opts.model_copy(update={"steps": 2}))  # a full and a shallow step
+    gen = pipe.window_diffusion(opts.model_copy(update={"steps": 2}), accel)  # a full and a shallow step
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (WINDOW, res, res, 3), dtype=np.uint8)
     tokens = torch.zeros(WINDOW, 50, tokens_width, device=pipe.device, dtype=pipe.dtype)
     from latentdub.acceleration import set_channels_last
 
-    set_channels_last(pipe.vae, accel.channels_last and not accel.is_reference)
-    if accel.is_reference:
-        gen(crops, tokens, start=0)
-        gen(crops[:8], tokens[:8], start=0)
-    else:
-        for b in range(1, accel.window_batch + 1):
-            gen.generate([crops] * b, [tokens] * b, [16 * i for i in range(b)], accel=accel, steps=pipe.unet_steps)
-        gen.generate([crops[:8]], [tokens[:8]], [0], accel=accel, steps=pipe.unet_steps)
+    set_channels_last(pipe.vae, accel.channels_last)
+    for b in range(1, accel.window_batch + 1):
+        gen.generate([crops] * b, [tokens] * b, [16 * i for i in range(b)])
+    gen.generate([crops[:8]], [tokens[:8]], [0])
     _sync(pipe.device)
     return time.perf_counter() - start
 

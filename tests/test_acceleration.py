@@ -28,12 +28,12 @@ import soundfile as sf
 import torch
 
 from cli_helpers import TEST_CONSENT
-from latentdub.acceleration import Acceleration, UNetSteps, ddim_step, sync_free_ddim
+from latentdub.acceleration import Acceleration, UNetSteps
 from latentdub.face import Aligner
-from latentdub.face.paste import _area_resize_torch, paste_back, paste_back_batch, paste_back_torch
+from latentdub.face.paste import CropsToPaste, _area_resize_torch, paste_back, paste_back_batch, paste_back_torch
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
-from latentdub.models.scheduler import build_scheduler
+from latentdub.models.scheduler import build_scheduler, ddim_step, sync_free_ddim
 from latentdub.options import DubOptions
 from latentdub.pipeline import LipSyncPipeline
 from latentdub.progress import DubProgress
@@ -170,8 +170,8 @@ def window_inputs(seed: int, frames: int = WINDOW) -> tuple[np.ndarray, torch.Te
 @pytest.mark.parametrize("frames", [WINDOW, 7])
 def test_optimized_window_is_pixel_identical_to_the_reference_window(pipe: LipSyncPipeline, frames: int) -> None:
     crops, tokens = window_inputs(frames, frames)
-    gen = pipe.window_generator(DubOptions(steps=STEPS))
-    reference = gen(crops, tokens, start=32)
+    gen = pipe.window_diffusion(DubOptions(steps=STEPS))
+    reference = pipe.window_diffusion(DubOptions(steps=STEPS), "reference")(crops, tokens, start=32)
     accel = Acceleration.auto("cpu", 256)
     optimized = gen.generate([crops], [tokens], [32], accel=accel, steps=pipe.unet_steps)
     assert optimized.dtype == torch.uint8 and tuple(optimized.shape) == crops.shape
@@ -183,11 +183,12 @@ def test_optimized_window_is_pixel_identical_to_the_reference_window(pipe: LipSy
 def test_batched_windows_equal_unbatched(pipe: LipSyncPipeline) -> None:
     inputs = [window_inputs(s) for s in (1, 2)]
     starts = [0, 48]
-    gen = pipe.window_generator(DubOptions(steps=STEPS))
+    gen = pipe.window_diffusion(DubOptions(steps=STEPS))
     accel = Acceleration(window_batch=2, vae_batch=32)
     together = gen.generate([c for c, _ in inputs], [t for _, t in inputs], starts, accel=accel, steps=pipe.unet_steps)
+    reference = pipe.window_diffusion(DubOptions(steps=STEPS), "reference")
     for i, ((crops, tokens), start) in enumerate(zip(inputs, starts, strict=True)):
-        alone = gen(crops, tokens, start=start)  # the reference path, one window
+        alone = reference(crops, tokens, start=start)  # the reference path, one window
         part = together[i * WINDOW : (i + 1) * WINDOW].numpy()
         diff = np.abs(part.astype(int) - alone)
         # Per-window noise, per-sample maths: equal but for float rounding in batch-size
@@ -202,7 +203,7 @@ def test_compiled_step_functions_trace_and_match_eager(pipe: LipSyncPipeline) ->
     """The full/shallow step functions that compile and CUDA graphs capture, traced by dynamo
     (backend "eager": the tracing without a C++ toolchain) give the eager loop's result."""
     crops, tokens = window_inputs(9)
-    gen = pipe.window_generator(DubOptions(steps=2))
+    gen = pipe.window_diffusion(DubOptions(steps=2))
     eager = gen.generate([crops], [tokens], [0], accel=Acceleration(), steps=UNetSteps(pipe.unet))
     traced = gen.generate(
         [crops], [tokens], [0], accel=Acceleration(compile=True, compile_backend="eager"), steps=UNetSteps(pipe.unet)
@@ -227,14 +228,14 @@ def test_render_batches_only_consecutive_full_windows_and_runs_short_ones_alone(
                     windows=plan_windows(dub))
     groups: list[list[tuple[int, int]]] = []
 
-    def generate_many(windows: list[Window], check: Any) -> list[np.ndarray]:
+    def generate(windows: list[Window], check: Any) -> list[CropsToPaste]:
         groups.append([(w.start, w.stop) for w in windows])
-        return [w.crops for w in windows]  # type: ignore[misc]
+        return [CropsToPaste(w.crops, job.matrices[w.start : w.stop]) for w in windows]
 
     run = DubProgress()
     writer = VideoWriter(tmp_path / "out.mp4", width=size, height=size, time_base=timeline.time_base, fps=fps)
     render(job, reader=FrameReader(job, Aligner(256)), sink=FrameSink(job, writer, progress=run), progress=run,
-           generate_many=generate_many, batch=4)
+           generate=generate, batch=4)
     assert groups == [[(0, 16), (16, 32)], [(32, 40)], [(45, 61)], [(61, 70)]]
     assert len(list(iter_frames(tmp_path / "out.mp4"))) == n
 
@@ -375,7 +376,7 @@ def test_cuda_graph_replays_equal_eager_steps(tiny_weights: Path) -> None:
     pipe = LipSyncPipeline.from_pretrained(tiny_weights, version="1.5", device="cuda", dtype="fp32")
     crops, tokens = window_inputs(4)
     tokens = tokens.cuda()
-    gen = pipe.window_generator(DubOptions(steps=6))
+    gen = pipe.window_diffusion(DubOptions(steps=6))
     eager = gen.generate([crops] * 2, [tokens] * 2, [0, 16], accel=Acceleration(), steps=UNetSteps(pipe.unet))
     steps = UNetSteps(pipe.unet)
     graphs = gen.generate([crops] * 2, [tokens] * 2, [0, 16], accel=Acceleration(cuda_graphs=True), steps=steps)

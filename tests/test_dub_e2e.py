@@ -271,7 +271,7 @@ def test_a_window_is_deterministic_for_a_seed(pipe: LipSyncPipeline, media_dir: 
     audio = torch.randn(4, 50, pipe.unet.config["cross_attention_dim"], generator=torch.Generator().manual_seed(0))
 
     def once(seed: int) -> np.ndarray:
-        return pipe.window_generator(DubOptions(steps=2, seed=seed))(crops, audio, start=0)
+        return pipe.window_diffusion(DubOptions(steps=2, seed=seed))(crops, audio, start=0)
 
     first, again, other = once(1247), once(1247), once(7)
     assert np.array_equal(first, again)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from latentdub.diffusion import DiffusionStage
 from latentdub.errors import Cancelled, HookError
+from latentdub.face.paste import CropsToPaste
 from latentdub.media.audio_io import AudioClip
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
@@ -99,15 +101,11 @@ def run_render(
     progress: object = None,
     cancel: object = None,
 ) -> Path:
-    generator = pipe.window_generator(DubOptions(steps=steps))
+    stage = DiffusionStage(pipe.window_diffusion(DubOptions(steps=steps), "reference"), job, tokens)
     run = DubProgress(progress, cancel)  # type: ignore[arg-type]
     writer = VideoWriter(out, width=SIZE, height=SIZE, time_base=job.timeline.time_base, fps=FPS, audio=clip)
     sink = FrameSink(job, writer, frame_filters=filters, progress=run)
-
-    def generate(w: Window, check: object) -> np.ndarray:
-        return generator(w.crops, tokens[w.start : w.stop], start=w.start, check=check)  # type: ignore[arg-type]
-
-    path, _ = render(job, reader=FrameReader(job, pipe.aligner), generate=generate, sink=sink, progress=run,
+    path, _ = render(job, reader=FrameReader(job, pipe.aligner), generate=stage, sink=sink, progress=run,
                      finalizers=finalizers)
     return path
 
@@ -130,7 +128,7 @@ def test_window_results_do_not_depend_on_order_or_grouping(pipe: LipSyncPipeline
     with FrameReader(job, pipe.aligner) as reader:
         windows = [reader.load(w) for w in job.windows]
     crops = {w.start: w.crops for w in windows}
-    generator = pipe.window_generator(DubOptions(steps=2))
+    generator = pipe.window_diffusion(DubOptions(steps=2))
 
     def gen(start: int, stop: int) -> np.ndarray:
         return generator(crops[start][: stop - start], tokens[start:stop], start=start)
@@ -143,7 +141,7 @@ def test_window_results_do_not_depend_on_order_or_grouping(pipe: LipSyncPipeline
     again = gen(windows[0].start, windows[0].stop)
     np.testing.assert_array_equal(again, forward[windows[0].start])
     # The seed matters, and different windows get different draws.
-    other = pipe.window_generator(DubOptions(steps=2, seed=7))
+    other = pipe.window_diffusion(DubOptions(steps=2, seed=7))
     assert not np.array_equal(other(crops[0], tokens[0:16], start=0), forward[0])
     rng_a, rng_b = generator.window_rng(0), generator.window_rng(16)
     assert not torch.equal(torch.randn(8, generator=rng_a), torch.randn(8, generator=rng_b))
@@ -156,11 +154,11 @@ def test_full_render_is_pixel_identical_whatever_the_window_grouping(
     job, tokens, clip = make_job(pipe, clip40, np.ones(40, bool))
     a = run_render(pipe, job, tokens, clip, tmp_path / "a.mp4")
     # Same windows, but generated in reverse order before the sink writes them in order.
-    generator = pipe.window_generator(DubOptions(steps=2))
+    generator = pipe.window_diffusion(DubOptions(steps=2))
     with FrameReader(job, pipe.aligner) as reader:
         windows = [reader.load(Window(w.start, w.stop, w.dub)) for w in job.windows]
     for w in reversed(windows):
-        w.generated = generator(w.crops, tokens[w.start : w.stop], start=w.start)
+        w.generated = CropsToPaste(generator(w.crops, tokens[w.start : w.stop], start=w.start), job.matrices[w.start : w.stop])
     writer = VideoWriter(tmp_path / "b.mp4", width=SIZE, height=SIZE, time_base=job.timeline.time_base, fps=FPS, audio=clip)
     sink = FrameSink(job, writer)
     for w in windows:
@@ -267,12 +265,13 @@ def test_a_failing_generator_stops_every_stage_and_leaves_no_file(
     sink = FrameSink(job, writer, progress=run)
     calls = []
 
-    def generate(w: Window, check: object) -> np.ndarray:
+    def generate(windows: list[Window], check: object) -> list[CropsToPaste]:
+        (w,) = windows
         calls.append(w.start)
         if w.start == 16:
             raise MemoryError("out of GPU memory")
         assert w.crops is not None
-        return w.crops
+        return [CropsToPaste(w.crops, job.matrices[w.start : w.stop])]
 
     with pytest.raises(MemoryError):
         render(job, reader=FrameReader(job, pipe.aligner), generate=generate, sink=sink, progress=run)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "DubOptions": "latentdub.options",
     "OptionError": "latentdub.options",
     "ProgressEvent": "latentdub.progress",
-    "FrameInfo": "latentdub.render",
+    "FrameInfo": "latentdub.hooks",
     "LatentdubError": "latentdub.errors",
     "InputError": "latentdub.errors",
     "WeightsError": "latentdub.errors",

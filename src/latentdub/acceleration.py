@@ -64,6 +64,11 @@ CUDA_ONLY = ("pinned_memory", "channels_last", "cuda_graphs", "compile")
 # GPU. Opt in with ``Acceleration(..., cuda_graphs=True, pinned_memory=True)`` or ``--accel``.
 UNVERIFIED_ON_GPU = ("pinned_memory", "cuda_graphs")
 MAX_GRAPH_SHAPES = 4  # window-group shapes whose CUDA graphs are kept (each holds its activations)
+# What ``path="reference"`` means for every other field (vae_batch stays: it changes no result).
+_REFERENCE: dict[str, Any] = {
+    "window_batch": 1, "device_paste": False, "sync_free_sampler": False, "device_composite": False,
+    "pinned_memory": False, "channels_last": False, "cuda_graphs": False, "compile": False,
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,9 @@ class Acceleration:
     by hand; :meth:`for_device` drops what the device cannot do.
     """
 
-    #: ``"reference"``: the plain engine; every other field is then ignored.
+    #: ``"reference"``: the plain settings of the one loop (groups of one, eager, the composite
+    #: and uint8 conversion on the host, diffusers' own sampler step); the other fields are
+    #: then set to those values.
     path: Literal["optimized", "reference"] = "optimized"
     #: Full 16-frame windows per U-Net / VAE call. Short windows always run alone (no padding).
     #: Measured on an H200: 1.32x per window with 2 and 1.53x with 4 at 256 px, +3 % at 512.
@@ -86,9 +93,12 @@ class Acceleration:
     #: blend boxes to the host. Off on CPUs, where OpenCV in the sink thread is as fast and runs
     #: beside the diffusion.
     device_paste: bool = False
-    #: DDIM steps without a device→host sync (the official DDIM arithmetic with host-side
-    #: timestep numbers); other samplers use their own ``step``.
+    #: DDIM steps without a device→host sync (:func:`~latentdub.models.scheduler.ddim_step`,
+    #: the same arithmetic with host-side timestep numbers); other samplers use their own ``step``.
     sync_free_sampler: bool = True
+    #: Composite and uint8 conversion on the device (only uint8 crops come back); off: the
+    #: decoded crops come back in float32 and are composited on the host.
+    device_composite: bool = True
     #: CUDA: page-locked staging for every host↔device copy; downloads on a side stream.
     pinned_memory: bool = False
     #: CUDA: VAE weights and activations channels_last (cuDNN then skips its layout
@@ -107,11 +117,15 @@ class Acceleration:
             raise ValueError(f"acceleration path must be one of {PATHS}, got {self.path!r}")
         if self.window_batch < 1 or self.vae_batch < 1:
             raise ValueError("window_batch and vae_batch must be >= 1")
+        if self.path == "reference":  # the plain settings, whatever else was given
+            for name, value in _REFERENCE.items():
+                object.__setattr__(self, name, value)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def reference(cls) -> Acceleration:
-        return cls(path="reference", sync_free_sampler=False)
+        """The plain engine: one window per call, eager, host composite, diffusers' step."""
+        return cls(path="reference")
 
     @classmethod
     def auto(cls, device: str | torch.device = "cpu", resolution: int = 256) -> Acceleration:
@@ -178,45 +192,6 @@ class Acceleration:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# -- the sampler step without a host sync ------------------------------------------------------
-def sync_free_ddim(scheduler: Any) -> bool:
-    """Whether :func:`ddim_step` reproduces ``scheduler.step`` (DDIM, the official settings)."""
-    from diffusers import DDIMScheduler
-
-    cfg = scheduler.config
-    return (
-        type(scheduler) is DDIMScheduler
-        and cfg.prediction_type == "epsilon"
-        and not cfg.thresholding
-        and not cfg.clip_sample
-    )
-
-
-def ddim_step(
-    scheduler: Any, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, num_inference_steps: int | None = None
-) -> torch.Tensor:
-    """``DDIMScheduler.step(model_output, timestep, sample).prev_sample`` with eta 0, bit for bit.
-
-    diffusers indexes its host-side ``alphas_cumprod`` with the device timestep, which makes
-    the host wait for the device at every step; here the timestep is a host int, and every
-    other operation is diffusers' own, in its order, on the same tensors.
-    ``num_inference_steps`` defaults to the scheduler's (pass the dub's own when the scheduler
-    object is shared).
-    """
-    steps = num_inference_steps or scheduler.num_inference_steps
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // steps
-    alpha_prod_t = scheduler.alphas_cumprod[timestep]
-    alpha_prod_t_prev = (
-        scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
-    )
-    beta_prod_t = 1 - alpha_prod_t
-    pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-    variance = scheduler._get_variance(timestep, prev_timestep)
-    std_dev_t = 0.0 * variance ** (0.5)
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * model_output
-    return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
 
 
 # -- memory layout -----------------------------------------------------------------------------
@@ -356,23 +331,26 @@ class StepSession:
 
 
 class _EagerSession(StepSession):
-    """Eager (or compiled, no graphs) steps with DeepCache's full/shallow schedule."""
+    """Eager (or compiled, no graphs) steps, full or shallow as :class:`DeepCache` schedules."""
 
     def __init__(self, full: Callable[..., Any], shallow: Callable[..., Any], plain: Callable[..., Any],
                  audio: torch.Tensor, interval: int) -> None:
+        from latentdub.models.unet import DeepCache
+
         self.full, self.shallow, self.plain = full, shallow, plain
-        self.audio, self.interval = audio, interval
-        self.step = 0
-        self.features: torch.Tensor | None = None
+        self.audio = audio
+        self.cache = DeepCache(interval) if interval else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step, self.step = self.step, self.step + 1
-        if not self.interval:
+        cache = self.cache
+        if cache is None:
             return self.plain(x, t, self.audio)
-        if step % self.interval == 0 or self.features is None:
-            y, self.features = self.full(x, t, self.audio)
-            return y
-        return self.shallow(x, t, self.audio, self.features)
+        if cache.wants_full_step():
+            y, cache.features = self.full(x, t, self.audio)
+        else:
+            y = self.shallow(x, t, self.audio, cache.features)
+        cache.step += 1
+        return y
 
 
 class _StepGraphs:
@@ -428,16 +406,21 @@ class _GraphSession(StepSession):
     kind = "cuda_graphs"
 
     def __init__(self, graphs: _StepGraphs, audio: torch.Tensor, interval: int) -> None:
-        self.graphs, self.interval = graphs, interval
-        self.step = 0
+        from latentdub.models.unet import DeepCache
+
+        self.graphs = graphs
+        self.cache = DeepCache(interval) if interval else None  # the schedule; features stay in the graph
         graphs.audio.copy_(audio)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        g = self.graphs
-        step, self.step = self.step, self.step + 1
+        g, cache = self.graphs, self.cache
         g.x.copy_(x)
         g.t.copy_(t)
-        if self.interval and step % self.interval:
+        shallow = cache is not None and not cache.wants_full_step()
+        if cache is not None:
+            cache.features = g.features  # filled by the first full replay
+            cache.step += 1
+        if shallow:
             assert g.shallow is not None and g.shallow_out is not None
             g.shallow.replay()
             return g.shallow_out

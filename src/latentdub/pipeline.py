@@ -43,24 +43,15 @@ import numpy as np
 import torch
 
 from latentdub import memory
+from latentdub.diffusion import DiffusionStage, WindowDiffusion
 from latentdub.errors import InputError
+from latentdub.files import sha256_file
+from latentdub.hooks import Finalizer, FrameFilter
 from latentdub.media.writer import check_encoder
 from latentdub.options import DubOptions
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
 from latentdub.provenance.dub import DubProvenance, ProvenanceSettings
-from latentdub.render import (
-    WINDOW,
-    AcceleratedGenerate,
-    Finalizer,
-    FrameFilter,
-    FrameReader,
-    FrameSink,
-    RenderJob,
-    Window,
-    WindowGenerator,
-    plan_windows,
-    render,
-)
+from latentdub.render import WINDOW, FrameReader, FrameSink, RenderJob, Window, plan_windows, render
 from latentdub.runs import runs
 from latentdub.timeline import Timeline, plan_timeline
 
@@ -153,8 +144,8 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
     CLI runs this before it loads a model. Stale partial files of an earlier killed dub to the
     same output are removed here.
     """
+    from latentdub.files import check_output
     from latentdub.media.audio_io import load_audio
-    from latentdub.media.files import check_output
     from latentdub.media.reader import check_video, probe_video
     from latentdub.media.writer import remove_stale_partials
 
@@ -164,8 +155,6 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
     info = probe_video(video)
     check_video(info, video)
     clip = load_audio(audio, min_duration_s=MIN_AUDIO_S)
-    from latentdub.provenance.c2pa import sha256_file
-
     video_sha256, audio_sha256 = sha256_file(video), sha256_file(audio)  # for the credentials and audit
     removed = remove_stale_partials(output)
     if removed:
@@ -275,14 +264,9 @@ class LipSyncPipeline:
         from latentdub.models.scheduler import build_scheduler
         from latentdub.weights import load_unet, load_vae, load_whisper, resolve_weights
 
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device cuda was requested but no CUDA GPU is available (use the cpu device)")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise InputError("device mps was requested but Apple MPS is not available (use the cpu device)")
+        from latentdub.devices import parse_device
+
+        device = parse_device(device)
         dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
 
         if Path(str(version_or_dir)).is_dir():
@@ -499,14 +483,19 @@ class LipSyncPipeline:
             windows=plan_windows(selection.valid[timeline.source_index]),
         )
 
-    def window_generator(self, opts: DubOptions) -> WindowGenerator:
-        """The diffusion stage for one dub's options."""
+    def window_diffusion(self, opts: DubOptions, acceleration: Any = None) -> WindowDiffusion:
+        """The diffusion of one dub: its options, its own scheduler instance, and how it runs
+        (``acceleration``: as :attr:`acceleration` accepts; default the pipeline's)."""
+        from latentdub.acceleration import Acceleration
         from latentdub.models.scheduler import scheduler_for
 
-        return WindowGenerator(
+        accel = self.acceleration if acceleration is None else Acceleration.parse(
+            acceleration, self.device, self.resolution
+        )
+        return WindowDiffusion(
             unet=self.unet,
             vae=self.vae,
-            scheduler=scheduler_for(opts.sampler, self.scheduler),  # ddim: the official one itself
+            scheduler=scheduler_for(opts.sampler, self.scheduler),  # a fresh instance per dub
             pixel_mask=self.pixel_mask,
             latent_mask=self.latent_mask,
             device=self.device,
@@ -516,7 +505,13 @@ class LipSyncPipeline:
             deepcache=opts.deepcache,
             seed=opts.seed,
             vae_batch=self.vae_batch,
+            acceleration=accel,
+            unet_steps=self.unet_steps,
         )
+
+    def diffusion_stage(self, job: RenderJob, tokens: torch.Tensor, opts: DubOptions) -> DiffusionStage:
+        """The generator stage of pass 2 for one dub."""
+        return DiffusionStage(self.window_diffusion(opts), job, tokens)
 
     def render(
         self,
@@ -535,21 +530,10 @@ class LipSyncPipeline:
         from latentdub.acceleration import set_channels_last
         from latentdub.media.writer import VideoWriter
 
-        generator = self.window_generator(opts)
-        accel = self.acceleration
-        engine: dict[str, Any]
-        set_channels_last(self.vae, accel.channels_last and not accel.is_reference)
-        log.info("pass 2: %s", "reference path" if accel.is_reference else f"optimized path {accel.to_dict()}")
-        if accel.is_reference:
-
-            def generate(window: Window, check: Any) -> np.ndarray:
-                assert window.crops is not None
-                return generator(window.crops, tokens[window.start : window.stop], start=window.start, check=check)
-
-            engine = {"generate": generate}
-        else:
-            fast = AcceleratedGenerate(generator, job, tokens, accel, self.unet_steps)
-            engine = {"generate_many": fast, "batch": accel.window_batch}
+        stage = self.diffusion_stage(job, tokens, opts)
+        accel = stage.accel
+        set_channels_last(self.vae, accel.channels_last)
+        log.info("pass 2: %s settings %s", accel.path, accel.to_dict())
 
         run.check()
         writer = VideoWriter(
@@ -570,7 +554,10 @@ class LipSyncPipeline:
         except BaseException:
             writer.abort()
             raise
-        path, signed = render(job, reader=reader, sink=sink, progress=run, finalizers=finalizers, timer=timer, **engine)
+        path, signed = render(
+            job, reader=reader, generate=stage, sink=sink, progress=run, finalizers=finalizers, timer=timer,
+            batch=stage.batch,
+        )
         return path, signed, writer.codec_name
 
     @staticmethod

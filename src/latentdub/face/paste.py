@@ -295,6 +295,33 @@ def _plan_paste(matrix: np.ndarray, frame_shape: tuple[int, ...], weights: np.nd
     return _PastePlan(region, prefilter, fixed_point_grid(m, x1 - x0, y1 - y0))
 
 
+class CropsToPaste:
+    """One window's composited crops, pasted into each frame with OpenCV (:func:`paste_back`).
+
+    ``crops`` is (F, res, res, 3) uint8 on the host: a NumPy array, or a torch buffer that a
+    queued device → host copy may still be filling (``ready`` is its event; :meth:`apply`
+    waits for it once). ``matrices`` (F, 2, 3) frame → crop.
+    """
+
+    def __init__(self, crops: Any, matrices: np.ndarray, ready: Any = None) -> None:
+        self._crops, self.matrices, self._ready = crops, matrices, ready
+        self._host: np.ndarray | None = crops if isinstance(crops, np.ndarray) else None
+
+    def __len__(self) -> int:
+        return int(self._crops.shape[0])
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if self._host is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._host = self._crops.numpy()
+        return self._host[j]
+
+    def apply(self, j: int, frame: np.ndarray) -> np.ndarray:
+        """``frame`` with crop ``j`` pasted back (a new array; the frame itself is never modified)."""
+        return paste_back(frame, self[j], self.matrices[j])
+
+
 class PastedWindow:
     """The blended boxes of one window's frames, made on the device by :func:`paste_back_batch`.
 

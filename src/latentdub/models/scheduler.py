@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 # Frozen so that a caller tweaking "their" copy cannot change every later scheduler.
@@ -91,13 +92,50 @@ def build_dpm_solver(
 
 
 def scheduler_for(sampler: str, base: Any) -> Any:
-    """The scheduler for one dub: ``base`` itself for ``"ddim"``, else a fresh one built from its config.
+    """A fresh scheduler for one dub, built from ``base``'s config: DDIM, or DPM-Solver++.
 
-    A fresh instance per dub, because DPM-Solver keeps per-run state (its previous model
-    outputs) that two concurrent dubs must not share.
+    Never ``base`` itself: ``set_timesteps`` writes the step count and grid into the object,
+    and DPM-Solver keeps its previous model outputs there, so two dubs running at once on one
+    pipeline must not share it.
     """
     if sampler == "ddim":
-        return base
+        return type(base).from_config(base.config)
     if sampler == "dpm++":
         return build_dpm_solver(dict(base.config))
     raise ValueError(f"unknown sampler {sampler!r}; use ddim or dpm++")
+
+
+# -- the DDIM update as one function of host numbers -------------------------------------------
+def sync_free_ddim(scheduler: Any) -> bool:
+    """Whether :func:`ddim_step` reproduces ``scheduler.step`` (DDIM, epsilon, no clipping)."""
+    cfg = scheduler.config
+    return (
+        type(scheduler) is DDIMScheduler
+        and cfg.prediction_type == "epsilon"
+        and not cfg.thresholding
+        and not cfg.clip_sample
+    )
+
+
+def ddim_step(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, num_inference_steps: int
+) -> torch.Tensor:
+    """``scheduler.step(model_output, timestep, sample).prev_sample`` for eta 0, bit for bit.
+
+    Song et al., "Denoising Diffusion Implicit Models" (arXiv:2010.02502), eq. 12 with
+    σ_t = 0: x_{t-1} = √ᾱ_{t-1} · x̂_0 + √(1 − ᾱ_{t-1}) · ε, with x̂_0 = (x_t − √(1 − ᾱ_t) · ε) / √ᾱ_t.
+    The operations and their order are those of diffusers' ``DDIMScheduler.step`` (the tests
+    compare the two bitwise). ``timestep`` is a host int: diffusers indexes its host-side
+    ``alphas_cumprod`` with the device timestep, which makes the host wait for the device at
+    every step. ``num_inference_steps`` is the dub's own (the grid spacing). Only valid where
+    :func:`sync_free_ddim` holds.
+    """
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_t_prev = (
+        scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+    pred_sample_direction = (1 - alpha_prod_t_prev) ** (0.5) * model_output
+    return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction

@@ -332,8 +332,14 @@ class DeepCache:
         self.step = 0
         self.features = None
 
+    def wants_full_step(self) -> bool:
+        """The schedule (the one place it is written): full at call 0, interval, 2·interval, …
+        and whenever nothing is cached yet."""
+        return self.step % self.interval == 0 or self.features is None
+
     def is_full_step(self, sample: torch.Tensor, channels: int) -> bool:
-        if self.step % self.interval == 0 or self.features is None:
+        """:meth:`wants_full_step`, or stored features that do not fit this ``sample``."""
+        if self.wants_full_step():
             return True
         feats = self.features
         b, _, f, h, w = sample.shape
