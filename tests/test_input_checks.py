@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from latentdub.errors import InputError
-from latentdub.media.files import check_output
+from latentdub.files import check_output
 from latentdub.media.reader import check_video, probe_video
 
 

@@ -26,7 +26,7 @@ def verify(
     Exit code 0 when either mark is found, 1 when none is.
     """
     from latentdub.errors import InputError
-    from latentdub.media.files import check_input_file
+    from latentdub.files import check_input_file
     from latentdub.provenance.c2pa import read_credentials
     from latentdub.provenance.watermark import detect_file
 

@@ -26,7 +26,7 @@ import numpy as np
 import soxr
 
 from latentdub.errors import InputError
-from latentdub.media.files import check_input_file
+from latentdub.files import check_input_file
 
 log = logging.getLogger(__name__)
 

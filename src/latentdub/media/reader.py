@@ -28,7 +28,7 @@ import av
 import numpy as np
 
 from latentdub.errors import InputError
-from latentdub.media.files import check_input_file
+from latentdub.files import check_input_file
 
 log = logging.getLogger(__name__)
 
