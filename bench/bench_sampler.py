@@ -28,8 +28,8 @@ import numpy as np
 import soundfile as sf
 
 from latentdub import LipSyncPipeline
-from latentdub.media.reader import iter_frames
 from latentdub.diffusion import WindowDiffusion
+from latentdub.media.reader import iter_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT.parent / "shared" / "media"

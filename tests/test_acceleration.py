@@ -30,7 +30,13 @@ import torch
 from cli_helpers import TEST_CONSENT
 from latentdub.acceleration import Acceleration, UNetSteps
 from latentdub.face import Aligner
-from latentdub.face.paste import CropsToPaste, _area_resize_torch, paste_back, paste_back_batch, paste_back_torch
+from latentdub.face.paste import (
+    CropsToPaste,
+    _area_resize_torch,
+    paste_back,
+    paste_back_batch,
+    paste_back_torch,
+)
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
 from latentdub.models.scheduler import build_scheduler, ddim_step, sync_free_ddim
@@ -257,15 +263,18 @@ def real_clip(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return clip, speech
 
 
-def dub_frames(pipe: LipSyncPipeline, clip: Path, speech: Path, out: Path, accel: Any) -> list[np.ndarray]:
-    pipe.acceleration = accel
+def dub_frames(
+    pipe: LipSyncPipeline, clip: Path, speech: Path, out: Path, accel: Any, steps: int = STEPS
+) -> list[np.ndarray]:
+    if accel is not None:
+        pipe.acceleration = accel
     frames: list[np.ndarray] = []
 
     def keep(frame: np.ndarray, info: Any) -> np.ndarray:
         frames.append(frame.copy())
         return frame
 
-    result = pipe(clip, speech, out, {"steps": STEPS}, consent=TEST_CONSENT, frame_filters=[keep])
+    result = pipe(clip, speech, out, {"steps": steps}, consent=TEST_CONSENT, frame_filters=[keep])
     assert result.dubbed_frames > 16 and len(frames) == result.frames
     return frames
 
@@ -294,6 +303,52 @@ def test_full_dub_optimized_equals_reference_on_a_real_clip(
         worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(reference, frames, strict=True))
         assert worst <= 1, f"{name}: max |Δ| {worst} levels"
     assert all(np.array_equal(a, b) for a, b in zip(reference, default, strict=True))
+
+
+@pytest.mark.parametrize(
+    "accel", ["reference", "optimized", {"window_batch": 2, "device_paste": True}], ids=["reference", "optimized", "batched"]
+)
+def test_two_dubs_at_once_on_one_pipeline_each_equal_the_dub_alone(
+    tiny_weights: Path, real_clip: tuple[Path, Path], tmp_path: Path, accel: Any
+) -> None:
+    """Every dub has its own scheduler: a shared one (``set_timesteps`` writes the step count
+    into it) gave frames up to 183 levels off when a 3-step and a 7-step dub overlapped."""
+    import threading
+
+    clip, speech = real_clip
+    pipe = LipSyncPipeline.from_pretrained(tiny_weights, version="1.5", acceleration=accel)
+    analysis, cache, lock = pipe.analyze_faces, {}, threading.Lock()
+
+    def analyze_once(inputs: Any, run: Any) -> Any:  # pass 1 is not what is compared
+        with lock:
+            if "a" not in cache:
+                cache["a"] = analysis(inputs, run)
+            return cache["a"]
+
+    pipe.analyze_faces = analyze_once  # type: ignore[method-assign]
+    alone = {s: dub_frames(pipe, clip, speech, tmp_path / f"alone{s}.mp4", None, steps=s) for s in (2, 5)}
+    together: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def dub(steps: int) -> None:
+        try:
+            start.wait()
+            together[steps] = dub_frames(pipe, clip, speech, tmp_path / f"both{steps}.mp4", None, steps=steps)
+        except BaseException as err:  # surfaced below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=dub, args=(s,)) for s in (2, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in (2, 5):
+        assert len(together[s]) == len(alone[s])
+        worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(alone[s], together[s], strict=True))
+        assert worst == 0, f"{s} steps, run beside another dub: max |Δ| {worst} levels"
+    assert not all(np.array_equal(a, b) for a, b in zip(alone[2], alone[5], strict=True))  # the step counts matter
 
 
 def test_a_batched_optimized_dub_cancels_between_unet_steps(

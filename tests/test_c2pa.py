@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import latentdub
 from latentdub.errors import InputError, LatentdubError
+from latentdub.files import sha256_file
 from latentdub.media.audio_io import AudioClip
 from latentdub.media.writer import VideoWriter
 from latentdub.provenance import c2pa as c2pa_mod
@@ -28,7 +29,6 @@ from latentdub.provenance.c2pa import (
     ProvenanceClaims,
     c2pa_finalizer,
     read_credentials,
-    sha256_file,
 )
 from latentdub.provenance.keys import (
     SigningKeyError,
@@ -431,12 +431,3 @@ def test_real_media_signs_fast_and_still_decodes(tmp_path: Path, media_dir: Path
     assert info["sign_s"] < 5.0  # about 20 ms on 2 CPU cores; generous for a loaded machine
     assert read_credentials(target).valid
     assert _frame_count(target) == frames
-
-
-def test_sha256_file_streams(tmp_path: Path) -> None:
-    blob = np.random.default_rng(1).integers(0, 256, 300_001, dtype=np.uint8).tobytes()
-    path = tmp_path / "blob.bin"
-    path.write_bytes(blob)
-    assert sha256_file(path, chunk_size=4096) == hashlib.sha256(blob).hexdigest()
-    with pytest.raises(InputError, match="does not exist"):
-        sha256_file(tmp_path / "nope")

@@ -124,6 +124,9 @@ def test_filters_see_every_output_frame_and_finalizers_fill_provenance(
     assert result.provenance["signed_bytes"] > 0
     assert result.dubbed_frames == 30 and all(c.dubbed and c.matrix is not None for c in calls)
     assert result.options["steps"] == 2
+    # The clip is longer than the 1.2 s dub: the cut is said, with the policy, not done silently.
+    cut = [w for w in result.warnings if w.startswith("the picture was cut from")]
+    assert len(cut) == 1 and "to 1.20 s" in cut[0] and "'pingpong'" in cut[0]
     assert result.model["random_weights"] is True and "random" in result.model["name"].lower()
     # Every stage reported, in order, each ending with done == total; done never goes back.
     order = [e.stage for e in events]

@@ -19,10 +19,11 @@ import soundfile as sf
 from cli_helpers import invoke
 from latentdub import DubOptions, LipSyncPipeline
 from latentdub.cli import main
+from latentdub.files import sha256_file
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
 from latentdub.provenance.audit import AuditLog
-from latentdub.provenance.c2pa import read_credentials, sha256_file
+from latentdub.provenance.c2pa import read_credentials
 from latentdub.provenance.watermark import detect_file
 
 CONSENT = {"subject": "the woman in retalking_face3", "granted_by": "the subject", "method": "signed release form",

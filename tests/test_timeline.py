@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from latentdub.errors import InputError
-from latentdub.timeline import plan_timeline
+from latentdub.timeline import length_changes, plan_timeline
 
 TB = Fraction(1, 25)  # one tick = one frame at 25 fps
 
@@ -78,3 +78,22 @@ def test_every_policy_ends_within_one_frame_of_its_target() -> None:
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="length policy"):
         plan_timeline(*cfr(3), TB, 1.0, "stretchy")
+
+
+def test_length_changes_are_described_with_the_seconds_and_the_policy() -> None:
+    tb = Fraction(1, 25)
+    pts = np.arange(50, dtype=np.int64)  # a 2 s picture
+    longer = plan_timeline(pts, 50, tb, 3.5, "pingpong")
+    (msg,) = length_changes(longer, 3.5)
+    assert msg.startswith("the picture was extended from 2.00 s to 3.50 s (+1.50 s)")
+    assert "forward and backward" in msg and "'pingpong'" in msg
+    assert "looped" in length_changes(plan_timeline(pts, 50, tb, 3.5, "loop"), 3.5)[0]
+    cut = plan_timeline(pts, 50, tb, 1.0, "cut")
+    assert length_changes(cut, 1.0) == ["the picture was cut from 2.00 s to 1.00 s (-1.00 s) to end with the dub "
+                                        "(length policy 'cut')"]
+    shorter_dub = length_changes(plan_timeline(pts, 50, tb, 3.0, "cut"), 3.0)
+    assert shorter_dub == ["the dub was cut from 3.00 s to 2.00 s (-1.00 s) to end with the picture (length policy 'cut')"]
+    padded = length_changes(plan_timeline(pts, 50, tb, 1.5, "pad"), 1.5)
+    assert padded == ["the dub was padded with 0.50 s of silence to 2.00 s (length policy 'pad')"]
+    # Equal lengths (within a frame's rounding): nothing to say.
+    assert length_changes(plan_timeline(pts, 50, tb, 2.01, "pingpong"), 2.01) == []

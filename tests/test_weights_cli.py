@@ -81,7 +81,10 @@ def test_download_offline_is_a_clean_weights_error(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = runner.invoke(app, ["weights", "download", "--version", "1.6"])
     assert isinstance(result.exception, WeightsError)
-    assert "latentdub weights download --version 1.6 --dir DIR" in str(result.exception)
+    msg = str(result.exception)
+    assert "could not download LatentSync 1.6 weights" in msg and "unset HF_HUB_OFFLINE" in msg
+    assert "weights download" not in msg  # not the command that just failed
+    assert "latentdub weights make-tiny DIR" in msg
     result = runner.invoke(app, ["weights", "download", "--version", "1.7"])
     assert isinstance(result.exception, WeightsError)
     assert "unknown LatentSync version '1.7'" in str(result.exception)

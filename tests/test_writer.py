@@ -139,6 +139,22 @@ def test_time_s_and_default_spacing(tmp_path: Path) -> None:
     assert [round(float(p * tb), 3) for p in pts] == [0.0, 0.1, 0.14]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_output_mode_follows_the_umask_without_setting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int
+) -> None:
+    """The finished file gets 0o666 less the umask (not mkstemp's 0600), read from
+    latentdub.files; os.umask is never called (setting it races with other threads)."""
+    from latentdub import files
+
+    monkeypatch.setattr(files, "current_umask", lambda: umask)
+    monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
+    out = tmp_path / "m.mkv"
+    with VideoWriter(out, width=64, height=64, time_base=Fraction(1, 25), fps=25) as writer:
+        writer.write(np.zeros((64, 64, 3), np.uint8))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_odd_size_keeps_exact_resolution(ntsc, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     frames, time_base, fps = ntsc
     crops = [image[:301, 7:206].copy() for image, _ in frames[:5]]  # 199 x 301
@@ -260,10 +276,10 @@ def test_destination_errors(tmp_path: Path) -> None:
         VideoWriter(tmp_path / "missing" / "out.mp4", **kwargs)  # type: ignore[arg-type]
     assert str(tmp_path / "missing") in str(info.value)
     assert not (tmp_path / "missing").exists()
-    with pytest.raises(InputError, match="unsupported extension"):
+    with pytest.raises(InputError, match=r"must end in \.mp4"):
         VideoWriter(tmp_path / "out.gif", **kwargs)  # type: ignore[arg-type]
     (tmp_path / "taken.mp4").mkdir()
-    with pytest.raises(InputError, match="folder with that name"):
+    with pytest.raises(InputError, match="is a folder"):
         VideoWriter(tmp_path / "taken.mp4", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="preset"):
         VideoWriter(tmp_path / "out.mp4", preset="warp", **kwargs)  # type: ignore[arg-type]

@@ -53,7 +53,7 @@ from latentdub.progress import CancelToken, DubProgress, ProgressCallback
 from latentdub.provenance.dub import DubProvenance, ProvenanceSettings
 from latentdub.render import WINDOW, FrameReader, FrameSink, RenderJob, Window, plan_windows, render
 from latentdub.runs import runs
-from latentdub.timeline import Timeline, plan_timeline
+from latentdub.timeline import Timeline, length_changes, plan_timeline
 
 log = logging.getLogger(__name__)
 
@@ -261,18 +261,13 @@ class LipSyncPipeline:
         """Load ``"1.5"`` / ``"1.6"`` (local HF cache or hub download) or a local weights folder.
 
         ``acceleration``: see :attr:`acceleration` (default: the optimized path)."""
-        from latentdub.models.scheduler import build_scheduler
-        from latentdub.weights import load_unet, load_vae, load_whisper, resolve_weights
-
         from latentdub.devices import parse_device
+        from latentdub.models.scheduler import build_scheduler
+        from latentdub.weights import load_unet, load_vae, load_whisper, resolve_version_or_folder
 
         device = parse_device(device)
         dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(device)
-
-        if Path(str(version_or_dir)).is_dir():
-            files = resolve_weights(version or "1.6", weights_dir=Path(version_or_dir), download=False)
-        else:
-            files = resolve_weights(str(version_or_dir), download=download)
+        files = resolve_version_or_folder(version_or_dir, version=version, download=download)
         unet = load_unet(files, dtype=dtype, device=device)
         vae = load_vae(files, dtype=dtype, device=device)
         whisper = load_whisper(files, device=device)
@@ -376,6 +371,8 @@ class LipSyncPipeline:
             analysis = self.analyze_faces(inputs, run)
         selection = self.select_face(analysis, opts)
         timeline = self.plan_output(analysis, clip.duration_s, opts.length_policy)
+        for message in length_changes(timeline, clip.duration_s):  # never silent about a length change
+            self._warn(warnings, message)
         clip = clip.with_length(round(timeline.duration_s * clip.sample_rate))
         with run.stage("audio_features"), timer("audio_features"):
             tokens = self.encode_audio(clip, timeline)

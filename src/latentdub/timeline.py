@@ -42,6 +42,7 @@ class Timeline:
     time_base: Fraction
     duration_s: float  # output duration (= length the audio track is cut/padded to)
     policy: str
+    source_duration_s: float | None = None  # the input video's duration (None: not known)
 
     @property
     def num_frames(self) -> int:
@@ -122,4 +123,38 @@ def plan_timeline(
         time_base=time_base,
         duration_s=target_s,
         policy=policy,
+        source_duration_s=video_s,
     )
+
+
+#: How each policy makes a short picture long enough.
+_EXTENDED_BY = {"pingpong": "played forward and backward", "loop": "looped", "pad": "holding its last frame"}
+# Differences below this are frame rounding, not a change anyone needs to hear about.
+_SLACK_S = 0.05
+
+
+def length_changes(timeline: Timeline, audio_duration_s: float) -> list[str]:
+    """What the length policy did to the picture and to the dub, in words (empty: nothing)."""
+    out: list[str] = []
+    video_s, target_s, policy = timeline.source_duration_s, timeline.duration_s, timeline.policy
+    if video_s is not None and target_s > video_s + _SLACK_S:
+        out.append(
+            f"the picture was extended from {video_s:.2f} s to {target_s:.2f} s (+{target_s - video_s:.2f} s) "
+            f"to last as long as the dub, {_EXTENDED_BY.get(policy, 'repeated')} (length policy {policy!r})"
+        )
+    elif video_s is not None and target_s < video_s - _SLACK_S:
+        out.append(
+            f"the picture was cut from {video_s:.2f} s to {target_s:.2f} s (-{video_s - target_s:.2f} s) "
+            f"to end with the dub (length policy {policy!r})"
+        )
+    if audio_duration_s > target_s + _SLACK_S:
+        out.append(
+            f"the dub was cut from {audio_duration_s:.2f} s to {target_s:.2f} s "
+            f"(-{audio_duration_s - target_s:.2f} s) to end with the picture (length policy {policy!r})"
+        )
+    elif audio_duration_s < target_s - _SLACK_S:
+        out.append(
+            f"the dub was padded with {target_s - audio_duration_s:.2f} s of silence to {target_s:.2f} s "
+            f"(length policy {policy!r})"
+        )
+    return out

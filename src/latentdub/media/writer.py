@@ -68,6 +68,7 @@ import av.logging
 import numpy as np
 
 from latentdub.errors import InputError
+from latentdub.files import check_output, default_file_mode
 from latentdub.media.audio_io import AudioClip
 
 try:  # POSIX only; without it partial files are never treated as stale
@@ -231,17 +232,6 @@ def _layout_for(channels: int) -> str:
             f"Audio with {channels} channels cannot be encoded; at most 8 are supported."
         )
     return _LAYOUTS[channels]
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: os.umask() can only be read by setting it, which is not thread-safe,
-# and the writer is closed from the pipeline's writer thread.
-_UMASK = _read_umask()
 
 
 # --- encoder choice ---------------------------------------------------------------------------
@@ -436,22 +426,8 @@ class VideoWriter:
 
     # --- setup --------------------------------------------------------------------------
     def _check_destination(self) -> str:
-        fmt = CONTAINER_FORMATS.get(self.path.suffix.lower())
-        if fmt is None:
-            raise InputError(
-                f"Cannot write {self.path}: unsupported extension {self.path.suffix!r}; "
-                f"use one of {', '.join(CONTAINER_FORMATS)}."
-            )
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise InputError(
-                f"Cannot write {self.path}: the folder {parent} does not exist. Create it first."
-            )
-        if self.path.is_dir():
-            raise InputError(f"Cannot write {self.path}: a folder with that name exists.")
-        if not os.access(parent, os.W_OK):
-            raise InputError(f"Cannot write {self.path}: no permission to write into {parent}.")
-        return fmt
+        check_output(self.path, extensions=tuple(CONTAINER_FORMATS))
+        return CONTAINER_FORMATS[self.path.suffix.lower()]
 
     def _prepare_audio(self, audio: AudioClip | None, codec_name: str) -> AudioClip | None:
         if audio is None:
@@ -647,7 +623,7 @@ class VideoWriter:
             self._guarded(self._container.close)
             if before_rename is not None:
                 before_rename(Path(self._tmp))
-            os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600
+            os.chmod(self._tmp, default_file_mode())  # mkstemp made it 0600
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

@@ -27,13 +27,13 @@ import datetime as dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from latentdub.errors import InputError
+from latentdub.files import atomic_write
 from latentdub.provenance.store import data_dir, ensure_private_dir
 
 try:
@@ -175,18 +175,8 @@ class AuditLog:
         return full
 
     def _write_head(self, seq: int, last_hash: str) -> None:
-        """Record the newest entry (under the log's lock), atomically."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.head_path.name}.", dir=self.head_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(canonical({"seq": seq, "hash": last_hash}) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.head_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        """Record the newest entry (under the log's lock), atomically; private like the log."""
+        atomic_write(self.head_path, canonical({"seq": seq, "hash": last_hash}) + b"\n", mode=0o600)
 
     # -- reading ------------------------------------------------------------------------------
     def entries(self) -> Iterator[dict[str, Any]]:

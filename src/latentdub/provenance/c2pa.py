@@ -24,7 +24,6 @@ The ``c2pa`` SDK (a native library) is imported only when signing or reading.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from latentdub.errors import InputError, LatentdubError
+
+# Its home is latentdub.files; the name stays importable here until every caller moves.
+from latentdub.files import sha256_file as sha256_file
 from latentdub.provenance.keys import SigningKeys, check_signing
 
 try:  # POSIX: keeps another writer's stale-partial cleanup off our half-signed file
@@ -108,22 +110,6 @@ def public_model(model: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: model[k] for k in _PUBLIC_MODEL_KEYS if k in model}
     out["random_weights"] = bool(model.get("random_weights", False))
     return out
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read in chunks (any size, bounded memory); lowercase hex."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_size):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a folder, not a file") from None
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
-    return digest.hexdigest()
 
 
 def mime_type_for(path: str | os.PathLike[str]) -> str:
@@ -235,6 +221,8 @@ class C2paSigner:
         """
         path = Path(path)
         mime_type_for(path)  # before making any file
+        # Not files.atomic_path: this sibling is named like the writer's partials, flock-ed while
+        # signing, and keeps the signed file's own mode.
         prefix, suffix = _sibling_affixes(path)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentdub.files import sha256_file
 from latentdub.provenance.audit import AuditLog, dub_entry
-from latentdub.provenance.c2pa import ProvenanceClaims, c2pa_finalizer, sha256_file
+from latentdub.provenance.c2pa import ProvenanceClaims, c2pa_finalizer
 from latentdub.provenance.keys import SigningKeys, default_signing
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from latentdub.errors import InputError
+from latentdub.files import atomic_write
 from latentdub.provenance.store import data_dir, ensure_private_dir
 
 try:  # POSIX: serialises two processes creating the default keys at once
@@ -176,9 +176,9 @@ def _init_locked(folder: Path, *, force: bool, name: str | None) -> SigningKeys:
     key_pem = leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     # Key first: a crash between files must never leave a chain that belongs to another key
     # looking complete (load_signing would catch the mismatch, but clearly is better).
-    _write_atomic(folder / KEY_FILE, key_pem, 0o600)
-    _write_atomic(folder / CHAIN_FILE, leaf_cert.public_bytes(pem) + ca_pem, 0o644)
-    _write_atomic(folder / CA_FILE, ca_pem, 0o644)
+    atomic_write(folder / KEY_FILE, key_pem, mode=0o600)  # mode set before the secret is written
+    atomic_write(folder / CHAIN_FILE, leaf_cert.public_bytes(pem) + ca_pem, mode=0o644)
+    atomic_write(folder / CA_FILE, ca_pem, mode=0o644)
     return SigningKeys(folder / CHAIN_FILE, folder / KEY_FILE)
 
 
@@ -342,22 +342,6 @@ def _spki(public_key: Any) -> bytes:
 def _common_name(name: x509.Name) -> str:
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(cns[0].value) if cns else name.rfc4514_string()
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # set before any secret is written (mkstemp's 0600 is already safe)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # render.py imports torch; a frame filter must not need it
-    from latentdub.render import FrameInfo
+if TYPE_CHECKING:
+    from latentdub.hooks import FrameInfo
 
 # -- payload layout -------------------------------------------------------------------------------
 MARKER = 0x4149  # ASCII "AI": the fixed "AI-generated" marker

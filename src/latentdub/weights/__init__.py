@@ -6,6 +6,7 @@ Typical use::
 
     files = resolve_weights("1.6")                  # HF cache (downloads if needed)
     files = resolve_weights("1.6", "checkpoints/")  # or a local folder, official layout
+    files = resolve_version_or_folder(user_value)   # "1.6" or a folder, as a user gave it
     unet = load_unet(files, torch.float16, "cuda")
     whisper = load_whisper(files, torch.float16, "cuda")
     vae = load_vae(files, torch.float16, "cuda")
@@ -27,6 +28,7 @@ from latentdub.weights.resolve import (
     SyncNetFile,
     download_weights,
     resolve_syncnet,
+    resolve_version_or_folder,
     resolve_weights,
     weights_status,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "make_tiny",
     "make_tiny_syncnet",
     "resolve_syncnet",
+    "resolve_version_or_folder",
     "resolve_weights",
     "weights_status",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from latentdub.errors import WeightsError
+from latentdub.files import atomic_path
 
 log = logging.getLogger("latentdub.weights")
 
@@ -313,19 +314,6 @@ def source_metadata(source: Path) -> dict[str, str]:
     }
 
 
-def default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
-    try:  # read without changing it (os.umask is process-wide, so not thread-safe)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]
 ) -> None:
@@ -334,15 +322,9 @@ def save_safetensors_atomic(
     (safetensors itself creates it 0600)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_path(path) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(tmp),
             metadata=dict(metadata),
         )
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 import os
+import re
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from latentdub.errors import WeightsError
+from latentdub.files import atomic_write
 from latentdub.weights.checkpoint import converted_is_fresh, log, short_reason
 from latentdub.weights.syncnet import SYNCNET_FILE, read_syncnet_sidecar
 
@@ -199,11 +201,8 @@ def read_folder_config(folder: Path) -> dict[str, Any]:
 
 
 def write_folder_config(folder: Path, data: dict[str, Any]) -> Path:
-    path = folder / CONFIG_FILE
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``DIR/latentdub.json`` atomically (a reader never sees half of it)."""
+    return atomic_write(folder / CONFIG_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,29 +485,69 @@ def _hub_files(
     return found
 
 
-def _missing_message(
-    version: str, failed: list[tuple[str, str]], reason: str, cache_dir: Path
-) -> str:
+TINY_HINT = (
+    "To try latentdub without the real weights (offline, seconds): `latentdub weights make-tiny "
+    "DIR`, then pass --weights DIR (a tiny random model: a smoke test, its output is not a dub)."
+)
+
+
+def _needed(failed: list[tuple[str, str]]) -> str:
     by_repo: dict[str, list[str]] = {}
     for repo, filename in failed:
         by_repo.setdefault(repo, []).append(filename)
-    need = "\n".join(f"  - {repo}: {', '.join(names)}" for repo, names in by_repo.items())
+    return "\n".join(f"  - {repo}: {', '.join(names)}" for repo, names in by_repo.items())
+
+
+def _missing_message(
+    version: str, failed: list[tuple[str, str]], reason: str, cache_dir: Path
+) -> str:
     v = version if version in HUB_VERSIONS else DEFAULT_VERSION
     return (
         f"LatentSync {version} weights are not available: {reason}.\n"
-        f"Needed from the Hugging Face hub (cache: {cache_dir}):\n{need}\n"
+        f"Needed from the Hugging Face hub (cache: {cache_dir}):\n{_needed(failed)}\n"
         "Get them with one of:\n"
         f"  - latentdub weights download --version {v}            (into the Hugging Face cache)\n"
         f"  - latentdub weights download --version {v} --dir DIR  (then pass --weights DIR)\n"
         "  - or copy the files into a folder yourself and pass --weights DIR; layout:\n"
         f"{textwrap.indent(LAYOUT_HELP, '    ')}\n"
-        "(Downloading needs network access; a token in HF_TOKEN is used if set.)"
+        "(Downloading needs network access; a token in HF_TOKEN is used if set.)\n"
+        f"{TINY_HINT}"
     )
 
 
-def _resolve_hub(version: str, *, download: bool) -> ModelFiles:
+def _download_message(
+    version: str, failed: list[tuple[str, str]], reason: str, cache_dir: Path
+) -> str:
+    """The error of ``weights download`` itself: it must not suggest running it again as is."""
+    if hub_offline():
+        retry = (
+            "unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) on a machine "
+            "with network access and run it again"
+        )
+    else:
+        retry = (
+            "check the network (and HF_ENDPOINT, HF_TOKEN) and run it again; files already "
+            "downloaded are kept and partial ones resume"
+        )
+    return (
+        f"could not download LatentSync {version} weights: {reason}.\n"
+        f"Needed from the Hugging Face hub:\n{_needed(failed)}\n"
+        f"To fix: {retry}.\n"
+        "Without network: copy the files (from a machine that has them) into a folder in this "
+        "layout and pass --weights DIR:\n"
+        f"{textwrap.indent(LAYOUT_HELP, '    ')}\n"
+        f"{TINY_HINT}"
+    )
+
+
+def _resolve_hub(
+    version: str,
+    *,
+    download: bool,
+    message: Callable[[str, list[tuple[str, str]], str, Path], str] | None = None,
+) -> ModelFiles:
     version = check_version(version, hub=True)
-    files = _hub_files(version, download=download)
+    files = _hub_files(version, download=download, message=message)
     return ModelFiles(
         version=version,
         unet=files["unet"],
@@ -549,6 +588,81 @@ def resolve_weights(
     return _resolve_hub(version or DEFAULT_VERSION, download=download)
 
 
+# What huggingface_hub creates in a local_dir before it has any data: lock files, the
+# markers of its .cache folder, and (empty) folders.
+_HUB_BOOKKEEPING = ("CACHEDIR.TAG", ".gitignore")
+
+
+def _download_tree(folder: Path) -> set[Path]:
+    """The paths a download into ``folder`` can create: its entries, and everything under the
+    subfolders it writes to (not a walk of all of ``folder``: ``--dir .`` must stay cheap)."""
+    if not folder.is_dir():
+        return set()
+    paths = set(folder.iterdir())
+    for name in {".cache", VAE_SUBDIRS[0], *(Path(f).parts[0] for f in (WHISPER_FILE, SYNCNET_FILE))}:
+        sub = folder / name
+        if sub.is_dir() and not sub.is_symlink():
+            paths |= set(sub.rglob("*"))
+    return paths
+
+
+@contextlib.contextmanager
+def _tidy_on_failure(folder: Path) -> Iterator[None]:
+    """On an error, remove what was created under ``folder`` that holds no downloaded data
+    (huggingface_hub's lock files and empty folders), and ``folder`` itself and the parents
+    made for it if they are then empty: a failed download leaves the disk as it found it.
+    Partial downloads (``*.incomplete``) are kept, so the next try resumes them."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    before = _download_tree(folder)
+    try:
+        yield
+    except BaseException:
+        if folder.is_dir():
+            # Deepest first, so a folder is looked at after its contents.
+            for path in sorted(_download_tree(folder) - before, key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    if path.is_dir() and not path.is_symlink():
+                        path.rmdir()  # only if empty
+                    elif path.name.endswith(".lock") or path.name in _HUB_BOOKKEEPING:
+                        path.unlink()
+        for path in created:  # folder first, then its new parents
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+_VERSION_LIKE = re.compile(r"v?\d+(\.\d+){0,2}", re.IGNORECASE)
+
+
+def resolve_version_or_folder(
+    version_or_dir: str | os.PathLike[str],
+    *,
+    version: str | None = None,
+    download: bool = True,
+    prefer_converted: bool = True,
+) -> ModelFiles:
+    """Resolve what a user gave as "the model": a version ("1.5", "1.6") or a weights folder.
+
+    An existing path, a ``Path`` object or anything that is not version-like ("1.6", "v1.6",
+    "1.7") is a folder; a folder that does not exist is reported as such, not as an unknown
+    version. ``version`` applies to a folder (``None``: the one recorded in its latentdub.json,
+    else 1.6); ``download`` to the hub files only: a folder is used as it is.
+    """
+    text = os.fspath(version_or_dir)
+    is_path = isinstance(version_or_dir, os.PathLike) or not _VERSION_LIKE.fullmatch(text.strip())
+    if Path(text).expanduser().exists() or is_path:
+        folder = Path(text).expanduser()
+        if not folder.exists():
+            bare = not isinstance(version_or_dir, os.PathLike) and not any(c in text for c in "/\\.~")
+            also = f" (and {text!r} is not a LatentSync version: use 1.5 or 1.6)" if bare else ""
+            raise WeightsError(
+                f"weights folder {text} does not exist{also}; check the path, or fill it with "
+                f"`latentdub weights download --dir {text}`.\n{TINY_HINT}"
+            )
+        return resolve_weights(version, folder, download=False, prefer_converted=prefer_converted)
+    return resolve_weights(text.strip(), download=download, prefer_converted=prefer_converted)
+
+
 def download_weights(
     version: str = DEFAULT_VERSION, dest_dir: str | Path | None = None, *, syncnet: bool = False
 ) -> ModelFiles:
@@ -561,8 +675,8 @@ def download_weights(
     components = ("unet", "whisper", "vae", "syncnet") if syncnet else ("unet", "whisper", "vae")
     if dest_dir is None:
         if syncnet:
-            _hub_files(version, download=True, components=components)
-        return _resolve_hub(version, download=True)
+            _hub_files(version, download=True, components=components, message=_download_message)
+        return _resolve_hub(version, download=True, message=_download_message)
     dest = Path(dest_dir).expanduser()
     if dest.exists() and not dest.is_dir():
         raise WeightsError(f"--dir {dest} is a file; give a folder.")
@@ -572,8 +686,11 @@ def download_weights(
             f"{dest} already holds LatentSync {recorded} weights; download {version} into "
             "another folder (1.5 and 1.6 files have the same names)."
         )
-    dest.mkdir(parents=True, exist_ok=True)
-    _hub_files(version, download=True, local_dir=dest, components=components)
+    with _tidy_on_failure(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        _hub_files(
+            version, download=True, local_dir=dest, components=components, message=_download_message
+        )
     cfg = read_folder_config(dest)
     cfg.update({"version": version, "source": f"{HUB_REPOS[version]} + {VAE_REPO}"})
     write_folder_config(dest, cfg)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from latentdub.errors import WeightsError
+from latentdub.files import atomic_path, atomic_write
 from latentdub.models.syncnet import SYNCNET_V2_DIMS, TINY_SYNCNET_DIMS, SyncNet, SyncNetDims
 from latentdub.weights.checkpoint import (
     RANDOM_WEIGHTS_WARNING,
@@ -132,9 +132,8 @@ def save_syncnet(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     side = sidecar_path(path)
     if random_weights or model.dims != SYNCNET_V2_DIMS:
         info: dict[str, Any] = {
@@ -145,9 +144,7 @@ def save_syncnet(
         if random_weights:
             info["warning"] = RANDOM_WEIGHTS_WARNING
             info["seed"] = seed
-        tmp_side = side.with_name(side.name + ".tmp")
-        tmp_side.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_side, side)
+        atomic_write(side, json.dumps(info, indent=1) + "\n")
     elif side.exists():
         side.unlink()
     return path

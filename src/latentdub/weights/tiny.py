@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from latentdub.errors import WeightsError
+from latentdub.files import atomic_path, atomic_write
 from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG
 from latentdub.weights.resolve import (
     SYNCNET_FILE,
@@ -246,11 +247,10 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
     whisper = tiny_whisper_checkpoint(seed=seed)
     width = whisper["dims"]["n_audio_state"]
     unet_cfg = tiny_unet_config(cross_attention_dim=width)
-    torch.save(
-        {"state_dict": tiny_unet_state_dict(unet_cfg, seed=seed), "global_step": 0},
-        out / UNET_FILE,
-    )
-    torch.save(whisper, out / WHISPER_FILE)
+    with atomic_path(out / UNET_FILE) as tmp:
+        torch.save({"state_dict": tiny_unet_state_dict(unet_cfg, seed=seed), "global_step": 0}, tmp)
+    with atomic_path(out / WHISPER_FILE) as tmp:
+        torch.save(whisper, tmp)
     save_vae_folder(_tiny_vae(seed), out / VAE_SUBDIRS[0])
     make_tiny_syncnet(out / SYNCNET_FILE, seed=seed)
 
@@ -271,5 +271,5 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0) -> Path:
             "created_by": "latentdub weights make-tiny",
         },
     )
-    (out / "README.txt").write_text(README.format(seed=seed), encoding="utf-8")
+    atomic_write(out / "README.txt", README.format(seed=seed), fsync=False)
     return out
