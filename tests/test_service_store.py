@@ -444,6 +444,30 @@ def test_delete(store: JobStore) -> None:
         store.delete(job.id)
 
 
+def test_assets_and_purge_go_through_the_store(store: JobStore, tmp_path: Path) -> None:
+    files = {name: tmp_path / f"{name}.bin" for name in ("shared", "own", "result")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    shared = store.add_asset(kind="video", sha256="a" * 64, size=1, path=str(files["shared"]), api_key_id=None)
+    own = store.add_asset(kind="audio", sha256="b" * 64, size=1, path=str(files["own"]), api_key_id=None)
+    got = store.get_asset(shared.id)
+    assert got is not None and got.kind == "video" and store.get_asset("nope") is None
+    first, _ = store.create(options={}, video_asset_id=shared.id, audio_asset_id=own.id, idempotency_key="k1")
+    store.create(options={}, video_asset_id=shared.id, audio_asset_id=None)
+    assert store.has_idempotency_key(None, "k1") and not store.has_idempotency_key(None, "k2")
+    assert not store.has_idempotency_key("another-key", "k1")  # scoped to the API key
+    store.mark_running(first.id, "w")
+    store.finish(first.id, {}, output_path=str(files["result"]))
+    store.purge(first.id)
+    with pytest.raises(JobNotFound):
+        store.get(first.id)
+    # The result and the audio only this job used are gone; the video another job names stays.
+    assert not files["result"].exists() and not files["own"].exists() and store.get_asset(own.id) is None
+    assert files["shared"].exists() and store.get_asset(shared.id) is not None
+    store.remove_assets([shared.id, None, "unknown"])
+    assert not files["shared"].exists() and store.get_asset(shared.id) is None
+
+
 # -- settings -----------------------------------------------------------------------------------
 def test_settings_defaults_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LATENTDUB_DATA_DIR", str(tmp_path / "base"))

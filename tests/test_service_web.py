@@ -4,37 +4,33 @@ in a real headless Chromium (Debian ``chromium`` driven by playwright; never ``p
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from service_helpers import assert_error, speech
+from service_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    assert_error,
+    browser_or_skip,
+    check_controls,
+    live,
+    option_controls,
+    speech,
+)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient
 
+from latentdub.options import DubOptions
 from latentdub.service.app import create_app
 from latentdub.service.auth import create_key
 from latentdub.service.settings import ServiceSettings
 
 VIDEO = "retalking_face3_woman_25fps.mp4"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-
-
-
-
-
 
 # -- without a browser ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -59,8 +55,11 @@ def test_page_is_served_with_nothing_external(client: tuple[TestClient, str, Ser
         asset = c.get(ref)
         assert asset.status_code == 200 and asset.text, ref
         assert not re.search(r"https?://", asset.text), ref  # nor do they load anything external
-    names = {"sampler", "steps", "guidance", "length_policy", "fit", "face", "preset", "watermark"}
-    assert all(f'name="{n}"' in html for n in names)
+    # The option controls are not in the page: app.js makes them from /api/v1/info's schema.
+    script = c.get("/static/app.js").text
+    assert 'id="options"' in html and "buildOptions(info.options)" in script
+    for name in DubOptions.model_fields:
+        assert f'name="{name}"' not in html and f'"{name}"' not in script, name
     assert_error(c.get("/static/../app.py"), 404)
     assert_error(c.get("/static/index.py"), 404)
 
@@ -71,7 +70,9 @@ def test_info_needs_no_key_and_says_whether_auth_is_on(client: tuple[TestClient,
 
     c, _, _ = client
     r = c.get("/api/v1/info")
-    assert r.status_code == 200 and r.json() == {"auth_enabled": True, "version": latentdub.__version__}
+    assert r.status_code == 200
+    assert r.json() == {"auth_enabled": True, "version": latentdub.__version__,
+                        "options": DubOptions.model_json_schema()}
     with TestClient(create_app(ServiceSettings(data_dir=tmp_path / "open", auth_enabled=False))) as open_client:
         assert open_client.get("/api/v1/info").json()["auth_enabled"] is False
         assert "authentication is off" in open_client.get("/").text.lower()
@@ -104,57 +105,21 @@ def test_verify_route_reports_json_and_leaves_no_upload(client: tuple[TestClient
 
 
 # -- in Chromium ---------------------------------------------------------------------------------
-def _browser_or_skip() -> Any:
-    if not CHROMIUM.exists():
-        pytest.skip("the browser test needs Debian chromium at /usr/bin/chromium (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the browser test needs the playwright Python package (pip install playwright)")
-    return sync_playwright
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def live_server(tmp_path: Path, tiny_weights: Path) -> Iterator[tuple[str, str]]:
-    import httpx
-    import uvicorn
-
     from latentdub.pipeline import LipSyncPipeline
 
     settings = ServiceSettings(data_dir=tmp_path / "data", key_concurrency=0, key_daily_quota=0)
     app = create_app(settings, pipe_factory=lambda: LipSyncPipeline.from_pretrained(tiny_weights, device="cpu"),
                      preload=True)
     key, _ = create_key(app.state.store.engine, "browser")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert thread.is_alive() and time.monotonic() < deadline, "the service did not get ready"
-            time.sleep(0.2)
+    with live(app, probe="/readyz") as base:
         yield base, key
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str], tmp_path: Path,
                                                      media_dir: Path) -> None:
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     base, key = live_server
     audio = speech(media_dir, tmp_path / "speech1.wav", 1.0)
     shots = tmp_path / "screenshots"
@@ -171,6 +136,7 @@ def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str
             page.goto(base + "/")
             page.wait_for_selector("body[data-ready=true]")
             assert page.is_visible("#api-key") and not page.is_visible("#auth-off")
+            check_controls(option_controls(page), DubOptions.model_json_schema())
 
             # A wrong key: the API's JSON error is shown on the page.
             page.fill("#api-key", "ld_00000000_" + "x" * 40)

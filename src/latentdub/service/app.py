@@ -6,24 +6,28 @@
   before the request body is read. ``/healthz``, ``/readyz`` and ``/metrics`` are open.
 * A request body larger than two uploads' worth is refused (413) while it streams in; each
   upload is limited to ``max_upload_bytes`` as it is stored.
+* The option fields of ``/jobs`` and ``/sync``, the options schema of ``/api/v1/info`` and so the
+  web page's option controls all come from ``settings.options_model``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from latentdub.errors import InputError, LatentdubError
-from latentdub.service.routes import ApiError, api, probes
+from latentdub.service.routes import ApiError, api, probes, submit_router
+from latentdub.service.runner import Runner
 from latentdub.service.schemas import error_body
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import Conflict, InvalidTransition, JobNotFound
@@ -47,7 +51,7 @@ def _json(status: int, code: str, message: str, headers: dict[str, str] | None =
 class GateMiddleware:
     """API-key check and request-body limit for ``/api/`` routes, before the body is read."""
 
-    def __init__(self, app: ASGIApp, settings: ServiceSettings, engine: Any) -> None:
+    def __init__(self, app: ASGIApp, settings: ServiceSettings, engine: Engine) -> None:
         self.app = app
         self.settings = settings
         self.engine = engine
@@ -102,15 +106,17 @@ class GateMiddleware:
 
 def create_app(
     settings: ServiceSettings | None = None,
-    runner: Any = None,
+    runner: Runner | None = None,
     *,
-    pipe_factory: Any = None,
+    pipe_factory: Callable[[], Any] | None = None,
     sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
     preload: bool = False,
 ) -> FastAPI:
-    """The app. ``runner``: an :class:`~.runner.InProcessRunner` (or alike: submit, cancel,
-    ready, queue_depth, recover, start, stop, store); default: one made from ``settings`` and
-    ``pipe_factory``. The runner is started (and its jobs recovered) with the app's lifespan."""
+    """The app. ``runner``: any :class:`~.runner.Runner`; default: an
+    :class:`~.runner.InProcessRunner` made from ``settings`` and ``pipe_factory``. The runner is
+    started (and its jobs recovered) with the app's lifespan. The per-dub options are
+    ``settings.options_model``'s fields (give a :class:`~latentdub.options.DubOptions` subclass to
+    add some); the runner should read stored options with the same settings."""
     from latentdub.service.runner import InProcessRunner
 
     settings = settings or ServiceSettings()
@@ -138,6 +144,7 @@ def create_app(
     app.state.runner = runner
     app.state.store = store
     app.state.sync_timeout_s = sync_timeout_s
+    app.include_router(submit_router(settings.options_model))
     app.include_router(api)
     app.include_router(probes)
     app.include_router(web)

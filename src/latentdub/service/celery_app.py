@@ -10,6 +10,10 @@ at-least-once and safe:
 * the job store's lease decides who may run a job, and a job that already ended is skipped, so
   a redelivered message never runs a finished job twice;
 * cancel goes through the job store, which the running job polls.
+
+:class:`CeleryRunner` is a :class:`~latentdub.service.runner.Runner`. Workers read stored
+options with their own settings' ``options_model`` (``LATENTDUB_OPTIONS_MODEL``, an import path,
+when it is not :class:`~latentdub.options.DubOptions`), which must match the HTTP app's.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import os
 import socket
 import threading
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentdub.service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from latentdub.service.models import Job
+    from latentdub.service.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +68,12 @@ def make_celery(settings: ServiceSettings) -> Any:
 
 
 class CeleryRunner:
-    """What the HTTP app uses to hand jobs to Celery workers (same interface as the in-process one)."""
+    """The :class:`~latentdub.service.runner.Runner` that hands jobs to Celery workers."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.app = make_celery(settings)
-        self.store = _store(settings)
+        self.store: JobStore = _store(settings)
 
     def start(self, *, preload: bool = False) -> None:  # workers load the models themselves
         return None
@@ -73,7 +81,7 @@ class CeleryRunner:
     def submit(self, job_id: str) -> None:
         self.app.send_task(TASK, args=[job_id], queue=QUEUE)
 
-    def cancel(self, job_id: str) -> Any:
+    def cancel(self, job_id: str) -> Job:
         return self.store.request_cancel(job_id)  # the running job polls the store
 
     def queue_depth(self) -> int:
@@ -130,12 +138,12 @@ def _pipeline() -> Any:
                                            dtype=cfg.get("dtype"))
 
 
-def _store(settings: ServiceSettings) -> Any:
+def _store(settings: ServiceSettings) -> JobStore:
     return _store_for(settings.database_url)
 
 
 @cache
-def _store_for(database_url: str) -> Any:
+def _store_for(database_url: str) -> JobStore:
     from latentdub.service.db import open_database
     from latentdub.service.store import JobStore
 

@@ -4,6 +4,10 @@ The same function runs in the in-process worker (:mod:`.runner`) and in any othe
 only needs the job store, a loaded pipeline and the settings. The output always goes to
 ``data_dir/results/<job id>.mp4``, a path the service chose; nothing here is derived from the
 request except through the job's stored, validated fields.
+
+The options were validated once, when the API took the request (``routes.parse_options``), and
+stored as plain JSON; here they are only loaded back into ``settings.options_model``. The job's
+row changes only through :class:`~.store.JobStore`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from latentdub.errors import Cancelled, HookError, InputError, LatentdubError, WeightsError
-from latentdub.options import DubOptions
 from latentdub.progress import ProgressEvent
-from latentdub.service.db import read_session
-from latentdub.service.models import Asset, Job
+from latentdub.service.models import Job
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import InvalidTransition, JobStore
 
@@ -111,8 +113,7 @@ class StoreCancelToken:
 def _asset_path(store: JobStore, asset_id: str | None, what: str) -> Path:
     if asset_id is None:
         raise InputError(f"the job has no {what} file (its upload was deleted)")
-    with read_session(store.engine) as session:
-        asset = session.get(Asset, asset_id)
+    asset = store.get_asset(asset_id)
     if asset is None:
         raise InputError(f"the {what} upload of this job no longer exists")
     path = Path(asset.path)
@@ -162,7 +163,9 @@ def run_job(
 
     final: Job | None = None
     try:
-        opts = DubOptions.from_dict(job.options or {})
+        # Loading, not checking: these are the API's validated options, stored as JSON. A row
+        # that no longer loads (an option was removed since) fails the job as bad_input.
+        opts = settings.options_model.from_dict(job.options or {})
         consent = parse_consent(job.consent) if job.consent is not None else None
         video = _asset_path(store, job.video_asset_id, "video")
         audio = _asset_path(store, job.audio_asset_id, "audio")
@@ -211,7 +214,7 @@ def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
     if not job.webhook_url:
         return
     try:
-        with read_session(store.engine) as session:
+        with store.webhook_log() as session:
             outcome = webhooks.deliver(
                 job.webhook_url,
                 WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
@@ -239,30 +242,17 @@ def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
     deliveries that got through now."""
     import datetime as dt
 
-    from sqlalchemy import select
-
     from latentdub.service import webhooks
-    from latentdub.service.models import WebhookDelivery, utcnow
+    from latentdub.service.models import utcnow
 
-    since = utcnow() - dt.timedelta(seconds=REDELIVER_MAX_AGE_S)
-    with read_session(store.engine) as session:
-        ids = list(session.scalars(
-            select(WebhookDelivery.id)
-            .where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.created_at >= since)
-            .order_by(WebhookDelivery.created_at)
-        ))
+    ids = store.undelivered_webhooks(utcnow() - dt.timedelta(seconds=REDELIVER_MAX_AGE_S))
     delivered: list[str] = []
     for delivery_id in ids:
         try:
-            with read_session(store.engine) as session:
-                record = session.get(WebhookDelivery, delivery_id)
-                job = None if record is None or record.job_id is None else session.get(Job, record.job_id)
-                if record is None or record.delivered_at is not None:
+            with store.webhook_redelivery(delivery_id) as found:
+                if found is None:
                     continue
-                if job is None:  # the job was deleted: nothing to report any more
-                    record.next_attempt_at = None
-                    session.commit()
-                    continue
+                session, record, job = found
                 outcome = webhooks.deliver(
                     record.url, record.event, job.to_dict(), settings.webhook_signing_secret(),
                     retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,

@@ -1,8 +1,10 @@
 """The routes of the HTTP API: ``/api/v1/jobs…``, ``/api/v1/sync``, ``/healthz``, ``/readyz``, ``/metrics``.
 
-The option form fields are made from :class:`~latentdub.options.DubOptions` (names and
-descriptions), so the API, the library and the CLI share one schema. Values arrive as text and
-are validated by ``DubOptions`` itself; an error names the field.
+The option form fields are made from the app's options model (``settings.options_model``,
+:class:`~latentdub.options.DubOptions` by default: names and descriptions), so the API, the
+library and the CLI share one schema. Values arrive as text and are turned into options once,
+by :func:`parse_options`; an error names the field. Routes get the store, the runner, the
+settings and the caller's key from :mod:`.deps`; jobs and assets change only through the store.
 """
 
 from __future__ import annotations
@@ -13,19 +15,32 @@ import datetime as dt
 import inspect
 import json
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from latentdub.errors import InputError
-from latentdub.options import DubOptions
+from latentdub.options import DubOptions, OptionError
 from latentdub.service import schemas
+from latentdub.service.deps import (
+    JobDep,
+    KeyIdDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+    SyncTimeoutDep,
+)
+from latentdub.service.models import Asset, Job
+from latentdub.service.runner import Runner
+from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import Conflict, JobStore, request_hash
-from latentdub.service.uploads import remove_assets, remove_unused_assets, save_upload
+from latentdub.service.uploads import save_upload
 
 CONSENT_HELP = (
     "The consent record of the person in the video, as a JSON object in text: subject, granted_by, "
@@ -50,36 +65,40 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-def _with_option_fields(func: Any) -> Any:
-    """Add one optional form field per DubOptions field to ``func``'s signature (for FastAPI)."""
-    sig = inspect.signature(func)
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    for name, info in DubOptions.model_fields.items():
-        default = info.default
-        desc = f"{info.description or ''} Default: {json.dumps(default)}."
+def option_form(options_model: type[DubOptions]) -> Callable[..., dict[str, str | None]]:
+    """A dependency that reads one optional form field per field of ``options_model``, as text.
+
+    Its signature is made from the model (names, descriptions, defaults), so the OpenAPI form of
+    ``/jobs`` and ``/sync`` lists every option; the values are checked later by
+    :func:`parse_options`, after the media and consent fields, as the API always did.
+    """
+
+    def options_form(**raw: str | None) -> dict[str, str | None]:
+        return raw
+
+    params = []
+    for name, info in options_model.model_fields.items():
+        desc = f"{info.description or ''} Default: {json.dumps(info.default)}."
         params.append(
             inspect.Parameter(
-                name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
+                name, inspect.Parameter.KEYWORD_ONLY, default=None,
                 annotation=Annotated[str | None, Form(description=desc)],
             )
         )
-    func.__signature__ = sig.replace(parameters=params)
-    return func
+    options_form.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return options_form
+
+
+def parse_options(options_model: type[DubOptions], raw: Mapping[str, str | None]) -> DubOptions:
+    """The one place the service turns client input into options; a bad value is a 422 naming it."""
+    given = {k: v.strip() for k, v in raw.items() if v is not None and v.strip() != ""}
+    try:
+        return options_model.from_dict(given)
+    except OptionError as err:
+        raise ApiError(422, "invalid_option", str(err), field=err.field) from None
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _state(request: Request) -> tuple[JobStore, Any, Any]:
-    state = request.app.state
-    return state.store, state.runner, state.settings
-
-
-def _key_id(request: Request) -> str | None:
-    key = getattr(request.state, "api_key", None)
-    return None if key is None else key.id
-
-
 def _parse_consent(text: str | None) -> dict[str, Any]:
     from latentdub.provenance.consent import REQUIRED, ConsentError, parse_consent
 
@@ -104,18 +123,7 @@ def _parse_consent(text: str | None) -> dict[str, Any]:
         raise ApiError(422, "invalid_consent", str(err), field="consent") from None
 
 
-def _parse_options(raw: dict[str, str | None]) -> dict[str, Any]:
-    from latentdub.options import OptionError
-
-    given = {k: v.strip() for k, v in raw.items() if v is not None and v.strip() != ""}
-    try:
-        return DubOptions.from_dict(given).to_dict()
-    except OptionError as err:
-        raise ApiError(422, "invalid_option", str(err), field=err.field) from None
-
-
-def _check_quota(request: Request, store: JobStore, settings: Any) -> None:
-    key_id = _key_id(request)
+def _check_quota(store: JobStore, settings: ServiceSettings, key_id: str | None) -> None:
     if key_id is None:
         return
     if settings.key_concurrency and store.count_active(key_id) >= settings.key_concurrency:
@@ -129,13 +137,9 @@ def _check_quota(request: Request, store: JobStore, settings: Any) -> None:
             raise ApiError(429, "daily_quota", f"this API key used its {settings.key_daily_quota} jobs for today")
 
 
-def _lookup_asset(store: JobStore, asset_id: str, field: str, kind: str, key_id: str | None) -> Any:
+def _lookup_asset(store: JobStore, asset_id: str, field: str, kind: str, key_id: str | None) -> Asset:
     """The stored asset ``asset_id`` of this key: 404 if unknown or another key's, 422 if the wrong kind."""
-    from latentdub.service.db import read_session
-    from latentdub.service.models import Asset
-
-    with read_session(store.engine) as session:
-        asset = session.get(Asset, asset_id)
+    asset = store.get_asset(asset_id)
     if asset is None or (key_id is not None and asset.api_key_id != key_id) or not Path(asset.path).is_file():
         raise ApiError(404, "asset_not_found", f"{field}: no {kind} asset with id {asset_id!r}", field=field)
     if asset.kind != kind:
@@ -165,52 +169,57 @@ def _one_source(name: str, upload: Any, asset_id: str | None) -> tuple[Any, str 
     return (upload if has_file else None), asset_id
 
 
+@dataclass
+class Submission:
+    """One job request as the form gave it (the text of every field, files still unread)."""
+
+    video: UploadFile | None
+    audio: UploadFile | None
+    consent: str | None
+    webhook_url: str | None
+    options: dict[str, str | None]
+    video_asset_id: str | None = None
+    audio_asset_id: str | None = None
+    idempotency_key: str | None = None
+
+
 async def _submit(
-    request: Request,
-    video: UploadFile | None,
-    audio: UploadFile | None,
-    consent: str | None,
-    webhook_url: str | None,
-    options: dict[str, str | None],
-    video_asset_id: str | None = None,
-    audio_asset_id: str | None = None,
-) -> tuple[Any, bool]:
+    sub: Submission, *, store: JobStore, runner: Runner, settings: ServiceSettings, key_id: str | None
+) -> tuple[Job, bool]:
     """Validate, store the uploads, create (or find, by idempotency key) the job and queue it."""
     from latentdub.service.webhooks import check_webhook_target, check_webhook_url
 
-    store, runner, settings = _state(request)
     sources = {
-        "video": _one_source("video", video, video_asset_id),
-        "audio": _one_source("audio", audio, audio_asset_id),
+        "video": _one_source("video", sub.video, sub.video_asset_id),
+        "audio": _one_source("audio", sub.audio, sub.audio_asset_id),
     }
-    consent_record = _parse_consent(consent)
-    opts = _parse_options(options)
+    consent_record = _parse_consent(sub.consent)
+    opts = parse_options(settings.options_model, sub.options).to_dict()
     hook = None
-    if webhook_url is not None and webhook_url.strip():
+    if sub.webhook_url is not None and sub.webhook_url.strip():
         try:
-            hook = check_webhook_url(webhook_url)
-            if not getattr(settings, "allow_private_webhooks", False):
+            hook = check_webhook_url(sub.webhook_url)
+            if not settings.allow_private_webhooks:
                 await anyio.to_thread.run_sync(check_webhook_target, hook)
         except InputError as err:
             raise ApiError(422, "invalid_webhook_url", str(err), field="webhook_url") from None
-    idem = request.headers.get("idempotency-key")
+    idem = sub.idempotency_key
     if idem is not None and (not idem.strip() or len(idem.strip()) > 255):
         raise ApiError(422, "invalid_idempotency_key", "the Idempotency-Key header must be 1 to 255 characters")
-    key_id = _key_id(request)
-    assets: dict[str, Any] = {}
+    assets: dict[str, Asset] = {}
     for name, (_, asset_id) in sources.items():  # ids first: a bad id costs no upload
         if asset_id is not None:
             assets[name] = await anyio.to_thread.run_sync(_lookup_asset, store, asset_id, f"{name}_asset_id", name, key_id)
     if not idem:
-        await anyio.to_thread.run_sync(_check_quota, request, store, settings)
-    fresh: list[Any] = []  # uploaded by this request: removed again if it does not make a job
+        await anyio.to_thread.run_sync(_check_quota, store, settings, key_id)
+    fresh: list[str | None] = []  # uploaded by this request: removed again if it does not make a job
     try:
         for name, (upload, _) in sources.items():
             if upload is not None:
-                assets[name] = await save_upload(upload, name, name, settings, store.engine, key_id)
+                assets[name] = await save_upload(upload, name, name, settings, store, key_id)
                 fresh.append(assets[name].id)
     except BaseException:
-        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
+        await anyio.to_thread.run_sync(store.remove_assets, fresh)
         raise
     body = {
         "options": opts,
@@ -220,9 +229,9 @@ async def _submit(
         "audio_sha256": assets["audio"].sha256,
     }
 
-    def create() -> tuple[Any, bool]:
-        if idem:
-            _check_quota_unless_replay(request, store, settings, idem.strip())
+    def create() -> tuple[Job, bool]:
+        if idem and not store.has_idempotency_key(key_id, idem):  # a replay is not a new job: no quota
+            _check_quota(store, settings, key_id)
         return store.create(
             options=opts, consent=consent_record, video_asset_id=assets["video"].id,
             audio_asset_id=assets["audio"].id, webhook_url=hook, api_key_id=key_id, idempotency_key=idem,
@@ -232,41 +241,16 @@ async def _submit(
     try:
         job, created = await anyio.to_thread.run_sync(create)
     except BaseException:
-        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
+        await anyio.to_thread.run_sync(store.remove_assets, fresh)
         raise
     if not created:  # an idempotent repeat: the first request's files are the job's
-        await anyio.to_thread.run_sync(remove_assets, store.engine, fresh)
+        await anyio.to_thread.run_sync(store.remove_assets, fresh)
     else:
         runner.submit(job.id)
     return job, created
 
 
-def _check_quota_unless_replay(request: Request, store: JobStore, settings: Any, idem: str) -> None:
-    from sqlalchemy import select
-
-    from latentdub.service.db import read_session
-    from latentdub.service.models import Job
-    from latentdub.service.store import ANONYMOUS_SCOPE
-
-    scope = _key_id(request) or ANONYMOUS_SCOPE
-    with read_session(store.engine) as session:
-        seen = session.scalar(select(Job.id).where(Job.idempotency_scope == scope, Job.idempotency_key == idem))
-    if seen is None:
-        _check_quota(request, store, settings)
-
-
-async def _get_job(request: Request, job_id: str) -> Any:
-    store, _, _ = _state(request)
-    job = await anyio.to_thread.run_sync(store.get, job_id)  # JobNotFound → 404
-    key_id = _key_id(request)
-    if key_id is not None and job.api_key_id not in (None, key_id):
-        from latentdub.service.store import JobNotFound
-
-        raise JobNotFound(job_id)
-    return job
-
-
-def _result_file(job: Any) -> Path:
+def _result_file(job: Job) -> Path:
     if job.status != "succeeded":
         raise ApiError(409, "not_ready", f"job {job.id} is {job.status}; the result exists once it succeeded", job_id=job.id)
     path = Path(job.output_path or "")
@@ -275,7 +259,7 @@ def _result_file(job: Any) -> Path:
     return path
 
 
-def _video_response(job: Any) -> FileResponse:
+def _video_response(job: Job) -> FileResponse:
     return FileResponse(_result_file(job), media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
@@ -287,56 +271,82 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 api = APIRouter(prefix="/api/v1", responses=ERRORS)
 probes = APIRouter()
 
+VideoFile = Annotated[UploadFile | None, File(description="The video of the person speaking.")]
+ConsentForm = Annotated[str | None, Form(description=CONSENT_HELP)]
+VideoAssetForm = Annotated[
+    str | None, Form(description="Instead of the video file: the id of a video asset uploaded to /api/v1/assets.")
+]
+AudioAssetForm = Annotated[
+    str | None, Form(description="Instead of the audio file: the id of an audio asset uploaded to /api/v1/assets.")
+]
+IdempotencyHeader = Annotated[
+    str | None, Header(description="Repeat a request safely: the same key and body return the same job.")
+]
 
-@_with_option_fields
-async def create_job(
-    request: Request,
-    video: Annotated[UploadFile | None, File(description="The video of the person speaking.")] = None,
-    audio: Annotated[UploadFile | None, File(description="The new speech (any audio file, or a video with sound).")] = None,
-    consent: Annotated[str | None, Form(description=CONSENT_HELP)] = None,
-    webhook_url: Annotated[str | None, Form(description="Optional http(s) URL that gets a signed POST when the job ends.")] = None,
-    video_asset_id: Annotated[str | None, Form(description="Instead of the video file: the id of a video asset uploaded to /api/v1/assets.")] = None,
-    audio_asset_id: Annotated[str | None, Form(description="Instead of the audio file: the id of an audio asset uploaded to /api/v1/assets.")] = None,
-    **options: str | None,
-) -> JSONResponse:
-    """Submit a dub: 202 and the job. With ``Idempotency-Key``, a repeat returns the same job (200)."""
-    job, created = await _submit(
-        request, video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id
+
+def submit_router(options_model: type[DubOptions]) -> APIRouter:
+    """``POST /jobs`` and ``POST /sync``, with one form field per field of ``options_model``."""
+    router = APIRouter(prefix="/api/v1", responses=ERRORS)
+    # A default, not an Annotated alias: annotations are strings here (PEP 563) and a local
+    # alias could not be resolved from them.
+    option_fields = Depends(option_form(options_model))
+
+    @router.post("/jobs", status_code=202, response_model=schemas.JobOut, summary="Submit a dub job")
+    async def create_job(
+        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep,
+        video: VideoFile = None,
+        audio: Annotated[UploadFile | None, File(description="The new speech (any audio file, or a video with sound).")] = None,
+        consent: ConsentForm = None,
+        webhook_url: Annotated[str | None, Form(description="Optional http(s) URL that gets a signed POST when the job ends.")] = None,
+        video_asset_id: VideoAssetForm = None,
+        audio_asset_id: AudioAssetForm = None,
+        idempotency_key: IdempotencyHeader = None,
+        options: dict[str, str | None] = option_fields,
+    ) -> JSONResponse:
+        """Submit a dub: 202 and the job. With ``Idempotency-Key``, a repeat returns the same job (200)."""
+        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key)
+        job, created = await _submit(sub, store=store, runner=runner, settings=settings, key_id=key_id)
+        return JSONResponse(schemas.job_out(job), status_code=202 if created else 200)
+
+    @router.post(
+        "/sync", summary="Dub and wait for the video",
+        responses={200: {"content": {"video/mp4": {}}}, 504: {"model": schemas.ErrorResponse}},
     )
-    return JSONResponse(schemas.job_out(job), status_code=202 if created else 200)
+    async def sync_dub(
+        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep,
+        default_timeout_s: SyncTimeoutDep,
+        video: VideoFile = None,
+        audio: Annotated[UploadFile | None, File(description="The new speech.")] = None,
+        consent: ConsentForm = None,
+        webhook_url: Annotated[str | None, Form(description="Optional webhook URL, as for /jobs.")] = None,
+        video_asset_id: VideoAssetForm = None,
+        audio_asset_id: AudioAssetForm = None,
+        timeout_s: Annotated[str | None, Form(description="Seconds to wait for the result (default: the server's sync_timeout_s).")] = None,
+        idempotency_key: IdempotencyHeader = None,
+        options: dict[str, str | None] = option_fields,
+    ) -> Response:
+        """Dub and wait: 200 with the mp4, or 504 with the job id if it takes longer (the job goes on)."""
+        limit = _sync_limit(timeout_s, default_timeout_s)
+        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key)
+        job, _ = await _submit(sub, store=store, runner=runner, settings=settings, key_id=key_id)
+        return await _wait_for_video(store, job, limit)
+
+    return router
 
 
-api.add_api_route(
-    "/jobs", create_job, methods=["POST"], status_code=202, response_model=schemas.JobOut,
-    summary="Submit a dub job",
-)
+def _sync_limit(text: str | None, default: float) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        limit = float(text)
+    except ValueError:
+        limit = float("nan")
+    if not (0 < limit <= 24 * 3600):
+        raise ApiError(422, "invalid_field", "timeout_s must be a number of seconds above 0", field="timeout_s")
+    return limit
 
 
-@_with_option_fields
-async def sync_dub(
-    request: Request,
-    video: Annotated[UploadFile | None, File(description="The video of the person speaking.")] = None,
-    audio: Annotated[UploadFile | None, File(description="The new speech.")] = None,
-    consent: Annotated[str | None, Form(description=CONSENT_HELP)] = None,
-    webhook_url: Annotated[str | None, Form(description="Optional webhook URL, as for /jobs.")] = None,
-    video_asset_id: Annotated[str | None, Form(description="Instead of the video file: the id of a video asset uploaded to /api/v1/assets.")] = None,
-    audio_asset_id: Annotated[str | None, Form(description="Instead of the audio file: the id of an audio asset uploaded to /api/v1/assets.")] = None,
-    timeout_s: Annotated[str | None, Form(description="Seconds to wait for the result (default: the server's sync_timeout_s).")] = None,
-    **options: str | None,
-) -> Response:
-    """Dub and wait: 200 with the mp4, or 504 with the job id if it takes longer (the job goes on)."""
-    limit = request.app.state.sync_timeout_s
-    if timeout_s is not None and timeout_s.strip():
-        try:
-            limit = float(timeout_s)
-        except ValueError:
-            limit = float("nan")
-        if not (0 < limit <= 24 * 3600):
-            raise ApiError(422, "invalid_field", "timeout_s must be a number of seconds above 0", field="timeout_s")
-    job, _ = await _submit(
-        request, video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id
-    )
-    store, _, _ = _state(request)
+async def _wait_for_video(store: JobStore, job: Job, limit: float) -> Response:
     deadline = time.monotonic() + limit
     while True:
         job = await anyio.to_thread.run_sync(store.get, job.id)
@@ -359,12 +369,6 @@ async def sync_dub(
     )
 
 
-api.add_api_route(
-    "/sync", sync_dub, methods=["POST"], summary="Dub and wait for the video",
-    responses={200: {"content": {"video/mp4": {}}}, 504: {"model": schemas.ErrorResponse}},
-)
-
-
 class AssetOut(BaseModel):
     """An uploaded asset."""
 
@@ -374,44 +378,39 @@ class AssetOut(BaseModel):
     bytes: int
 
 
+@api.post("/assets", status_code=201, response_model=AssetOut, summary="Upload a video or audio for later jobs")
 async def create_asset(
-    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    key_id: KeyIdDep,
     file: Annotated[UploadFile | None, File(description="The media file (content is sniffed; the name is ignored).")] = None,
     kind: Annotated[str | None, Form(description="video or audio: what the asset will be used as.")] = None,
 ) -> JSONResponse:
     """Upload a video or audio once; jobs then name it with ``video_asset_id`` / ``audio_asset_id``."""
-    store, _, settings = _state(request)
     kind = (kind or "").strip()
     if kind not in ("video", "audio"):
         raise ApiError(422, "invalid_field", "kind is required: video or audio", field="kind")
     if file is None or isinstance(file, str):
         raise ApiError(422, "missing_field", "file is required: upload it as a multipart file field", field="file")
-    asset = await save_upload(file, "file", kind, settings, store.engine, _key_id(request))
+    asset = await save_upload(file, "file", kind, settings, store, key_id)
     return JSONResponse(
         {"id": asset.id, "kind": asset.kind, "sha256": asset.sha256, "bytes": asset.bytes}, status_code=201
     )
 
 
-api.add_api_route(
-    "/assets", create_asset, methods=["POST"], status_code=201, response_model=AssetOut,
-    summary="Upload a video or audio for later jobs",
-)
-
-
 @api.get("/jobs/{job_id}", response_model=schemas.JobOut, summary="A job's status, progress and result")
-async def get_job(request: Request, job_id: str) -> dict[str, Any]:
-    return schemas.job_out(await _get_job(request, job_id))
+async def get_job(job: JobDep) -> dict[str, Any]:
+    return schemas.job_out(job)
 
 
 @api.get("/jobs", response_model=schemas.JobPage, summary="List jobs, newest first")
 async def list_jobs(
-    request: Request,
+    store: StoreDep,
+    key_id: KeyIdDep,
     status: Annotated[str | None, Query(description="queued, running, succeeded, failed or cancelled")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> dict[str, Any]:
-    store, _, _ = _state(request)
-    key_id = _key_id(request)
     jobs, nxt = await anyio.to_thread.run_sync(
         lambda: store.list(status=status or None, limit=limit, cursor=cursor, api_key_id=key_id)
     )
@@ -422,32 +421,23 @@ async def list_jobs(
     "/jobs/{job_id}/result", summary="The dubbed video (HTTP Range supported)",
     responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "Partial content"}},
 )
-async def get_result(request: Request, job_id: str) -> FileResponse:
-    return _video_response(await _get_job(request, job_id))
+async def get_result(job: JobDep) -> FileResponse:
+    return _video_response(job)
 
 
 @api.post("/jobs/{job_id}/cancel", response_model=schemas.JobOut, summary="Cancel a job")
-async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
-    job = await _get_job(request, job_id)
-    _, runner, _ = _state(request)
-    job = await anyio.to_thread.run_sync(runner.cancel, job.id)
-    return schemas.job_out(job)
+async def cancel_job(job: JobDep, runner: RunnerDep) -> dict[str, Any]:
+    return schemas.job_out(await anyio.to_thread.run_sync(runner.cancel, job.id))
 
 
 @api.delete("/jobs/{job_id}", summary="Delete a finished or queued job and its files")
-async def delete_job(request: Request, job_id: str) -> dict[str, Any]:
-    job = await _get_job(request, job_id)
-    store, runner, _ = _state(request)
+async def delete_job(job: JobDep, store: StoreDep, runner: RunnerDep) -> dict[str, Any]:
     if job.status == "queued":
         with contextlib.suppress(Exception):
             await anyio.to_thread.run_sync(runner.cancel, job.id)
     if job.status == "running":
         raise ApiError(409, "running", f"job {job.id} is running; cancel it first", job_id=job.id)
-    job = await anyio.to_thread.run_sync(store.delete, job.id)  # InvalidTransition (running) → 409
-    if job.output_path:
-        with contextlib.suppress(OSError):
-            Path(job.output_path).unlink(missing_ok=True)
-    await anyio.to_thread.run_sync(remove_unused_assets, store.engine, [job.video_asset_id, job.audio_asset_id])
+    job = await anyio.to_thread.run_sync(store.purge, job.id)  # InvalidTransition (running now) → 409
     return {"id": job.id, "deleted": True}
 
 
@@ -457,19 +447,18 @@ async def healthz() -> dict[str, str]:
 
 
 @probes.get("/readyz", response_model=schemas.Readiness, summary="Readiness: weights loaded, worker alive")
-async def readyz(request: Request) -> JSONResponse:
-    info = request.app.state.runner.ready()
+async def readyz(runner: RunnerDep) -> JSONResponse:
+    info = runner.ready()
     return JSONResponse(info, status_code=200 if info["ready"] else 503)
 
 
 @probes.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(request: Request) -> PlainTextResponse:
-    store, runner, _ = _state(request)
+async def metrics(store: StoreDep, runner: RunnerDep) -> PlainTextResponse:
     text = await anyio.to_thread.run_sync(render_metrics, store, runner)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def render_metrics(store: JobStore, runner: Any) -> str:
+def render_metrics(store: JobStore, runner: Runner) -> str:
     counts = store.counts_by_status()
     lines = ["# HELP latentdub_jobs Jobs in the database by status.", "# TYPE latentdub_jobs gauge"]
     lines += [f'latentdub_jobs{{status="{s}"}} {n}' for s, n in counts.items()]
@@ -498,4 +487,4 @@ def render_metrics(store: JobStore, runner: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ApiError", "Conflict", "api", "probes"]
+__all__ = ["ApiError", "Conflict", "api", "option_form", "parse_options", "probes", "submit_router"]

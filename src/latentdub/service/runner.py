@@ -1,6 +1,9 @@
-"""``InProcessRunner``: the default execution of service jobs, inside the server process.
+"""``Runner``: what the HTTP app needs from whatever runs its jobs; ``InProcessRunner``: the default.
 
-One worker thread keeps the pipeline loaded and runs queued jobs one at a time, in submission
+:class:`Runner` is a :class:`typing.Protocol`: the in-process runner here and
+:class:`~latentdub.service.celery_app.CeleryRunner` (scale-out) both satisfy it structurally.
+
+In the in-process runner, one worker thread keeps the pipeline loaded and runs queued jobs one at a time, in submission
 order (one job at a time per GPU). Jobs live in the database, so a restart loses nothing:
 :meth:`InProcessRunner.recover` puts back what was queued or running when the server stopped.
 """
@@ -11,7 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from latentdub.service.db import open_database
 from latentdub.service.jobs import redeliver_webhooks, run_job, worker_name
@@ -22,6 +25,44 @@ from latentdub.service.store import JobStore
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Runs the jobs of :attr:`store`: the app records a job, then hands its id to :meth:`submit`."""
+
+    @property
+    def store(self) -> JobStore:
+        """The job store the runner's jobs live in (the app reads and writes jobs through it)."""
+        ...
+
+    def start(self, *, preload: bool = False) -> None:
+        """Begin taking jobs (with the app's lifespan); ``preload``: load the model now."""
+        ...
+
+    def stop(self) -> None:
+        """Stop taking jobs; a job stopped mid-way stays running in the store for :meth:`recover`."""
+        ...
+
+    def recover(self) -> list[str]:
+        """Queue again the jobs a previous run left queued or running; returns their ids."""
+        ...
+
+    def submit(self, job_id: str) -> None:
+        """Run the job ``job_id``, which the store holds as queued."""
+        ...
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask the job to stop (see :meth:`JobStore.request_cancel`); returns the job after the request."""
+        ...
+
+    def queue_depth(self) -> int:
+        """Jobs waiting to run."""
+        ...
+
+    def ready(self) -> dict[str, Any]:
+        """``{"ready", "weights_loaded", "worker_alive", "reasons", …}`` for ``/readyz``."""
+        ...
 
 
 class InProcessRunner:

@@ -5,6 +5,11 @@ Each field can be set by keyword (the CLI's flags do that) or by an environment 
 exception: the service folder is ``LATENTDUB_SERVICE_DATA_DIR``, because ``LATENTDUB_DATA_DIR``
 already names latentdub's whole data folder (signing keys, audit log). By default the service
 lives in that folder's ``service/`` subfolder, with its SQLite database inside.
+
+``options_model`` is the one place the service takes its per-dub options schema from: the API's
+form fields, ``/api/v1/info`` (whose schema the web page builds its controls from) and the
+workers' reading of stored options all use it. A :class:`~latentdub.options.DubOptions`
+subclass with more fields shows up everywhere with no other edit.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, ImportString, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from latentdub.errors import InputError
+from latentdub.options import DubOptions
 
 DATABASE_FILE = "service.db"
 WEBHOOK_SECRET_FILE = "webhook-secret"
@@ -90,6 +96,13 @@ class ServiceSettings(BaseSettings):
     )
     visibility_timeout_s: float = Field(
         60.0, gt=0, description="Seconds after which a job whose worker died is delivered to another worker."
+    )
+    # A class, or its import path from the environment ("package.module.Class"), so separate
+    # worker processes load the same model as the HTTP app.
+    options_model: ImportString[type[DubOptions]] = Field(
+        DubOptions,
+        description="The per-dub options schema (DubOptions or a subclass): the API's option fields, the web "
+        "page's controls and what workers read back from stored jobs.",
     )
 
     def __init__(self, **values: Any) -> None:

@@ -13,16 +13,21 @@ Every change runs in one short write transaction that locks the job first (``SEL
 UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite), so two processes never both move the
 same job, and an impossible move raises :class:`InvalidTransition`. Objects returned are
 detached snapshots: read them freely, change jobs only through the store.
+
+The uploaded assets jobs are made from are recorded here too (:meth:`JobStore.add_asset`,
+:meth:`JobStore.remove_unused_assets`), so that the routes and workers never open a session.
 """
 
 from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select
@@ -32,7 +37,15 @@ from sqlalchemy.orm import Session
 from latentdub.errors import InputError, LatentdubError
 from latentdub.progress import STAGES, ProgressEvent
 from latentdub.service.db import read_session, write_session
-from latentdub.service.models import ACTIVE_STATUSES, JOB_STATUSES, Job, new_id, utcnow
+from latentdub.service.models import (
+    ACTIVE_STATUSES,
+    JOB_STATUSES,
+    Asset,
+    Job,
+    WebhookDelivery,
+    new_id,
+    utcnow,
+)
 
 # Share of the whole dub that each engine stage stands for (sums to 1).
 STAGE_WEIGHTS: dict[str, float] = {
@@ -176,6 +189,15 @@ class JobStore:
         if job is not None and job.request_hash != body_hash:
             raise Conflict(key, job.id)
         return job
+
+    def has_idempotency_key(self, api_key_id: str | None, key: str) -> bool:
+        """Was ``key`` used already by this API key (so a request with it is a replay, not a new job)?"""
+        scope = api_key_id or ANONYMOUS_SCOPE
+        with read_session(self.engine) as session:
+            found = session.scalar(
+                select(Job.id).where(Job.idempotency_scope == scope, Job.idempotency_key == key.strip())
+            )
+        return found is not None
 
     def get(self, job_id: str) -> Job:
         """The job, or :class:`JobNotFound`."""
@@ -395,6 +417,90 @@ class JobStore:
                 raise InvalidTransition(job_id, job.status, "delete")
             session.delete(job)
         return job
+
+    def purge(self, job_id: str) -> Job:
+        """:meth:`delete` the job, then its result file and the uploads no other job uses."""
+        job = self.delete(job_id)
+        if job.output_path:
+            with contextlib.suppress(OSError):
+                Path(job.output_path).unlink(missing_ok=True)
+        self.remove_unused_assets([job.video_asset_id, job.audio_asset_id])
+        return job
+
+    # -- assets ---------------------------------------------------------------------------------
+    def add_asset(self, *, kind: str, sha256: str, size: int, path: str, api_key_id: str | None) -> Asset:
+        """Record an upload stored at ``path`` (already sniffed) as a new asset."""
+        asset = Asset(kind=kind, sha256=sha256, bytes=size, path=path, api_key_id=api_key_id, created_at=utcnow())
+        with write_session(self.engine) as session:
+            session.add(asset)
+        return asset
+
+    def get_asset(self, asset_id: str) -> Asset | None:
+        with read_session(self.engine) as session:
+            return session.get(Asset, asset_id)
+
+    def remove_assets(self, asset_ids: Iterable[str | None]) -> None:
+        """Delete asset rows and their files (missing ones are fine)."""
+        for asset_id in asset_ids:
+            if asset_id is None:
+                continue
+            with write_session(self.engine) as session:
+                asset = session.get(Asset, asset_id)
+                if asset is None:
+                    continue
+                path = Path(asset.path)
+                session.delete(asset)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def remove_unused_assets(self, asset_ids: Iterable[str | None]) -> None:
+        """Like :meth:`remove_assets`, but keep assets that some job still names (shared by id)."""
+        unused = []
+        for asset_id in asset_ids:
+            if asset_id is None:
+                continue
+            with read_session(self.engine) as session:
+                users = session.scalar(
+                    select(func.count()).select_from(Job).where(
+                        or_(Job.video_asset_id == asset_id, Job.audio_asset_id == asset_id)
+                    )
+                )
+            if not users:
+                unused.append(asset_id)
+        self.remove_assets(unused)
+
+    # -- the webhook delivery log ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def webhook_log(self) -> Iterator[Session]:
+        """A session for :func:`~.webhooks.deliver` to record a job's webhook in (it commits each attempt)."""
+        with read_session(self.engine) as session:
+            yield session
+
+    def undelivered_webhooks(self, since: dt.datetime) -> builtins.list[str]:
+        """Ids of the webhook deliveries made since ``since`` that never got through, oldest first."""
+        with read_session(self.engine) as session:
+            return list(session.scalars(
+                select(WebhookDelivery.id)
+                .where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.created_at >= since)
+                .order_by(WebhookDelivery.created_at)
+            ))
+
+    @contextlib.contextmanager
+    def webhook_redelivery(self, delivery_id: str) -> Iterator[tuple[Session, WebhookDelivery, Job] | None]:
+        """``(session, record, job)`` to send an undelivered webhook again in, or None: nothing to
+        send (delivered meanwhile, or gone). A delivery whose job was deleted is closed here."""
+        with read_session(self.engine) as session:
+            record = session.get(WebhookDelivery, delivery_id)
+            job = None if record is None or record.job_id is None else session.get(Job, record.job_id)
+            if record is None or record.delivered_at is not None:
+                yield None
+                return
+            if job is None:  # the job was deleted: nothing to report any more
+                record.next_attempt_at = None
+                session.commit()
+                yield None
+                return
+            yield session, record, job
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod

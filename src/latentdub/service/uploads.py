@@ -7,7 +7,6 @@ come from :class:`~latentdub.service.settings.ServiceSettings`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import uuid
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 import anyio
 
 from latentdub.errors import InputError
-from latentdub.service.db import write_session
-from latentdub.service.models import Asset, utcnow
+from latentdub.service.models import Asset
 from latentdub.service.settings import ServiceSettings
+from latentdub.service.store import JobStore
 
 UPLOADS_DIR = "uploads"
 CHUNK = 1 << 20
@@ -177,53 +176,15 @@ def _check_audio(path: Path, field: str, settings: ServiceSettings) -> None:
 
 
 async def save_upload(
-    upload: Any, field: str, kind: str, settings: ServiceSettings, engine: Any, api_key_id: str | None
+    upload: Any, field: str, kind: str, settings: ServiceSettings, store: JobStore, api_key_id: str | None
 ) -> Asset:
-    """Receive, sniff and record one upload as an :class:`Asset`."""
+    """Receive, sniff and record one upload as an :class:`Asset` (through the job store)."""
     path, sha, size = await receive(upload, field, settings)
     final = await anyio.to_thread.run_sync(sniff, path, field, kind, settings)
-    asset = Asset(kind=kind, sha256=sha, bytes=size, path=str(final), api_key_id=api_key_id, created_at=utcnow())
     try:
-        with write_session(engine) as session:
-            session.add(asset)
+        return await anyio.to_thread.run_sync(
+            lambda: store.add_asset(kind=kind, sha256=sha, size=size, path=str(final), api_key_id=api_key_id)
+        )
     except BaseException:
         final.unlink(missing_ok=True)
         raise
-    return asset
-
-
-def remove_assets(engine: Any, asset_ids: list[str | None]) -> None:
-    """Delete asset rows and their files (missing ones are fine)."""
-    for asset_id in asset_ids:
-        if asset_id is None:
-            continue
-        with write_session(engine) as session:
-            asset = session.get(Asset, asset_id)
-            if asset is None:
-                continue
-            path = Path(asset.path)
-            session.delete(asset)
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-
-
-def remove_unused_assets(engine: Any, asset_ids: list[str | None]) -> None:
-    """Like :func:`remove_assets`, but keep assets that some job still names (shared by id)."""
-    from sqlalchemy import func, or_, select
-
-    from latentdub.service.db import read_session
-    from latentdub.service.models import Job
-
-    unused = []
-    for asset_id in asset_ids:
-        if asset_id is None:
-            continue
-        with read_session(engine) as session:
-            users = session.scalar(
-                select(func.count()).select_from(Job).where(
-                    or_(Job.video_asset_id == asset_id, Job.audio_asset_id == asset_id)
-                )
-            )
-        if not users:
-            unused.append(asset_id)
-    remove_assets(engine, unused)

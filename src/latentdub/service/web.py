@@ -2,8 +2,10 @@
 
 * ``GET /`` serves ``static/index.html``; ``/static/app.js`` and ``/static/style.css`` its script
   and style. Nothing external is loaded: no CDN, no framework, no build step.
-* ``GET /api/v1/info`` (open, no key): ``{"auth_enabled", "version"}``, so the page can show
-  that authentication is off.
+* ``GET /api/v1/info`` (open, no key): ``{"auth_enabled", "version", "options"}``, so the page
+  can show that authentication is off; ``options`` is the JSON Schema of the app's options model
+  (``settings.options_model``), from which the page builds its option controls: every field a
+  control, typed, ranged and described as the schema says (no option is written into the page).
 * ``POST /api/v1/verify`` (a multipart ``video``): the watermark and C2PA findings of any video,
   as ``latentdub verify`` reports them. The upload is stored under ``data_dir/uploads`` with a
   fresh UUID name, sniffed with PyAV and deleted afterwards.
@@ -16,11 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 
 from latentdub.errors import InputError
 from latentdub.service import schemas
+from latentdub.service.deps import OptionsModelDep, SettingsDep
 from latentdub.service.routes import ApiError
 from latentdub.service.uploads import UploadError, _extension, receive
 
@@ -47,14 +51,28 @@ async def static_file(name: str) -> FileResponse:
     return FileResponse(STATIC_DIR / name, media_type=_ASSETS[name])
 
 
+class Info(BaseModel):
+    auth_enabled: bool = Field(description="Whether /api/ routes need Authorization: Bearer KEY.")
+    version: str
+    options: dict[str, Any] = Field(
+        description="JSON Schema of the per-dub options: the option form fields of /jobs and /sync, "
+        "their types, ranges, defaults and descriptions."
+    )
+
+
 @_api.get(
     INFO_PATH.removeprefix("/api/v1"),
-    summary="Service version and whether auth is on (no key needed)",
+    response_model=Info,
+    summary="Service version, whether auth is on, and the options schema (no key needed)",
 )
-async def info(request: Request) -> dict[str, Any]:
+async def info(settings: SettingsDep, options_model: OptionsModelDep) -> dict[str, Any]:
     from latentdub import __version__
 
-    return {"auth_enabled": bool(request.app.state.settings.auth_enabled), "version": __version__}
+    return {
+        "auth_enabled": bool(settings.auth_enabled),
+        "version": __version__,
+        "options": options_model.model_json_schema(),
+    }
 
 
 def _inspect(path: Path, max_frames: int) -> dict[str, Any]:
@@ -94,7 +112,7 @@ def _inspect(path: Path, max_frames: int) -> dict[str, Any]:
 
 @_api.post("/verify", summary="Look for the watermark and C2PA content credentials in a video")
 async def verify(
-    request: Request,
+    settings: SettingsDep,
     video: Annotated[UploadFile | None, File(description="Any video file.")] = None,
     max_frames: Annotated[
         str | None, Form(description="Frames to sample for the watermark (default 150).")
@@ -121,7 +139,6 @@ async def verify(
                 f"max_frames must be a whole number from 1 to {MAX_VERIFY_FRAMES}",
                 field="max_frames",
             )
-    settings = request.app.state.settings
     path, _, _ = await receive(video, "video", settings)  # uploads/<uuid>.part, size-limited
     try:
         return await anyio.to_thread.run_sync(_inspect, path, frames)

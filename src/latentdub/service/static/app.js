@@ -71,6 +71,96 @@ function showTab(name) {
   if (name === "jobs") loadJobs();
 }
 
+// -- options: one control per field of the options schema that /api/v1/info publishes ----------
+// Nothing about the options is written here: a new field of the server's options model gets a
+// control with no change to this page.
+
+// A property's schema with $ref followed and Optional (anyOf [T, null]) reduced to T.
+function resolveSchema(prop, root) {
+  let p = prop || {};
+  for (let i = 0; i < 8; i++) {
+    if (p.$ref && p.$ref.startsWith("#/$defs/")) {
+      const { $ref, ...rest } = p;
+      p = { ...((root.$defs || {})[$ref.slice(8)] || {}), ...rest };
+    } else if (Array.isArray(p.anyOf)) {
+      const { anyOf, ...rest } = p;
+      p = { ...(anyOf.find((s) => s.type !== "null") || {}), ...rest };
+    } else if (Array.isArray(p.allOf) && p.allOf.length === 1) {
+      const { allOf, ...rest } = p;
+      p = { ...allOf[0], ...rest };
+    } else break;
+  }
+  return p;
+}
+
+function optionControl(name, prop) {
+  const label = document.createElement("label");
+  label.dataset.option = name;
+  label.title = prop.description || "";
+  let control;
+  if (Array.isArray(prop.enum)) {
+    control = document.createElement("select");
+    for (const value of prop.enum) {
+      const option = document.createElement("option");
+      option.value = option.textContent = String(value);
+      option.selected = value === prop.default;
+      control.appendChild(option);
+    }
+  } else {
+    control = document.createElement("input");
+    if (prop.type === "boolean") {
+      control.type = "checkbox";
+      control.checked = prop.default === true;
+      label.className = "check";
+    } else if (prop.type === "integer" || prop.type === "number") {
+      control.type = "number";
+      control.step = prop.type === "integer" ? "1" : "any";
+      const min = prop.minimum ?? prop.exclusiveMinimum;
+      const max = prop.maximum ?? prop.exclusiveMaximum;
+      if (min !== undefined) control.min = String(min);
+      if (max !== undefined) control.max = String(max);
+      if (prop.default !== undefined && prop.default !== null) control.value = String(prop.default);
+    } else {
+      control.type = "text";
+      if (prop.minLength) control.required = true;
+      if (prop.maxLength) control.maxLength = prop.maxLength;
+      if (prop.default !== undefined && prop.default !== null) control.value = String(prop.default);
+    }
+  }
+  control.name = name;
+  control.dataset.default = prop.default === undefined ? "" : String(prop.default);
+  // Sent when the user touched it or it differs from the default: an untouched control leaves
+  // the choice to the server (e.g. steps follows the chosen sampler's default).
+  control.addEventListener("input", () => { control.dataset.touched = "true"; });
+  control.addEventListener("change", () => { control.dataset.touched = "true"; });
+  const text = document.createElement("span");
+  text.textContent = name;
+  const help = document.createElement("span");
+  help.className = "hint";
+  help.textContent = prop.description || "";
+  if (control.type === "checkbox") label.append(control, text, help);
+  else label.append(text, " ", control, " ", help);
+  return label;
+}
+
+function buildOptions(schema) {
+  const box = $("options");
+  for (const old of box.querySelectorAll("label[data-option]")) old.remove();
+  for (const [name, raw] of Object.entries((schema && schema.properties) || {})) {
+    box.appendChild(optionControl(name, resolveSchema(raw, schema)));
+  }
+}
+
+function optionValues() {
+  const out = [];
+  for (const control of $("options").querySelectorAll("[name]")) {
+    const value = control.type === "checkbox" ? String(control.checked) : control.value.trim();
+    if (value === "" || (value === control.dataset.default && !control.dataset.touched)) continue;
+    out.push([control.name, value]);
+  }
+  return out;
+}
+
 // -- dub ------------------------------------------------------------------------------------
 function fmtEta(s) {
   if (s === null || s === undefined) return "–";
@@ -81,7 +171,6 @@ async function submitDub(ev) {
   ev.preventDefault();
   showError("dub-error", "");
   $("dub-result").hidden = true;
-  const f = $("dub-form");
   const form = new FormData();
   form.append("video", $("video").files[0]);
   form.append("audio", $("audio").files[0]);
@@ -91,11 +180,7 @@ async function submitDub(ev) {
     method: $("consent-method").value.trim(),
     evidence: $("consent-evidence").value.trim(),
   }));
-  for (const name of ["sampler", "steps", "guidance", "length_policy", "fit", "face", "preset"]) {
-    const value = f.elements[name].value.trim();
-    if (value) form.append(name, value);
-  }
-  form.append("watermark", f.elements.watermark.checked ? "true" : "false");
+  for (const [name, value] of optionValues()) form.append(name, value);
 
   $("dub-status").hidden = false;
   $("upload-bar").value = 0;
@@ -282,6 +367,7 @@ async function start() {
   try {
     const info = await api("GET", "/api/v1/info");
     authEnabled = info.auth_enabled;
+    buildOptions(info.options);
     $("version").textContent = "v" + info.version;
     $("auth-off").hidden = authEnabled;
     $("auth-box").hidden = !authEnabled;
