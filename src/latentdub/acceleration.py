@@ -9,11 +9,12 @@ of the pipeline, not an option of the dub::
     pipe.acceleration = Acceleration(window_batch=2, device_paste=True)    # anything in between
     LipSyncPipeline(..., acceleration="reference")
 
-Two paths:
+Both are settings of the one diffusion loop (:mod:`latentdub.diffusion`), never two
+implementations:
 
-* **reference**: one window per U-Net / VAE call, eager, the decoded crops come back to the host
-  in float32, the composite and the uint8 conversion happen there, and the sink thread pastes
-  the mouth back with OpenCV.
+* **reference**: one window per U-Net / VAE call, eager, diffusers' own sampler step, the decoded
+  crops come back to the host in float32, the composite and the uint8 conversion happen there,
+  and the sink thread pastes the mouth back with OpenCV.
 * **optimized** (default): the crops stay on the device from upload to paste-back — masked and
   reference batches, the composite and the uint8 conversion are made there, the sampler runs
   without a host sync per step, and where it pays (:meth:`Acceleration.auto`) several windows

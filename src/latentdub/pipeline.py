@@ -7,7 +7,8 @@
 3. ``faces``: pass 1 over the video: find, track and choose the face (small numbers only);
 4. plan the output timeline (length policy: which source frame is shown when);
 5. ``audio_features``: Whisper over the whole track, tokens at each frame's real time;
-6. ``dub``: pass 2, the render engine (:mod:`latentdub.render`): decode + align → diffusion →
+6. ``dub``: pass 2, the render engine (:mod:`latentdub.render`) with the diffusion stage
+   (:mod:`latentdub.diffusion`): decode + align → diffusion →
    paste back → frame filters → encode, streamed through bounded queues;
 7. ``finalize``: finalizers on the finished temporary file, then the atomic rename.
 
@@ -19,12 +20,12 @@ change the frames: ``pipe.acceleration = "optimized"`` (the default: crops kept 
 batched windows, device paste-back, CUDA graphs where they pay) or ``"reference"`` (the plain
 engine), or an :class:`~latentdub.acceleration.Acceleration` — see :mod:`latentdub.acceleration`.
 
-Official behaviours kept (``latentsync.md`` §5): one Gaussian noise tensor shared by every frame
-of the whole video, the VAE posterior *sampled* (not its mode), reference latents = the current
+Official behaviours kept (``latentsync/pipelines/lipsync_pipeline.py``, ``scripts/inference.py``):
+one Gaussian noise tensor shared by every frame of the whole video, the VAE posterior *sampled* (not its mode), reference latents = the current
 unmasked frame, the unconditional CFG branch = all-zero audio, both branches in one batch,
 DDIM 20 steps / guidance 1.5 / seed 1247 / DeepCache interval 3. One documented deviation:
 each window's posterior samples come from a generator seeded by (seed, first frame), so the
-result does not depend on how windows are scheduled (see :mod:`latentdub.render`).
+result does not depend on how windows are scheduled (see :mod:`latentdub.diffusion`).
 """
 
 from __future__ import annotations

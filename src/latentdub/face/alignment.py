@@ -1,6 +1,7 @@
 """LatentSync's face alignment geometry, batched, with the final resize folded into one warp.
 
-Official recipe (``latentsync.md`` §4.3, ``face_alignment_constants.json``):
+Official recipe (``latentsync/utils/image_processor.py: affine_transform`` and
+``latentsync/utils/affine_transform.py: AlignRestore`` in the official repository):
 
 1. three anchors (brow centres, nose centre) → template ``(17,20), (58,20), (37.5,40)`` × ratio,
    ratio = res/256 · 2.8;

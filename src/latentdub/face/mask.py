@@ -2,7 +2,8 @@
 
 ``latentsync_mask.png`` (shipped in ``latentdub/assets``; byte-identical to the official
 ``latentsync/utils/mask.png``) is 256x256, 255 = keep, 0 = lower face to regenerate. The model
-inputs are built exactly as the official pipeline does (``latentsync.md`` §4.4):
+inputs are built exactly as the official pipeline does (``latentsync/utils/mask.png`` and
+``latentsync/utils/image_processor.py`` in the official repository):
 
 * pixel mask: ``cv2.resize(png, (res, res), INTER_LANCZOS4) / 255``, channel 0 (for 512 the
   Lanczos ringing gives fractional values; they are kept, the model was trained with them);

@@ -2,8 +2,9 @@
 
 The official restore resizes the whole decoded crop back, inverse-warps it and blends the full
 face rectangle into the frame, so the whole face is resampled four times and comes back blurrier
-(``latentsync.md`` §4.6). Here the composite crop is inverse-warped once, and only inside the
-feathered blend region (:func:`~latentdub.face.mask.blend_weights`, derived from the official
+(``restore_video`` in ``latentsync/pipelines/lipsync_pipeline.py``, ``AlignRestore.restore_img`` in
+``latentsync/utils/affine_transform.py``). Here the composite crop is inverse-warped once, and
+only inside the feathered blend region (:func:`~latentdub.face.mask.blend_weights`, derived from the official
 mouth mask); every other pixel of the returned frame is the decoded original, bit for bit. All
 work happens inside the bounding box of the warped region, so the cost does not grow with the
 frame size.

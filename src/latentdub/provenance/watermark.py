@@ -27,7 +27,7 @@ Scheme (key-seeded spread spectrum in luma, whole frames):
   (≤ 3.7e-6) *and* a decoded word whose 16 marker bits and 16 CRC bits check (2⁻³² ≈ 2.3e-10
   for noise).
 
-Measured on the clips of ../shared/media (see ``bench/bench_watermark.py`` and the tests): the
+Measured on real talking-head clips (``bench/bench_watermark.py`` and the tests): the
 payload survives libx264 CRF 18 and 28, a 50 % downscale, a 2 s excerpt and a 15 fps re-encode
 of 3 s clips from 458² to 1080x1920. Not designed for: crops, rotations, mirroring (the grid
 must stay where it was) and frames under ~200 px after scaling.
