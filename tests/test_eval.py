@@ -429,3 +429,60 @@ def test_bad_inputs_exit_2_without_a_report(
     assert "Traceback" not in err and out == ""
     assert not report.exists()
     assert not [p for p in work.iterdir() if p.name.endswith(".partial") or p.suffix == ".html"]
+
+
+# ----------------------------------------------------------------------------- what stderr says
+
+
+@pytest.fixture(scope="module")
+def clip12(clips: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """0.48 s of the clip: one 12-frame face stretch (score it with --min-track 6)."""
+    return make_clip(clips["short"], tmp_path_factory.mktemp("eval-12") / "clip12.mp4", 12)
+
+
+def test_missing_syncnet_is_said_on_stderr_also_with_json(
+    clip12: Path, empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    for flags in (["--json"], []):
+        code, out, err = invoke(["eval", str(clip12), "--original", str(clip12), "--version", "1.5", *flags],
+                                monkeypatch, capsys)
+        assert code == 0, err
+        lines = [line for line in err.splitlines() if "SyncNet" in line]
+        assert len(lines) == 1, err
+        line = " ".join(err.split())
+        assert "no SyncNet weights" in line and "LSE-C / LSE-D are skipped" in line, err
+        assert "auxiliary/syncnet_v2.model" in line and "ByteDance/LatentSync-1.5" in line, err
+        assert "--weights DIR" in line and "--syncnet FILE" in line, err
+        if flags:
+            assert last_json(out)["sync"] is None
+
+
+def test_random_syncnet_warning_speaks_of_scores_not_of_a_dub(
+    clip12: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = invoke(["eval", str(clip12), "--weights", str(tiny_weights), "--min-track", "6", "--json"],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert "warning:" in text and "RANDOM SyncNet WEIGHTS" in text and "meaningless" in text, err
+    assert "not a real dub" not in text and "output" not in text, err
+    assert last_json(out)["random_weights"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--report", "REPORT.txt"], "--report"),
+        (["--report", "REPORT.txt"], "must end in .html or .htm"),
+        (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    ],
+)
+def test_report_name_and_device_are_checked(
+    args: list[str], expect: str, clip12: Path, tiny_weights: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [a.replace("REPORT", str(tmp_path / "r")) for a in args]
+    code, out, err = invoke(["eval", str(clip12), "--weights", str(tiny_weights), *args], monkeypatch, capsys)
+    assert code == 2 and out == "", err
+    assert "error:" in err and expect in " ".join(err.split()) and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

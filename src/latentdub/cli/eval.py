@@ -5,8 +5,9 @@ FILE``, else ``DIR/auxiliary/syncnet_v2.model`` of ``--weights``, else the Huggi
 the ``--version``'s repo, downloaded on first use), prints the result and writes the report.
 
 Without a SyncNet the fidelity metrics still run when ``--original`` is given (exit 0, with a
-note that the sync scores are missing and how to get the model); with neither it is an error
-(exit 2) that says how to get it.
+note on stderr, also with ``--json``, that the sync scores are skipped and how to get the model);
+with neither it is an error (exit 2) that says how to get it. A random (``make-tiny``) SyncNet
+gets a warning on stderr that its scores are meaningless.
 """
 
 from __future__ import annotations
@@ -24,29 +25,17 @@ from latentdub.errors import InputError, WeightsError
 _STAGES = {"faces": "faces (video)", "faces (original)": "faces (original)", "score": "scoring"}
 
 
-def _check_report_path(report: Path) -> None:
-    if report.suffix.lower() not in (".html", ".htm"):
-        raise InputError(f"--report {report}: the report is an HTML file; give a name ending in .html")
-    if report.is_dir():
-        raise InputError(f"--report {report} is a folder; give a file name ending in .html")
-    if not report.parent.exists():
-        raise InputError(f"--report {report}: the folder {report.parent} does not exist")
-    if not report.parent.is_dir():
-        raise InputError(f"--report {report}: {report.parent} is not a folder")
+def _note_missing(version: str) -> None:
+    """One stderr line when there is no SyncNet (also with --json, whose object says why in full)."""
+    from latentdub.weights.resolve import HUB_REPOS
 
-
-def _device(name: str) -> Any:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was requested but no CUDA GPU is available (use the cpu device)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device mps was requested but Apple MPS is not available (use the cpu device)")
-    return device
+    console_err.print(
+        "[yellow]note:[/] no SyncNet weights, so LSE-C / LSE-D are skipped (fidelity only); get "
+        f"auxiliary/syncnet_v2.model from the {HUB_REPOS[version]} hub repo (`latentdub weights "
+        f"download --version {version} --syncnet`), or pass --weights DIR / --syncnet FILE.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _resolution(version: str, weights: Path | None) -> int:
@@ -84,7 +73,7 @@ def _load_syncnet(
                     "original without the SyncNet."
                 ) from None
             return None, None, str(err)
-    model = load_syncnet(found.path, device=device)
+    model = load_syncnet(found.path, device=device)  # a random one says so on stderr (the log)
     return model, found.to_dict(), None
 
 
@@ -119,38 +108,18 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="Where SyncNet runs: cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
     """Score lip sync (LSE-C / LSE-D / AV offset, classic SyncNet) and fidelity to --original."""
+    from latentdub.devices import parse_device
     from latentdub.evaluation import evaluate
     from latentdub.evaluation.report import write_report
-    from latentdub.face.selection import parse_policy
-    from latentdub.media.files import check_input_file
-    from latentdub.media.reader import check_video, probe_video
 
     show_library_warnings()
-    if version not in ("1.5", "1.6"):
-        raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
-    if min_track < 6:
-        raise InputError(f"--min-track must be at least 6 frames (one 0.2 s window + 1), got {min_track}")
-    parse_policy(face)
-    if report is not None:
-        _check_report_path(report)
-    if weights is not None and not weights.is_dir():
-        what = "does not exist" if not weights.exists() else "is not a folder"
-        raise InputError(f"--weights {weights} {what}; give the weights folder (official layout)")
-    # Every input check before any model loads or any download starts.
-    check_video(probe_video(video), video)
-    if original is not None:
-        check_video(probe_video(original), original)
-    if audio is not None:
-        check_input_file(audio, "audio or video")
-    torch_device = _device(device)
+    _check_args(video, audio, original, report, version, weights, face, min_track)
+    torch_device = parse_device(device, flag="--device")
     resolution = _resolution(version, weights)
 
     model, info, missing = _load_syncnet(version, weights, syncnet, torch_device, original is not None)
-    if missing and not json_out:
-        console_err.print(
-            "[yellow]note:[/] no SyncNet, so no lip-sync scores; measuring the fidelity only.",
-            highlight=False,
-        )
+    if missing:
+        _note_missing(version)
 
     with frame_bars(17, json_out=json_out) as bar:
         tasks: dict[str, Any] = {}
@@ -181,6 +150,32 @@ def eval_cmd(
         print(json.dumps(summary))
         return
     _print(summary)
+
+
+def _check_args(
+    video: Path, audio: Path | None, original: Path | None, report: Path | None,
+    version: str, weights: Path | None, face: str, min_track: int,
+) -> None:
+    """Every input check, before any model loads or any download starts."""
+    from latentdub.face.selection import parse_policy
+    from latentdub.files import check_input_file, check_output
+    from latentdub.media.reader import check_video, probe_video
+
+    if version not in ("1.5", "1.6"):
+        raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
+    if min_track < 6:
+        raise InputError(f"--min-track must be at least 6 frames (one 0.2 s window + 1), got {min_track}")
+    parse_policy(face)
+    if report is not None:
+        check_output(report, extensions=(".html", ".htm"), what="--report")
+    if weights is not None and not weights.is_dir():
+        what = "does not exist" if not weights.exists() else "is not a folder"
+        raise InputError(f"--weights {weights} {what}; give the weights folder (official layout)")
+    check_video(probe_video(video), video)
+    if original is not None:
+        check_video(probe_video(original), original)
+    if audio is not None:
+        check_input_file(audio, "audio or video")
 
 
 def _f(value: Any, digits: int = 3, unit: str = "") -> str:

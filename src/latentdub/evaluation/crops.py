@@ -49,6 +49,7 @@ from latentdub.face.alignment import resample
 from latentdub.face.mask import blend_weights
 from latentdub.face.paste import blend_region_mask, frame_region
 from latentdub.face.selection import FaceSelection
+from latentdub.runs import runs
 
 __all__ = [
     "CROP_SCALE",
@@ -90,19 +91,9 @@ def ticks_25fps(times_s: np.ndarray, end_s: float, fps: int = 25) -> np.ndarray:
     return np.where(use_after, after, before).astype(np.int64)
 
 
-def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) runs of equal, non-negative keys."""
-    out: list[tuple[int, int]] = []
-    n = len(keys)
-    a = 0
-    while a < n:
-        b = a + 1
-        while b < n and keys[b] == keys[a]:
-            b += 1
-        if keys[a] >= 0:
-            out.append((a, b))
-        a = b
-    return out
+def _face_runs(keys: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) runs of equal keys, leaving out the runs without a face (key −1)."""
+    return [(a, b) for a, b, key in runs(keys) if key >= 0]
 
 
 def _run_keys(selection: FaceSelection, scene_cuts: np.ndarray) -> np.ndarray:
@@ -120,7 +111,7 @@ def _run_keys(selection: FaceSelection, scene_cuts: np.ndarray) -> np.ndarray:
     keys[valid] = shot[valid] * (int(track.max(initial=0)) + 1) + track[valid]
     # Consecutive frames with equal keys are one run; a gap (no face) splits it.
     run_id = np.full(n, -1, dtype=np.int64)
-    for k, (a, b) in enumerate(_runs(keys)):
+    for k, (a, b) in enumerate(_face_runs(keys)):
         run_id[a:b] = k
     return run_id
 
@@ -139,7 +130,7 @@ def crop_params(selection: FaceSelection, scene_cuts: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
-    for a, b in _runs(run_id):
+    for a, b in _face_runs(run_id):
         seg = raw[a:b]
         if b - a >= 3:
             seg = ndimage.median_filter(seg, size=(min(MEDIAN_FRAMES, b - a), 1), mode="nearest")
@@ -166,7 +157,7 @@ def face_segments(
     run_id = _run_keys(selection, scene_cuts)[np.asarray(ticks, dtype=np.int64)]
     kept: list[Segment] = []
     short: list[Segment] = []
-    for a, b in _runs(run_id):
+    for a, b in _face_runs(run_id):
         (kept if b - a >= min_frames else short).append(Segment(a, b))
     return kept, short
 

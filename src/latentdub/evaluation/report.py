@@ -9,20 +9,19 @@ lip-sync scores with the per-frame distance over time and the distance-per-offse
 minimum is the AV offset, median − minimum the confidence LSE-C); the fidelity numbers; the
 strip of mouth crops (original | dubbed) every second; notes.
 
-:func:`write_report` writes atomically: a temporary file in the same folder, renamed into place
-only when complete, so a failure never leaves a half-written report.
+:func:`write_report` writes atomically (:func:`latentdub.files.atomic_write`): a temporary file
+in the same folder, renamed into place only when complete, so a failure never leaves a
+half-written report.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import html
 import io
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,9 +120,21 @@ def _kv(rows: list[tuple[str, str]], cls: str = "kv") -> str:
 
 def render_report(result: EvalResult) -> str:
     """The report as one HTML string (see the module docstring)."""
+    d = result.to_dict()
+    parts = _head(result, d)
+    parts += _sync_section(result)
+    parts += _fidelity_section(d["fidelity"])
+    parts += _strip_section(result)
+    if result.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _head(result: EvalResult, d: dict[str, Any]) -> list[str]:
+    """Title, the random-weights banner and the files."""
     from latentdub import __version__
 
-    d = result.to_dict()
     e = html.escape
     parts: list[str] = [
         "<!DOCTYPE html>",
@@ -148,95 +159,90 @@ def render_report(result: EvalResult) -> str:
         sn = result.syncnet
         label = " <b>(RANDOM weights)</b>" if sn.get("random_weights") else ""
         files.append(("SyncNet", f"<code>{e(str(sn.get('path')))}</code> — {e(str(sn.get('source')))}{label}"))
-    parts += ["<h2>Files</h2>", _kv(files)]
+    return [*parts, "<h2>Files</h2>", _kv(files)]
 
-    parts.append('<h2 id="sync">Lip sync (SyncNet LSE-C / LSE-D)</h2>')
+
+def _sync_section(result: EvalResult) -> list[str]:
+    e = html.escape
+    parts = ['<h2 id="sync">Lip sync (SyncNet LSE-C / LSE-D)</h2>']
     sync = result.sync
     if sync is None:
         parts.append(f'<p class="missing" id="sync-missing">No lip-sync scores: {e(result.sync_missing or "not computed")}</p>')
-    else:
-        rows = [
-            ("LSE-C (confidence, higher is better)", _fmt(sync.lse_c)),
-            ("LSE-D (distance, lower is better)", _fmt(sync.lse_d)),
-            ("AV offset", f"{sync.offset:+d} frames ({sync.offset * 40:+d} ms)"),
-            ("scored", f"{sync.windows} windows of 0.2 s in {len(sync.segments)} face stretch(es), "
-                       f"{result.frames_25fps} frames at 25 fps"),
-        ]
-        parts.append(_kv(rows, "kv num"))
-        if len(sync.segments) > 1:
-            seg_rows = "".join(
-                f"<tr><td>{s.start_s:.2f}–{s.end_s:.2f} s</td><td>{s.frames}</td><td>{_fmt(s.lse_c)}</td>"
-                f"<td>{_fmt(s.lse_d)}</td><td>{s.offset:+d}</td></tr>"
-                for s in sync.segments
-            )
-            parts.append(
-                '<table class="num"><tr><th>stretch</th><th>frames</th><th>LSE-C</th><th>LSE-D</th>'
-                f"<th>offset</th></tr>{seg_rows}</table>"
-            )
-        parts.append(_img(per_frame_plot(sync), "per-frame sync distance", "plot"))
-        parts.append(_img(offset_plot(sync), "distance per AV offset", "plot"))
-        if sync.skipped:
-            parts.append("<p class=\"muted\">Not scored: " + e("; ".join(sync.skipped)) + "</p>")
+        return parts
+    rows = [
+        ("LSE-C (confidence, higher is better)", _fmt(sync.lse_c)),
+        ("LSE-D (distance, lower is better)", _fmt(sync.lse_d)),
+        ("AV offset", f"{sync.offset:+d} frames ({sync.offset * 40:+d} ms)"),
+        ("scored", f"{sync.windows} windows of 0.2 s in {len(sync.segments)} face stretch(es), "
+                   f"{result.frames_25fps} frames at 25 fps"),
+    ]
+    parts.append(_kv(rows, "kv num"))
+    if len(sync.segments) > 1:
+        seg_rows = "".join(
+            f"<tr><td>{s.start_s:.2f}–{s.end_s:.2f} s</td><td>{s.frames}</td><td>{_fmt(s.lse_c)}</td>"
+            f"<td>{_fmt(s.lse_d)}</td><td>{s.offset:+d}</td></tr>"
+            for s in sync.segments
+        )
+        parts.append(
+            '<table class="num"><tr><th>stretch</th><th>frames</th><th>LSE-C</th><th>LSE-D</th>'
+            f"<th>offset</th></tr>{seg_rows}</table>"
+        )
+    parts.append(_img(per_frame_plot(sync), "per-frame sync distance", "plot"))
+    parts.append(_img(offset_plot(sync), "distance per AV offset", "plot"))
+    if sync.skipped:
+        parts.append("<p class=\"muted\">Not scored: " + e("; ".join(sync.skipped)) + "</p>")
+    return parts
 
-    parts.append('<h2 id="fidelity">Fidelity to the original</h2>')
-    fid = d["fidelity"]
+
+def _fidelity_section(fid: dict[str, Any] | None) -> list[str]:
+    parts = ['<h2 id="fidelity">Fidelity to the original</h2>']
     if fid is None:
         parts.append('<p class="muted">No <code>--original</code> given.</p>')
-    else:
-        margin = fid.get("region_margin_px", 0)
-        ratio = fid.get("flicker_ratio")
-        rows = [
-            (f"PSNR outside the blend region (+{margin} px)", _fmt(fid["psnr_outside"], 2, " dB")),
-            ("SSIM outside the blend region", _fmt(fid["ssim_outside"], 4)),
-            ("PSNR inside the face box", _fmt(fid["psnr_face"], 2, " dB")),
-            ("SSIM inside the face box", _fmt(fid["ssim_face"], 4)),
-            ("mouth flicker, dub (mean |Δ| per frame)", _fmt(fid["flicker_dub"], 3)),
-            ("mouth flicker, original", _fmt(fid["flicker_original"], 3)),
-            ("flicker ratio (dub / original; ≈ 1 is as steady as the real mouth)", _fmt(ratio, 3)),
-            ("frames compared", str(fid["frames"])),
-            ("lowest PSNR outside (frame: dB)",
-             ", ".join(f"{k}: {_fmt(p, 2)}" for k, p in fid.get("worst_outside", [])) or "—"),
-        ]
-        parts.append(_kv(rows, "kv num"))
-        parts.append(
-            '<p class="muted">Outside the blend region only the watermark and the video encoder '
-            "should change pixels: expect 40 dB or more there.</p>"
-        )
+        return parts
+    margin = fid.get("region_margin_px", 0)
+    ratio = fid.get("flicker_ratio")
+    rows = [
+        (f"PSNR outside the blend region (+{margin} px)", _fmt(fid["psnr_outside"], 2, " dB")),
+        ("SSIM outside the blend region", _fmt(fid["ssim_outside"], 4)),
+        ("PSNR inside the face box", _fmt(fid["psnr_face"], 2, " dB")),
+        ("SSIM inside the face box", _fmt(fid["ssim_face"], 4)),
+        ("mouth flicker, dub (mean |Δ| per frame)", _fmt(fid["flicker_dub"], 3)),
+        ("mouth flicker, original", _fmt(fid["flicker_original"], 3)),
+        ("flicker ratio (dub / original; ≈ 1 is as steady as the real mouth)", _fmt(ratio, 3)),
+        ("frames compared", str(fid["frames"])),
+        ("lowest PSNR outside (frame: dB)",
+         ", ".join(f"{k}: {_fmt(p, 2)}" for k, p in fid.get("worst_outside", [])) or "—"),
+    ]
+    parts.append(_kv(rows, "kv num"))
+    parts.append(
+        '<p class="muted">Outside the blend region only the watermark and the video encoder '
+        "should change pixels: expect 40 dB or more there.</p>"
+    )
+    return parts
 
-    parts.append(f'<h2 id="strip">Mouth every {result.strip_interval_s:g} s</h2>')
+
+def _strip_section(result: EvalResult) -> list[str]:
+    parts = [f'<h2 id="strip">Mouth every {result.strip_interval_s:g} s</h2>']
     if not result.strip:
         parts.append('<p class="muted">No frame with a face to show.</p>')
-    else:
-        head = "<tr><th>time</th>" + ("<th>original</th>" if result.original else "") + "<th>dubbed</th></tr>"
-        rows_html = []
-        for item in result.strip:
-            cells = f"<td>{item.time_s:.2f} s<br><span class=\"muted\">frame {item.frame}</span></td>"
-            if result.original:
-                cells += "<td>" + (_img(item.original_png, f"original at {item.time_s:.2f} s")
-                                   if item.original_png else "—") + "</td>"
-            cells += "<td>" + _img(item.dubbed_png, f"dubbed at {item.time_s:.2f} s") + "</td>"
-            rows_html.append(f"<tr>{cells}</tr>")
-        parts.append(f'<table class="strip">{head}{"".join(rows_html)}</table>')
-
-    if result.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in result.notes) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        return parts
+    head = "<tr><th>time</th>" + ("<th>original</th>" if result.original else "") + "<th>dubbed</th></tr>"
+    rows_html = []
+    for item in result.strip:
+        cells = f"<td>{item.time_s:.2f} s<br><span class=\"muted\">frame {item.frame}</span></td>"
+        if result.original:
+            cells += "<td>" + (_img(item.original_png, f"original at {item.time_s:.2f} s")
+                               if item.original_png else "—") + "</td>"
+        cells += "<td>" + _img(item.dubbed_png, f"dubbed at {item.time_s:.2f} s") + "</td>"
+        rows_html.append(f"<tr>{cells}</tr>")
+    parts.append(f'<table class="strip">{head}{"".join(rows_html)}</table>')
+    return parts
 
 
 def write_report(result: EvalResult, path: str | os.PathLike[str]) -> Path:
-    """Render and write the report to ``path`` atomically; returns the path."""
-    path = Path(path)
-    text = render_report(result).encode("utf-8")
-    # O_EXCL with mode 0666: the umask applies as for any document (mkstemp would give 0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Render and write the report to ``path`` atomically; returns the path.
+
+    The mode is ``0o666`` less the umask, as for any document a program saves."""
+    from latentdub.files import atomic_write
+
+    return atomic_write(path, render_report(result))

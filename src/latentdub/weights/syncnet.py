@@ -25,13 +25,18 @@ from latentdub.errors import WeightsError
 from latentdub.files import atomic_path, atomic_write
 from latentdub.models.syncnet import SYNCNET_V2_DIMS, TINY_SYNCNET_DIMS, SyncNet, SyncNetDims
 from latentdub.weights.checkpoint import (
-    RANDOM_WEIGHTS_WARNING,
     listing,
     load_module_strict,
     read_torch_file,
 )
 
 log = logging.getLogger("latentdub.weights")
+
+#: What a random SyncNet means: its scores, not a dub, are what is fake.
+RANDOM_SYNCNET_WARNING = (
+    "RANDOM SyncNet WEIGHTS (a make-tiny smoke-test model): the LSE-C, LSE-D and offset are "
+    "meaningless"
+)
 
 #: Where the evaluation SyncNet sits in the official hub repos and weights folders.
 SYNCNET_FILE = "auxiliary/syncnet_v2.model"
@@ -94,7 +99,7 @@ def load_syncnet(
     """Strictly load a SyncNet from a raw state-dict file, in eval mode.
 
     The returned module has ``random_weights`` (bool) set from the sidecar; a random model also
-    logs :data:`~latentdub.weights.checkpoint.RANDOM_WEIGHTS_WARNING`.
+    logs :data:`RANDOM_SYNCNET_WARNING`.
     """
     path = Path(path)
     side = read_syncnet_sidecar(path)
@@ -117,7 +122,7 @@ def load_syncnet(
     )
     model.random_weights = bool(side.get("random_weights", False))  # type: ignore[attr-defined]
     if model.random_weights:
-        log.warning("%s: %s", path, RANDOM_WEIGHTS_WARNING)
+        log.warning("%s: %s", path, RANDOM_SYNCNET_WARNING)
     return model
 
 
@@ -142,7 +147,7 @@ def save_syncnet(
             "dims": model.dims.to_dict(),
         }
         if random_weights:
-            info["warning"] = RANDOM_WEIGHTS_WARNING
+            info["warning"] = RANDOM_SYNCNET_WARNING
             info["seed"] = seed
         atomic_write(side, json.dumps(info, indent=1) + "\n")
     elif side.exists():

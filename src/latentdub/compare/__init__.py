@@ -1,0 +1,485 @@
+"""A review video of a dub: the original and the dub side by side, both mouths enlarged beneath.
+
+``compare_videos(original, dubbed, output)`` writes an H.264 video for a person to look at::
+
+    +---------------------+---------------------+
+    | ORIGINAL            | DUB                 |  H'  both frames scaled to W'×H'
+    +---------------------+---------------------+
+    | original mouth      | dubbed mouth        |  M   the same mouth window, enlarged
+    +---------------------+---------------------+
+    | 00:00:01.040  frame 26  …        [STATUS] |  B   timecode and status band
+    +-------------------------------------------+
+
+Sizes (each rounded down to an even number, so the output is plain yuv420p): W'×H' is the
+*dub's* display size scaled to a height of ``clamp(H, 360, max_height)`` px (720 by default),
+or less if W' would exceed 1280 px; M = H'/2; B = max(32, H'/12). The output is
+2·W' × (H' + M + B): 916x724 for a 458x458 dub, 808x1140 for a 1080x1920 one, 2560x1140 for
+1920x1080. The original is scaled to the same W'×H' (stretched if its aspect differs, so both
+panels line up). Text is OpenCV's built-in Hershey font (:mod:`latentdub.media.overlay`).
+
+The parts: :mod:`~latentdub.compare.layout` (the frame and drawing it),
+:mod:`~latentdub.compare.mouth` (where the mouth is, and whether it changed); here the pass itself:
+plan, stream, summarize.
+
+Timeline: the output has exactly the dub's frames and timestamps (so its duration is the
+dub's), and the dub's audio. For each dub frame the original frame shown is the one on screen
+at the same timestamp; once the original has ended its last frame is held and the frames are
+marked ORIGINAL ENDED (a dub that was time-fitted or ping-ponged runs past it).
+
+Where the mouth is: the face pipeline (:func:`~latentdub.face.analyze_video` and
+:func:`~latentdub.face.select_face`, the same calls a dub makes) runs on the **original**, not on
+the dub. The dub keeps the original's geometry, so the region is the same in both; the original
+is real footage, whereas a bad dub (a garbled or smeared mouth, random smoke-test weights) can
+make the detector lose the face on exactly the frames a reviewer needs to see. Where the dub's
+own face choice would use a face, that one is zoomed; elsewhere any face of the same policy (too
+small, turned away …) still gets a mouth panel. The window is the mouth box of the aligned
+LatentSync crop mapped back into the frame and widened to the panel's aspect, smoothed over
+time (centre σ 0.12 s, size σ 0.5 s, restarting at scene cuts and face changes) so the
+enlarged panel does not jitter. Frames with no face show a grey NO FACE card. Once the
+original has ended, its last mouth window is held for the dub too (the dub's face may have
+moved on there: the dub is not analysed).
+
+Status of each frame, in the band and by a coloured border around the dub:
+
+* ``dubbed``: the mean absolute difference between the two panel-sized frames inside the
+  region a dub can change (:func:`~latentdub.face.paste.frame_region` of the blend mask) is
+  clearly above the one in a strip of upper face just above it (eyes and brows, as textured as
+  the lips, never dubbed): ``mouth > 1.5 × reference + 1`` grey levels. The reference is the
+  rest of the frame when that strip is off the picture. Outside the region a dub differs from
+  its original only by the watermark and one more encode, about 2–3 grey levels.
+* ``pass-through``: a face is there but its mouth is unchanged; the reason is the one a dub
+  with this face policy gives (face too small, turned away, …) or "mouth unchanged".
+* ``no face``: the original has no face at that time (a dub passes such frames through).
+* ``original ended``: the dub runs past the end of the original.
+
+Memory: both inputs are decoded one frame at a time in lockstep
+(:class:`~latentdub.evaluation.lockstep.Lockstep` by time, the reader ``eval`` uses by index);
+the face pass keeps only per-frame numbers. The dub's audio is decoded whole, as a dub
+does with its speech track (float32: ≈ 23 MB per minute of 48 kHz stereo).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentdub.compare.layout import (
+    DUBBED,
+    NO_FACE,
+    ORIGINAL_ENDED,
+    PANEL_MAX_HEIGHT,
+    PASSTHROUGH,
+    STATUSES,
+    CompareLayout,
+    FrameState,
+    card,
+    compose,
+    fit_panel,
+    format_timecode,
+    plan_layout,
+    zoom_window,
+)
+from latentdub.compare.mouth import (
+    Deltas,
+    MouthTrack,
+    is_changed,
+    measure_deltas,
+    mouth_track,
+    panel_rect,
+)
+from latentdub.errors import Cancelled, InputError
+from latentdub.face.selection import NO_FACE as SELECTION_NO_FACE
+from latentdub.face.selection import TOO_BRIEF
+from latentdub.media.reader import Frame, VideoInfo
+from latentdub.progress import CancelToken, DubProgress, ProgressCallback
+from latentdub.runs import runs
+
+__all__ = [
+    "DUBBED",
+    "NO_FACE",
+    "ORIGINAL_ENDED",
+    "PASSTHROUGH",
+    "CompareLayout",
+    "CompareResult",
+    "MouthTrack",
+    "compare_videos",
+    "format_timecode",
+    "mouth_track",
+    "plan_layout",
+    "zoom_window",
+]
+
+MISMATCH_LEVEL = 12.0  # median difference outside the mouth above which the inputs look unrelated
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare_videos` wrote (``--json`` prints :meth:`to_dict`)."""
+
+    output: str
+    frames: int
+    duration_s: float
+    fps: float
+    width: int
+    height: int
+    has_audio: bool
+    layout: dict[str, Any]
+    original: dict[str, Any]
+    dubbed: dict[str, Any]
+    face_source: str  # which input the mouth was located on
+    frames_by_status: dict[str, int]
+    ranges: list[dict[str, Any]]  # runs of frames that are not "dubbed", with why
+    mouth_delta: dict[str, float | None]  # median |Δ| (grey levels) inside/outside the mouth
+    original_ended_s: float | None = None  # dub time from which the original's last frame is held
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Progress(DubProgress):
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled("the comparison was cancelled; nothing was written")
+
+
+# -- the comparison ---------------------------------------------------------------------------
+def compare_videos(
+    original: str | Path,
+    dubbed: str | Path,
+    output: str | Path,
+    *,
+    face: str = "largest",
+    max_height: int = PANEL_MAX_HEIGHT,
+    crf: float = 20,
+    preset: str = "veryfast",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> CompareResult:
+    """Write the review video of ``dubbed`` against ``original`` to ``output`` (see module doc).
+
+    ``face`` is the face policy the dub used (``largest``, ``X,Y@T``, ``track:N``).
+    ``progress`` receives :class:`~latentdub.progress.ProgressEvent` for the stages ``faces``
+    (the face pass over the original) and ``compare``; setting ``cancel`` stops within a frame
+    and raises :class:`~latentdub.errors.Cancelled`. Bad inputs raise
+    :class:`~latentdub.errors.InputError` before anything is written; the output appears only
+    when complete.
+    """
+    original, dubbed, output = Path(original), Path(dubbed), Path(output)
+    run = _Progress(progress, cancel)
+    plan = _plan(original, dubbed, output, face=face, max_height=max_height, run=run)
+    tally = _stream(plan, output, crf=crf, preset=preset, run=run)
+    return _summarize(plan, tally, output)
+
+
+# -- plan -------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """The checked inputs, the layout and where the mouth is on every frame of the original."""
+
+    original: Path
+    dubbed: Path
+    orig_info: VideoInfo
+    dub_info: VideoInfo
+    layout: CompareLayout
+    clip: Any  # the dub's audio (an AudioClip), or None: the review is silent
+    track: MouthTrack
+    frames_analysed: int
+    warnings: list[str]
+    timings: dict[str, float]
+
+    @property
+    def to_dub(self) -> tuple[float, float]:
+        """Scale factors original px → dub px."""
+        return self.dub_info.width / self.orig_info.width, self.dub_info.height / self.orig_info.height
+
+    @property
+    def to_panel(self) -> tuple[float, float]:
+        """Scale factors original px → panel px."""
+        L = self.layout
+        return L.panel_width / self.orig_info.width, L.panel_height / self.orig_info.height
+
+
+def _plan(original: Path, dubbed: Path, output: Path, *, face: str, max_height: int, run: _Progress) -> _Plan:
+    """Every check before anything is written, the layout, and the face pass over the original."""
+    from latentdub.evaluation.lockstep import probe_input
+    from latentdub.face.selection import parse_policy
+    from latentdub.files import check_output
+
+    if not 120 <= int(max_height) <= 2160:
+        raise InputError(f"the panel height must be between 120 and 2160 px, got {max_height}")
+    parse_policy(face)
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+
+    start = time.perf_counter()
+    orig_info = probe_input(original, "original video")
+    dub_info = probe_input(dubbed, "dubbed video")
+    check_output(output, original, dubbed)
+    clip = _load_dub_audio(dubbed, dub_info, warnings)
+    layout = plan_layout(dub_info.width, dub_info.height, max_height=int(max_height))
+    if (orig_info.width, orig_info.height) != (dub_info.width, dub_info.height):
+        warnings.append(
+            f"the original is {orig_info.width}x{orig_info.height} and the dub "
+            f"{dub_info.width}x{dub_info.height}: the original is scaled to the dub's frame"
+        )
+    timings["read"] = round(time.perf_counter() - start, 3)
+
+    start = time.perf_counter()
+    analysis = _analyse_original(original, orig_info, dub_info, run)
+    sx, sy = dub_info.width / orig_info.width, dub_info.height / orig_info.height
+    mouth_aspect = layout.panel_width / layout.mouth_height  # in dub px: the dubbed mouth is never distorted
+    track = mouth_track(analysis, face, window_aspect=mouth_aspect * sy / sx)
+    timings["faces"] = round(time.perf_counter() - start, 3)
+    return _Plan(
+        original, dubbed, orig_info, dub_info, layout, clip, track, analysis.num_frames, warnings, timings
+    )
+
+
+def _analyse_original(original: Path, orig_info: VideoInfo, dub_info: VideoInfo, run: _Progress) -> Any:
+    """Face pass over the original, only as far as the dub's timeline reaches (plus slack)."""
+    from latentdub.face import analyze_video
+
+    needed = math.ceil((dub_info.duration_s + 1.0) * max(orig_info.fps, 1.0) * 1.1) + 2
+    max_frames = needed if needed < orig_info.num_frames else None
+    run.start("faces", max_frames or orig_info.num_frames, frames=True)
+    analysis = analyze_video(
+        original, info=orig_info, max_frames=max_frames, progress=lambda d, t: run.update(d, t)
+    )
+    run.update(analysis.num_frames, analysis.num_frames)
+    run.finish()
+    return analysis
+
+
+# -- stream -----------------------------------------------------------------------------------
+@dataclass
+class _Tally:
+    """Per-frame numbers of the review, for the summary (a few bytes a frame)."""
+
+    codes: list[int] = field(default_factory=list)  # index into STATUSES
+    times: list[float] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    inside_by_status: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STATUSES})
+    outside: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+    ended_at: float | None = None  # dub time from which the original's last frame is held
+    last_time: float = 0.0  # where the dub's last frame ends
+
+    def add(self, state: FrameState, frame: Frame, info: VideoInfo) -> None:
+        d = state.deltas
+        if state.status == ORIGINAL_ENDED:
+            if self.ended_at is None:
+                self.ended_at = state.time_s
+        else:  # past the original's end nothing is compared
+            self.outside.append(d.rest)
+            if d.face is not None:
+                self.reference.append(d.face)
+            if d.mouth is not None:
+                self.inside_by_status[state.status].append(d.mouth)
+        self.codes.append(STATUSES.index(state.status))
+        self.times.append(state.time_s)
+        self.reasons.append(state.reason)
+        step = float(frame.duration * info.time_base) if frame.duration else 1.0 / max(info.fps, 1.0)
+        self.last_time = state.time_s + step
+
+
+def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progress) -> _Tally:
+    """Decode the dub, and the original by time, in lockstep; compose and write each frame."""
+    from latentdub.evaluation.lockstep import Lockstep
+    from latentdub.media.writer import VideoWriter
+
+    start = time.perf_counter()
+    L, info = plan.layout, plan.dub_info
+    tally = _Tally()
+    no_face_card = card((L.panel_width, L.mouth_height), "NO FACE", L.text_height)
+    first_pts: int | None = None
+    run.start("compare", info.num_frames, frames=True)
+    with (
+        Lockstep(plan.dubbed, plan.original, by="time", original_info=plan.orig_info) as pairs,
+        VideoWriter(
+            output, width=L.width, height=L.height, time_base=info.time_base, fps=info.fps,
+            crf=crf, preset=preset, audio=plan.clip,
+        ) as writer,
+    ):
+        for k, pair in enumerate(pairs):
+            frame, orig = pair.dub, pair.original
+            assert orig is not None  # by time there always is one (held once the original has ended)
+            canvas, state = _review_frame(plan, frame, orig, pair.ended, no_face_card)
+            if first_pts is None:
+                first_pts = frame.pts
+            writer.write(canvas, pts=frame.pts - first_pts)
+            tally.add(state, frame, info)
+            run.update(k + 1)
+        run.check()
+    run.finish()
+    plan.timings["compare"] = round(time.perf_counter() - start, 3)
+    return tally
+
+
+def _review_frame(
+    plan: _Plan, frame: Frame, orig: Frame, ended: bool, no_face_card: np.ndarray
+) -> tuple[np.ndarray, FrameState]:
+    """One frame of the review video, and what it shows."""
+    L, track = plan.layout, plan.track
+    pw, ph, mh = L.panel_width, L.panel_height, L.mouth_height
+    j = min(orig.index, track.num_frames - 1)  # the face pass may stop short of the original's end
+    has_face = track.has_face(j)
+    orig_panel = fit_panel(orig.image, (pw, ph))
+    dub_panel = fit_panel(frame.image, (pw, ph))
+    rect = panel_rect(track.region[j], plan.to_panel, (pw, ph)) if has_face else None
+    deltas = measure_deltas(orig_panel, dub_panel, rect)
+    zoom: tuple[float, float] | None = None
+    if has_face:
+        sx, sy = plan.to_dub
+        win_o = track.window[j]
+        win_d = win_o * np.array([sx, sy, sx, sy])
+        orig_mouth = zoom_window(orig.image, win_o, (pw, mh))
+        dub_mouth = zoom_window(frame.image, win_d, (pw, mh))
+        zoom = (pw / float(win_o[2]), pw / float(win_d[2]))
+    else:
+        orig_mouth = dub_mouth = no_face_card
+    status, reason = _status(ended, has_face, deltas, str(track.reason[j]))
+    state = FrameState(
+        index=frame.index,
+        time_s=frame.time_s,
+        status=status,
+        reason=reason,
+        original_index=orig.index,
+        original_time_s=orig.time_s,
+        deltas=deltas,
+        zoom=zoom,
+    )
+    return compose(L, orig_panel, dub_panel, orig_mouth, dub_mouth, state), state
+
+
+def _status(ended: bool, has_face: bool, deltas: Deltas, dub_reason: str) -> tuple[str, str]:
+    """(status, reason) of a frame; ``dub_reason`` is why the dub's face choice skips it."""
+    if ended:
+        return ORIGINAL_ENDED, ""
+    if not has_face:
+        return NO_FACE, ""
+    reference = deltas.face if deltas.face is not None else deltas.rest
+    if deltas.mouth is not None and is_changed(deltas.mouth, reference):
+        return DUBBED, ""
+    reason = dub_reason or "mouth unchanged"
+    if reason == SELECTION_NO_FACE:  # a flash of a face, folded into "no face"
+        reason = TOO_BRIEF
+    return PASSTHROUGH, reason
+
+
+# -- summarize --------------------------------------------------------------------------------
+def _summarize(plan: _Plan, tally: _Tally, output: Path) -> CompareResult:
+    """Runs of frames that are not dubbed, the medians, the warnings and the result."""
+    warnings = plan.warnings
+
+    def median(values: list[float]) -> float | None:
+        return round(float(np.median(values)), 3) if values else None
+
+    outside_median = median(tally.outside)
+    if outside_median is not None and outside_median > MISMATCH_LEVEL:
+        warnings.append(
+            f"the dub differs from the original everywhere, not only at the mouth (median "
+            f"{outside_median:.1f} grey levels outside the mouth): is it a dub of this original?"
+        )
+    if tally.ended_at is not None:
+        warnings.append(
+            f"the dub runs past the end of the original (from {format_timecode(tally.ended_at)}): "
+            "the original's last frame is held there"
+        )
+    codes = np.asarray(tally.codes, dtype=np.int8)
+    n, times, L = len(codes), tally.times, plan.layout
+    return CompareResult(
+        output=str(output),
+        frames=n,
+        duration_s=round(tally.last_time, 4),
+        fps=round((n - 1) / times[-1], 4) if n > 1 and times[-1] > 0 else round(plan.dub_info.fps, 4),
+        width=L.width,
+        height=L.height,
+        has_audio=plan.clip is not None,
+        layout=L.to_dict(),
+        original=_describe(plan.orig_info, plan.frames_analysed),
+        dubbed=_describe(plan.dub_info, None),
+        face_source="original",
+        frames_by_status={s: int((codes == i).sum()) for i, s in enumerate(STATUSES)},
+        ranges=_ranges(tally),
+        mouth_delta={
+            "dubbed_median": median(tally.inside_by_status[DUBBED]),
+            "passthrough_median": median(tally.inside_by_status[PASSTHROUGH]),
+            "upper_face_median": median(tally.reference),
+            "outside_median": outside_median,
+        },
+        original_ended_s=None if tally.ended_at is None else round(tally.ended_at, 4),
+        warnings=warnings,
+        timings=plan.timings,
+    )
+
+
+def _ranges(tally: _Tally) -> list[dict[str, Any]]:
+    """The runs of frames with one status and reason, except the dubbed ones."""
+    out: list[dict[str, Any]] = []
+    times = tally.times
+    for a, b, code in runs(np.asarray(tally.codes, dtype=np.int8), np.asarray(tally.reasons, dtype=object)):
+        status = STATUSES[int(code)]
+        if status == DUBBED:
+            continue
+        end_s = times[b] if b < len(times) else tally.last_time
+        out.append(
+            {
+                "start_frame": a,
+                "end_frame": b,
+                "start_s": round(times[a], 4),
+                "end_s": round(end_s, 4),
+                "status": status,
+                "reason": tally.reasons[a],
+            }
+        )
+    return out
+
+
+def _load_dub_audio(path: Path, info: VideoInfo, warnings: list[str]) -> Any:
+    """The dub's audio lined up with its first video frame, or None (with a warning)."""
+    from latentdub.media.audio_io import AudioClip, load_audio
+
+    if not info.has_audio:
+        warnings.append(f"{path} has no audio track: the review video is silent")
+        return None
+    try:
+        clip = load_audio(path)
+    except InputError as err:
+        warnings.append(f"the dub's audio could not be used ({err}); the review video is silent")
+        return None
+    warnings.extend(clip.warnings)
+    # Frames are written from t = 0 at the first video frame: move the audio by the same amount.
+    offset = clip.start_s - float(info.start_pts * info.time_base)
+    shift = round(abs(offset) * clip.sample_rate)
+    if shift:
+        samples = clip.samples
+        if offset > 0:
+            samples = np.concatenate([np.zeros((shift, clip.num_channels), np.float32), samples])
+        else:
+            samples = samples[shift:]
+        if len(samples) == 0:
+            warnings.append("the dub's audio ends before its video starts: the review video is silent")
+            return None
+        clip = AudioClip(samples, clip.sample_rate, 0.0, clip.warnings)
+    return clip
+
+
+def _describe(info: VideoInfo, analysed: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "path": str(info.path),
+        "width": info.width,
+        "height": info.height,
+        "fps": round(info.fps, 4),
+        "duration_s": round(info.duration_s, 4),
+        "is_vfr": info.is_vfr,
+    }
+    if analysed is not None:
+        out["frames_analysed"] = analysed
+    return out
