@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from latentdub.errors import Cancelled
-from latentdub.face import FaceAnalysis, MediaPipeBackend, analyze_video, select_face
+from latentdub.face import FaceAnalysis, MediaPipeBackend, analyze_video, planning, select_face
 from latentdub.face import parallel as par
 from latentdub.face.analysis import analyze_video_reference
 
@@ -49,9 +49,9 @@ def backend():
 @pytest.fixture(autouse=True)
 def short_segments(monkeypatch: pytest.MonkeyPatch) -> None:
     """Planning constants scaled down to test clips (they only matter in this process)."""
-    monkeypatch.setattr(par, "MIN_SEGMENT", 24)
-    monkeypatch.setattr(par, "TARGET_SEGMENT", 40)
-    monkeypatch.setattr(par, "MIN_PARALLEL_FRAMES", 48)
+    monkeypatch.setattr(planning, "MIN_SEGMENT", 24)
+    monkeypatch.setattr(planning, "TARGET_SEGMENT", 40)
+    monkeypatch.setattr(planning, "MIN_PARALLEL_FRAMES", 48)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_segment_starting_on_a_scene_cut(
     """Segments of ~55 frames snap to Hamilton's keyframes 60, 120, 163 and 211; 211 is also a
     cut, whose flag must come from the previous segment (the new worker has no previous frame
     to compare with)."""
-    monkeypatch.setattr(par, "TARGET_SEGMENT", 55)
+    monkeypatch.setattr(planning, "TARGET_SEGMENT", 55)
     ref = references[HAMILTON]
     plan = par.plan(media_dir / HAMILTON, ref.info, None, max_frames=None, workers=2)
     assert plan is not None
@@ -138,7 +138,8 @@ def test_frames_no_worker_recorded_are_computed_by_the_replay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without overlap the serial chain asks for crops no worker ran; the result is the same."""
-    monkeypatch.setattr(par, "OVERLAP", 0)
+    monkeypatch.setattr(planning, "OVERLAP", 0)  # the plan
+    monkeypatch.setattr(par, "OVERLAP", 0)  # the replay's repair
     a = analyze_video(media_dir / INFINITETALK, backend=backend, max_frames=150, workers=2)
     stats = par.last_stats
     assert stats.fallback is None
@@ -161,7 +162,7 @@ def test_irregular_decoding_falls_back_to_the_serial_path(
         assert scan is not None
         return par.StreamScan(scan.pts + 1, scan.keyframe_pts)  # pts no frame has
 
-    monkeypatch.setattr(par, "scan_stream", wrong_scan)
+    monkeypatch.setattr(planning, "scan_stream", wrong_scan)
     a = analyze_video(media_dir / INFINITETALK, backend=backend, max_frames=150, workers=2)
     assert par.last_stats.fallback and "pts" in par.last_stats.fallback
     assert_same_analysis(a, references[INFINITETALK])

@@ -159,10 +159,10 @@ def test_failed_download_keeps_partial_data_for_resuming(
     """A connection lost mid-file: the part already fetched stays so the next try resumes."""
     import huggingface_hub
 
-    import latentdub.weights.resolve as resolve
+    import latentdub.weights.hub as hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda *a: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda *a: None)
     dest = tmp_path / "weights"
 
     def fake(repo: str, filename: str, *, local_dir: Path, local_files_only: bool, **kw: object) -> str:

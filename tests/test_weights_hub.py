@@ -93,10 +93,10 @@ def test_hub_is_probed_only_when_something_must_be_downloaded(
     empty_hf_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cache is looked at first (no network); offline mode or download=False never probe."""
-    import latentdub.weights.resolve as resolve
+    import latentdub.weights.hub as hub
 
     probes: list[str] = []
-    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda ep, *a: probes.append(ep) or "x")
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda ep, *a: probes.append(ep) or "x")
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
     with pytest.raises(WeightsError, match="offline mode is on"):
         resolve_weights("1.6")
@@ -114,11 +114,11 @@ def test_connection_lost_during_download_is_not_retried_per_file(
 ) -> None:
     """The hub answered the probe, then the first download broke: the other files are not
     tried over the network again (each try would cost huggingface_hub's retries)."""
-    import latentdub.weights.resolve as resolve
+    import latentdub.weights.hub as hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
-    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda *a: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda *a: None)
     calls: list[tuple[str, bool, str]] = []
 
     def fake(repo: str, filename: str, **kw: Any) -> str:

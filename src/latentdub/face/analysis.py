@@ -454,7 +454,7 @@ def _analyze_serial(
     threaded: bool = True,
 ) -> FramePass:
     """Pass 1 in this process; decoding, RGB conversion and cut features in other threads."""
-    from latentdub.face.parallel import prefetch_frames
+    from latentdub.face.prefetch import prefetch_frames
 
     own_backend = backend is None
     be: FaceBackend = MediaPipeBackend() if backend is None else backend

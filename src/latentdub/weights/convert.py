@@ -27,15 +27,8 @@ from latentdub.weights.checkpoint import (
     save_safetensors_atomic,
     source_metadata,
 )
-from latentdub.weights.resolve import (
-    UNET_FILE,
-    UNET_FP16_FILE,
-    WHISPER_FILE,
-    WHISPER_FP16_FILE,
-    find_local_vae,
-    official_unet_config,
-    read_folder_config,
-)
+from latentdub.weights.layout import UNET_FILE, UNET_FP16_FILE, WHISPER_FILE, WHISPER_FP16_FILE
+from latentdub.weights.resolve import find_local_vae, official_unet_config, read_folder_config
 
 
 @dataclass(frozen=True)

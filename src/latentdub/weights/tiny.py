@@ -39,15 +39,9 @@ import torch
 from latentdub.errors import WeightsError
 from latentdub.files import atomic_path, atomic_write
 from latentdub.models.vae import SD_VAE_FT_MSE_CONFIG
-from latentdub.weights.resolve import (
-    SYNCNET_FILE,
-    UNET_FILE,
-    VAE_SUBDIRS,
-    WHISPER_FILE,
-    read_folder_config,
-    write_folder_config,
-)
-from latentdub.weights.syncnet import make_tiny_syncnet, read_syncnet_sidecar
+from latentdub.weights.layout import UNET_FILE, VAE_SUBDIRS, WHISPER_FILE
+from latentdub.weights.resolve import read_folder_config, write_folder_config
+from latentdub.weights.syncnet import SYNCNET_FILE, make_tiny_syncnet, read_syncnet_sidecar
 from latentdub.weights.vae import save_vae_folder
 
 if TYPE_CHECKING:
