@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,3 +368,63 @@ def test_interrupted_mid_row_then_a_rerun_completes(
     assert (out / "a.mp4").stat().st_mtime_ns == first
     assert all((out / Path(r[2]).name).is_file() for r in rows)
     assert not _leftovers(out)  # a killed run's partial file is cleaned up by the rerun
+
+
+def test_check_opens_the_media_of_every_row(
+    media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row whose "video" is random bytes, or whose audio has no sound, is not "all valid"."""
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(os.urandom(64 * 1024))
+    rows = [[str(media["v1"]), str(media["audio"]), "ok.mp4"],
+            [str(noise), str(media["audio"]), "noise-dub.mp4"],
+            [str(media["v1"]), str(media["v2"]), "silent.mp4"]]  # v2 is a clip cut without its sound
+    manifest = _write_csv(tmp_path / "m.csv", ["video", "audio", "output"], rows)
+    args = ["batch", str(manifest), "--check", "--consent", TEST_CONSENT_JSON]
+    code, out, err = invoke([*args, "--json"], monkeypatch, capsys)
+    assert code == 2, err
+    assert "all valid" not in out + err and "Traceback" not in err
+    report = _json_tail(out)
+    assert report["status"] == "invalid_manifest"
+    assert {(e["line"], e["message"].split(":")[0]) for e in report["errors"]} == {(3, "video"), (4, "audio")}
+    assert any(f"line 3: video: {noise}" in line for line in err.splitlines()), err
+
+    # Without --check the same rows are run, and the bad ones fail one by one (nothing probed up front).
+    assert len(read_manifest(manifest, default_consent=TEST_CONSENT)) == 3
+
+
+def test_a_batch_in_a_log_prints_plain_progress_lines(
+    media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stderr is not a terminal (capsys) and no --json: lines for the batch and each row's stages."""
+    import latentdub.batch as batch_lib
+    import latentdub.pipeline as pipeline_mod
+    from latentdub.progress import ProgressEvent
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.device = torch.device("cpu")
+            self.model_info = {"name": "fake", "random_weights": True}
+            self.provenance = type("Provenance", (), {"signing": None})()
+
+        def dub(self, inputs: Any, options: Any, *, progress: Any, **kw: Any) -> Any:
+            for done in range(6):
+                progress(ProgressEvent("dub", done, 5, 0.1 * done, None, None))
+                time.sleep(0.1)
+            raise InputError("the fake pipeline stops here")
+
+    monkeypatch.setattr(batch_lib, "load_pipelines", lambda *a, **k: [Pipe()])
+    monkeypatch.setattr(pipeline_mod, "read_inputs", lambda *a: type("Inputs", (), {})())
+    monkeypatch.setenv("LATENTDUB_PROGRESS_INTERVAL", "0")
+    manifest = _write_csv(tmp_path / "m.csv", ["video", "audio", "output"],
+                          [[str(media["v1"]), str(media["audio"]), f"o{k}.mp4"] for k in range(2)])
+    code, _, err = invoke(["batch", str(manifest), "--consent", TEST_CONSENT_JSON, "--devices", "cpu"],
+                          monkeypatch, capsys)
+    assert code == 3, err
+    lines = err.splitlines()
+    assert "batch: started (2)" in lines and any(x.startswith("batch: finished 2/2") for x in lines), err
+    for line in (2, 3):
+        stage = f"cpu line {line} o{line - 2}.mp4: dubbing"
+        assert f"{stage}: started (5)" in lines, err
+        assert any(x.startswith(f"{stage}: finished") for x in lines), err
+    assert any(re.fullmatch(r"cpu line \d o\d\.mp4: dubbing: \d/5 \(\d+ %\) · ETA \d+:\d\d:\d\d", x) for x in lines), err

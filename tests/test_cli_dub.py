@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from fractions import Fraction
@@ -167,3 +168,63 @@ def test_a_dub_probes_the_video_and_decodes_the_audio_once(
     assert code == 0, err
     assert calls["probe"].count(video) == 1
     assert calls["audio"].count(audio) == 1
+
+
+# -- progress in a log ---------------------------------------------------------------------------
+def test_progress_lines_come_about_once_per_interval() -> None:
+    from latentdub.cli._app import ProgressLines
+
+    now = [0.0]
+    lines = ProgressLines(interval_s=5.0, clock=lambda: now[0])
+    import io
+    from contextlib import redirect_stderr
+
+    buffer = io.StringIO()
+    with redirect_stderr(buffer):
+        for done in range(0, 101):  # 100 frames at 4 fps: 25 s
+            now[0] = done / 4
+            lines.update("dubbing", done, 100)
+    out = buffer.getvalue().splitlines()
+    assert out[0] == "dubbing: started (100)"
+    assert out[-1] == "dubbing: finished 100/100 in 25.0 s"
+    middle = out[1:-1]
+    assert len(middle) == 4  # at 5, 10, 15 and 20 s
+    assert middle[0] == "dubbing: 20/100 (20 %) · ETA 0:00:20"
+
+
+def _short_clip(src: Path, dst: Path, frames: int = 12) -> Path:
+    from latentdub.media.reader import iter_frames, probe_video
+
+    info = probe_video(src)
+    with VideoWriter(dst, width=info.width, height=info.height, time_base=info.time_base, fps=info.fps) as w:
+        for frame in iter_frames(src, stop=frames):
+            w.write(frame.image, pts=frame.pts - info.start_pts)
+    return dst
+
+
+def test_a_dub_in_a_log_prints_plain_progress_lines(
+    tiny_weights: Path, media_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stderr is not a terminal here (CliRunner): no bars, but lines a log can show."""
+    from typer.testing import CliRunner
+
+    from latentdub.cli._app import app
+
+    video = _short_clip(media_dir / "infinitetalk_hdtf_man_25fps.mp4", tmp_path / "v.mp4")
+    audio = tone(tmp_path / "a.wav", 1.0)
+    monkeypatch.setenv("LATENTDUB_PROGRESS_INTERVAL", "0")  # every update: a line
+    args = ["dub", str(video), str(audio), "--consent", TEST_CONSENT_JSON, "--weights", str(tiny_weights),
+            "--version", "1.5", "--steps", "1"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o.mp4")])
+    assert result.exit_code == 0, result.output
+    err = result.stderr.splitlines()
+    for stage in ("loading model", "faces", "dubbing"):
+        assert f"{stage}: started" in " ".join(err), stage
+        assert any(line.startswith(f"{stage}: finished") for line in err), stage
+    progress = [line for line in err if "%" in line]
+    assert progress, err
+    assert all(re.fullmatch(r"[a-z ]+: \d+/\d+ \(\d+ %\)( · [\d.]+ fps)? · ETA (\d+:\d\d:\d\d|-:--:--)", line) for line in progress), err
+
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o2.mp4"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "started" not in result.stderr and "%" not in result.stderr  # --json: machines read stdout

@@ -302,8 +302,8 @@ def test_service_takes_the_new_options(tmp_path: Path) -> None:
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from latentdub.service.app import create_app
     from latentdub.options import DubOptions
+    from latentdub.service.app import create_app
     from latentdub.service.routes import ApiError, parse_options
     from latentdub.service.settings import ServiceSettings
 

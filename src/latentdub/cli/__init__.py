@@ -4,7 +4,8 @@ Each command group lives in its own module; this one only assembles them and tur
 a clean message and exit code:
 
 * :class:`~latentdub.errors.LatentdubError` → ``error: …``, its ``exit_code`` (2 for bad input);
-* usage errors (missing option, ``--steps abc``, unknown command) → click's ``Usage: … Error: …``,
+* usage errors (missing option, ``--steps abc``, unknown command) → click's ``Usage: …`` and
+  hint, then ``error: …`` (lowercase like every other message of ours, not click's ``Error:``),
   exit 2; no arguments at all → the help text on stderr, exit 2 (click ≥ 8.2's
   ``no_args_is_help`` convention, which typer's bundled click keeps);
 * Ctrl-C (or :class:`~latentdub.errors.Cancelled`) → ``interrupted``, exit 130 (128 + SIGINT);
@@ -13,6 +14,7 @@ a clean message and exit code:
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Any
@@ -77,11 +79,17 @@ def _interrupted(detail: str = "") -> None:
 
 
 def _show_usage_error(err: Any) -> None:
-    show = getattr(err, "show", None)
-    if callable(show):
-        show()  # "Usage: …\nTry '… --help' for help.\n\nError: …" on stderr (help text for no args)
+    show, message = getattr(err, "show", None), getattr(err, "format_message", None)
+    if callable(show) and callable(message):
+        # click writes "Usage: …\nTry '… --help' for help.\n\nError: MESSAGE" (the help text for
+        # no arguments); its layout is kept, only its last line gets our prefix.
+        buffer = io.StringIO()
+        show(file=buffer)
+        text, theirs = buffer.getvalue(), f"Error: {message()}"
+        head, found, tail = text.rpartition(theirs)
+        sys.stderr.write(f"{head}error: {message()}{tail}" if found else text)
     else:
-        console_err.print(f"Error: {err}", highlight=False, markup=False)
+        console_err.print(f"error: {err}", highlight=False, markup=False)
     code = getattr(err, "exit_code", 2)
     sys.exit(code if isinstance(code, int) else 2)
 

@@ -14,30 +14,36 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err
+from latentdub.cli._app import (
+    ProgressLines,
+    app,
+    console,
+    console_err,
+    format_eta,
+    loading,
+    plain_progress,
+)
+from latentdub.cli.options import with_option_flags
 from latentdub.errors import InputError
 from latentdub.options import DubOptions, OptionError
 
 log = logging.getLogger("latentdub.cli")
+_T = TypeVar("_T")
 
-_DEFAULTS = DubOptions()
-
-
-def _help(name: str) -> str:
-    return DubOptions.describe(name) + " Default for every row; a manifest column overrides it."
+# One shared note for the option flags, not a second declaration of each.
+_PANEL = "Dub options (the default for every row)"
 
 
-@app.command("batch")
-def batch(
+def _batch(
     manifest: Annotated[
         Path,
         typer.Argument(
@@ -52,17 +58,19 @@ def batch(
     devices: Annotated[
         str | None,
         typer.Option(
-            "--devices", "--device",
+            "--devices",
             help="Comma-separated devices, one worker and one loaded model each, e.g. cuda:0,cuda:1 "
             "(default: the first GPU if there is one, else cpu). Workers take the next row from one shared "
-            "queue in manifest order.",
+            "queue in manifest order. --device is the same.",
         ),
     ] = None,
+    device: Annotated[str | None, typer.Option("--device", hidden=True)] = None,
     version: Annotated[str, typer.Option(help="Model version: 1.5 (256 px) or 1.6 (512 px).")] = "1.6",
     weights: Annotated[
         Path | None,
-        typer.Option("--weights", "--weights-dir", help="Local weights folder (official layout) instead of the HF hub/cache."),
+        typer.Option(help="Local weights folder (official layout) instead of the HF hub/cache. --weights-dir is the same."),
     ] = None,
+    weights_dir: Annotated[Path | None, typer.Option("--weights-dir", hidden=True)] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
     consent: Annotated[
         str | None,
@@ -73,32 +81,28 @@ def batch(
         typer.Option(help="Where to write the summary: PATH.csv and PATH.json (default: batch-summary.* in --outdir "
                      "or beside the manifest)."),
     ] = None,
-    check: Annotated[bool, typer.Option("--check", help="Only check the manifest (no model is loaded, nothing runs).")] = False,
-    steps: Annotated[int, typer.Option(help=_help("steps"))] = _DEFAULTS.steps,
-    guidance: Annotated[float, typer.Option(help=_help("guidance"))] = _DEFAULTS.guidance,
-    seed: Annotated[int, typer.Option(help=_help("seed"))] = _DEFAULTS.seed,
-    deepcache: Annotated[bool, typer.Option("--deepcache/--no-deepcache", help=_help("deepcache"))] = _DEFAULTS.deepcache,
-    length_policy: Annotated[str, typer.Option(help=_help("length_policy"))] = _DEFAULTS.length_policy,
-    fit: Annotated[str, typer.Option(help=_help("fit"))] = _DEFAULTS.fit,
-    max_stretch: Annotated[float, typer.Option(help=_help("max_stretch"))] = _DEFAULTS.max_stretch,
-    face: Annotated[str, typer.Option(help=_help("face"))] = _DEFAULTS.face,
-    crf: Annotated[int, typer.Option(help=_help("crf"))] = _DEFAULTS.crf,
-    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help=_help("watermark"))] = _DEFAULTS.watermark,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Only check the manifest and open every row's media (no model is loaded, "
+                     "nothing runs)."),
+    ] = False,
     set_options: Annotated[
         list[str] | None,
         typer.Option("--set", metavar="NAME=VALUE",
-                     help="Any dub option for every row, e.g. --set steps=8 (repeatable; wins over the flags above, "
-                     "a manifest column wins over it)."),
+                     help="Any dub option for every row, e.g. --set steps=8 (repeatable; wins over the option "
+                     "flags, a manifest column wins over it)."),
     ] = None,
     signing_cert: Annotated[
         Path | None, typer.Option(help="Certificate chain (PEM, leaf first) to sign the content credentials with.")
     ] = None,
     signing_key: Annotated[Path | None, typer.Option(help="Private key (PEM) for --signing-cert.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="No bars on stdout; one JSON summary object last on stdout.")] = False,
+    *,
+    options: DubOptions,
 ) -> None:
     """Dub every row of MANIFEST; rerun it to finish what is left.
 
-    Every row is checked before anything runs: a bad row is reported with its line number.
+    Every row is checked before anything runs: a bad row is reported with its line number. The dub options are the defaults for every row; a manifest column overrides them.
 
     Each finished output gets a sidecar OUTPUT.latentdub.json; a rerun skips the rows whose inputs, options, consent, model and output still match it.
 
@@ -106,59 +110,24 @@ def batch(
     """
     from latentdub import batch as lib
     from latentdub.cli.dub import _signing
+    from latentdub.devices import parse_devices
 
-    values: dict[str, Any] = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
-                              "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face,
-                              "crf": crf, "watermark": watermark}
-    extra = _parse_set(set_options or [])
-    try:
-        base = DubOptions(**values)
-    except OptionError as err:
-        raise InputError(f"--{err.field.replace('_', '-')} {err.reason}") from None
-    try:
-        base = base.replace(**extra)
-    except OptionError as err:
-        raise InputError(f"--set {err}") from None
+    base = _with_set(options, set_options or [])
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     # Every check that needs no model first: flags, devices, then every manifest row.
+    weights = _alias(weights, weights_dir, "--weights", "--weights-dir")
     default_consent = _default_consent(consent)
     keys = _signing(signing_cert, signing_key)
-    device_list = lib.parse_devices(devices)
-    try:
-        rows = lib.read_manifest(manifest, outdir=outdir, default_consent=default_consent, base_options=base)
-    except lib.ManifestError as err:
-        if json_out:
-            print(json.dumps({"status": "invalid_manifest", "exit_code": err.exit_code, **err.to_dict()}))
-        raise
+    device_list = parse_devices(_alias(devices, device, "--devices", "--device"))
+    rows = _read_rows(manifest, outdir, default_consent, base, check=check, json_out=json_out)
     if check:
         _report_check(rows, manifest, json_out)
         return
 
-    with _quiet_library_warnings():
-        status = console_err.status(f"loading the model on {', '.join(device_list)}…") if not json_out else None
-        if status:
-            status.start()
-        try:
-            pipes = lib.load_pipelines(device_list, weights or version, version=version, dtype=dtype)
-        finally:
-            if status:
-                status.stop()
-        for pipe in pipes:
-            if keys is not None:
-                pipe.provenance.signing = keys
-        _warn_once_per_batch(pipes[0], base)
-
-        cancel, force = threading.Event(), threading.Event()
-        runner = lib.BatchRunner(rows, pipes, cancel=cancel, on_row=_row_line)
-        with _cancel_on_signals(cancel, force), _Display(runner, json_out) as display:
-            runner.start()
-            while not runner.wait(0.2) and not force.is_set():
-                display.refresh()
-            display.refresh()
-    forced = force.is_set()
+    runner, forced = _run(rows, device_list, weights or version, version=version, dtype=dtype, keys=keys,
+                          base=base, json_out=json_out)
     report = runner.report()
-
     target = summary or ((outdir.expanduser() if outdir else manifest.expanduser().resolve().parent) / lib.SUMMARY_STEM)
     csv_path, json_path = lib.write_summary(report, target, manifest=manifest)
     if json_out:
@@ -180,7 +149,76 @@ def batch(
         raise typer.Exit(code)
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def _run(
+    rows: list[Any], devices: list[str], weights: Path | str, *, version: str, dtype: str | None, keys: Any,
+    base: DubOptions, json_out: bool,
+) -> tuple[Any, bool]:
+    """Load one model per device and run the rows, with progress and Ctrl-C handling; the
+    runner (its report) and whether a second Ctrl-C forced the stop."""
+    from latentdub import batch as lib
+
+    with _quiet_library_warnings():
+        with loading(f"loading the model on {', '.join(devices)}", json_out=json_out):
+            pipes = lib.load_pipelines(devices, weights, version=version, dtype=dtype)
+        for pipe in pipes:
+            if keys is not None:
+                pipe.provenance.signing = keys
+        _warn_once_per_batch(pipes[0], base)
+
+        cancel, force = threading.Event(), threading.Event()
+        runner = lib.BatchRunner(rows, pipes, cancel=cancel, on_row=_row_line)
+        with _cancel_on_signals(cancel, force), _display(runner, json_out) as display:
+            runner.start()
+            while not runner.wait(0.2) and not force.is_set():
+                display.refresh()
+            display.refresh()
+    return runner, force.is_set()
+
+
+def batch_command(options_cls: type[DubOptions] = DubOptions) -> Callable[..., None]:
+    """The ``batch`` command function, with a flag for every field of ``options_cls`` (a
+    subclass's new fields included); register it with ``app.command("batch")``."""
+    return with_option_flags(options_cls, panel=_PANEL)(_batch)
+
+
+batch = app.command("batch")(batch_command())
+
+
+def _alias(value: _T | None, alias: _T | None, name: str, alias_name: str) -> _T | None:
+    """One value from a flag and its hidden alias (kept working, kept out of the help)."""
+    if value is not None and alias is not None and value != alias:
+        raise InputError(f"{name} and {alias_name} are the same option: give one")
+    return value if value is not None else alias
+
+
+def _with_set(options: DubOptions, items: list[str]) -> DubOptions:
+    try:
+        return options.replace(**_parse_set(items, type(options)))
+    except OptionError as err:
+        raise InputError(f"--set {err}") from None
+
+
+def _read_rows(
+    manifest: Path, outdir: Path | None, default_consent: Any, base: DubOptions, *, check: bool, json_out: bool
+) -> list[Any]:
+    """The checked rows; with ``check`` every row's media opened too. Bad rows: a
+    :class:`ManifestError` (with --json, also its JSON on stdout)."""
+    from latentdub import batch as lib
+
+    try:
+        rows = lib.read_manifest(manifest, outdir=outdir, default_consent=default_consent, base_options=base)
+        if check:
+            problems = lib.probe_media(rows)
+            if problems:
+                raise lib.ManifestError(manifest.expanduser(), problems)
+    except lib.ManifestError as err:
+        if json_out:
+            print(json.dumps({"status": "invalid_manifest", "exit_code": err.exit_code, **err.to_dict()}))
+        raise
+    return rows
+
+
+def _parse_set(items: list[str], options_cls: type[DubOptions]) -> dict[str, Any]:
     """``["steps=8", "sampler=ddim"]`` → ``{"steps": "8", …}`` (DubOptions converts the text)."""
     out: dict[str, Any] = {}
     for item in items:
@@ -188,8 +226,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         name = name.strip().replace("-", "_")
         if not sep or not name:
             raise InputError(f"--set {item!r}: give NAME=VALUE, e.g. --set steps=8")
-        if name not in DubOptions.model_fields:
-            raise InputError(f"--set {name!r} is not an option; the options are: {', '.join(DubOptions.model_fields)}")
+        if name not in options_cls.model_fields:
+            raise InputError(f"--set {name!r} is not an option; the options are: {', '.join(options_cls.model_fields)}")
         out[name] = value.strip()
     return out
 
@@ -306,15 +344,9 @@ _STAGE_LABELS = {
 }
 
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "ETA -:--:--"
-    s = round(seconds)
-    return f"ETA {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class _Display:
-    """One overall bar (items and video seconds, ETA) and one line per device with its item's stage."""
+    """On a terminal: one overall bar (items and video seconds, ETA) and one line per device with
+    its item's stage. Off a terminal the bars draw nothing (with --json, nothing at all)."""
 
     def __init__(self, runner: Any, json_out: bool) -> None:
         self.runner = runner
@@ -324,7 +356,7 @@ class _Display:
             TextColumn("{task.fields[detail]}"),
             console=console_err,
             transient=json_out,
-            disable=json_out and not console_err.is_terminal,
+            disable=not console_err.is_terminal,
         )
         self.overall: TaskID | None = None
         self.workers: list[TaskID] = []
@@ -346,8 +378,7 @@ class _Display:
             completed, total = snap.seconds_done, snap.seconds_total
         else:
             completed, total = float(snap.items_finished), float(max(snap.items_total, 1))
-        detail = (f"{snap.items_finished}/{snap.items_total} items · "
-                  f"{snap.seconds_done:.1f}/{snap.seconds_total:.1f} s of video · {_fmt_eta(snap.eta_s)}")
+        detail = f"{_items(snap)} · {snap.seconds_done:.1f}/{snap.seconds_total:.1f} s of video · {format_eta(snap.eta_s)}"
         if snap.failed:
             detail += f" · [red]{snap.failed} failed[/]"
         self.bar.update(self.overall, completed=completed, total=total, detail=detail)
@@ -357,9 +388,50 @@ class _Display:
                 continue
             stage = _STAGE_LABELS.get(state.stage, state.stage)
             count = f" {state.done}/{state.total}" if state.total > 1 else ""
-            eta = f" · {_fmt_eta(state.eta_s)}" if state.stage in ("faces", "dub") and state.eta_s is not None else ""
+            eta = f" · {format_eta(state.eta_s)}" if state.stage in ("faces", "dub") and state.eta_s is not None else ""
             self.bar.update(task, completed=state.done, total=max(state.total, 1),
                             detail=f"line {state.line} {state.output}: {stage}{count}{eta}")
+
+
+class _PlainDisplay:
+    """Off a terminal (a log, nohup, CI): :class:`ProgressLines` for the whole batch (video
+    seconds, items, ETA) and for each worker's stage of its row."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.lines = ProgressLines()
+        self.current: dict[str, str] = {}  # device → the name of its stage now
+
+    def __enter__(self) -> _PlainDisplay:
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lines.finish()
+
+    def refresh(self) -> None:
+        snap = self.runner.progress()
+        failed = f" · {snap.failed} failed" if snap.failed else ""
+        self.lines.update("batch", snap.items_finished, snap.items_total, eta_s=snap.eta_s,
+                          detail=f"{snap.seconds_done:.1f}/{snap.seconds_total:.1f} s of video{failed}")
+        for state in snap.workers:
+            name = ""
+            if state.line is not None:
+                name = f"{state.device} line {state.line} {state.output}: {_STAGE_LABELS.get(state.stage, state.stage)}"
+            previous = self.current.get(state.device, "")
+            if previous and previous != name:
+                self.lines.end(previous)
+            self.current[state.device] = name
+            if name:
+                self.lines.update(name, state.done, state.total or None, eta_s=state.eta_s)
+
+
+def _items(snap: Any) -> str:
+    return f"{snap.items_finished}/{snap.items_total} items"
+
+
+def _display(runner: Any, json_out: bool) -> _Display | _PlainDisplay:
+    return _PlainDisplay(runner) if plain_progress(json_out) else _Display(runner, json_out)
 
 
 def _row_line(row: Any, result: Any) -> None:

@@ -22,27 +22,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from latentdub.cli._app import app, console, console_err, show_library_warnings
+from latentdub.cli._app import (
+    ProgressLines,
+    app,
+    console,
+    console_err,
+    loading,
+    show_library_warnings,
+)
+from latentdub.cli.options import with_option_flags
 from latentdub.errors import InputError
-from latentdub.options import DubOptions, OptionError
+from latentdub.options import DubOptions
 from latentdub.progress import ProgressEvent
 
 log = logging.getLogger("latentdub.cli")
 
 
-_DEFAULTS = DubOptions()
-
-
-def _help(name: str) -> str:
-    return DubOptions.describe(name)
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-@app.command("dub")
-def dub(
+def _dub(
     video: Annotated[Path, typer.Argument(help="The video of the person speaking.")],
     audio: Annotated[Path, typer.Argument(help="The new speech track (any audio or video file).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the dubbed video (.mp4).")],
@@ -50,19 +46,6 @@ def dub(
     weights: Annotated[
         Path | None, typer.Option(help="Local weights folder (official layout) instead of the HF hub/cache.")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help=_help("steps"), show_default=False)] = None,
-    guidance: Annotated[float, typer.Option(help=_help("guidance"))] = _DEFAULTS.guidance,
-    seed: Annotated[int, typer.Option(help=_help("seed"))] = _DEFAULTS.seed,
-    deepcache: Annotated[bool, typer.Option("--deepcache/--no-deepcache", help=_help("deepcache"))] = _DEFAULTS.deepcache,
-    length_policy: Annotated[str, typer.Option(help=_help("length_policy"))] = _DEFAULTS.length_policy,
-    fit: Annotated[str, typer.Option(help=_help("fit"))] = _DEFAULTS.fit,
-    max_stretch: Annotated[float, typer.Option(help=_help("max_stretch"))] = _DEFAULTS.max_stretch,
-    face: Annotated[str, typer.Option(help=_help("face"))] = _DEFAULTS.face,
-    crf: Annotated[int, typer.Option(help=_help("crf"))] = _DEFAULTS.crf,
-    preset: Annotated[str, typer.Option(help=_help("preset"))] = _DEFAULTS.preset,
-    encoder: Annotated[str, typer.Option(help=_help("encoder"))] = _DEFAULTS.encoder,
-    sampler: Annotated[str, typer.Option(help=_help("sampler"))] = _DEFAULTS.sampler,
-    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help=_help("watermark"))] = _DEFAULTS.watermark,
     consent: Annotated[
         str | None,
         typer.Option(help="Required. The consent record: JSON text or a .json file with subject, granted_by, method and evidence."),
@@ -74,37 +57,26 @@ def dub(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
+    *,
+    options: DubOptions,
 ) -> None:
     """Dub VIDEO with the speech in AUDIO and write the result to OUTPUT."""
+    from latentdub.devices import parse_device
     from latentdub.media.writer import check_encoder
     from latentdub.pipeline import LipSyncPipeline, read_inputs
 
     show_library_warnings()
-    values = {"steps": steps, "guidance": guidance, "seed": seed, "deepcache": deepcache,
-              "length_policy": length_policy, "fit": fit, "max_stretch": max_stretch, "face": face, "crf": crf,
-              "watermark": watermark, "preset": preset, "encoder": encoder, "sampler": sampler}
-    if steps is None:
-        del values["steps"]  # the sampler's own default: 20 for ddim, 10 for dpm++
-    try:
-        options = DubOptions(**values)  # the one place the CLI builds them
-    except OptionError as err:
-        raise InputError(f"{_flag(err.field)} {err.reason}") from None
     if version not in ("1.5", "1.6"):
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     # Every check that needs no model, before the model loads (seconds, not minutes).
+    parse_device(device, flag="--device")
     check_encoder(options.encoder)  # an explicit --encoder nvenc that cannot open
     record = _consent(consent)
     keys = _signing(signing_cert, signing_key)
     inputs = read_inputs(video, audio, output)
 
-    status = console_err.status("loading model…") if not json_out else None
-    if status:
-        status.start()
-    try:
+    with loading("loading model", json_out=json_out):
         pipe = LipSyncPipeline.from_pretrained(weights or version, version=version, device=device, dtype=dtype)
-    finally:
-        if status:
-            status.stop()
     if keys is not None:
         pipe.provenance.signing = keys
     if pipe.device.type == "cpu" and not pipe.model_info.get("random_weights"):
@@ -115,7 +87,7 @@ def dub(
         log.warning(cpu_warning(pipe.resolution, options.steps, options.guidance, options.deepcache,
                                 threads=torch.get_num_threads(), fps=inputs.info.fps or 25.0))
 
-    with _progress_bars(json_out) as on_event, _cancel_on_ctrl_c() as cancel:
+    with _progress(json_out) as on_event, _cancel_on_ctrl_c() as cancel:
         result = pipe.dub(inputs, options, consent=record, progress=on_event, cancel=cancel)
 
     summary = result.to_dict()
@@ -123,6 +95,15 @@ def dub(
         print(json.dumps(summary, default=str))
         return
     _print_summary(summary)
+
+
+def dub_command(options_cls: type[DubOptions] = DubOptions) -> Callable[..., None]:
+    """The ``dub`` command function, with a flag for every field of ``options_cls`` (a subclass's
+    new fields included); register it with ``app.command("dub")``."""
+    return with_option_flags(options_cls)(_dub)
+
+
+dub = app.command("dub")(dub_command())
 
 
 def _consent(value: str | None) -> Any:
@@ -177,8 +158,24 @@ _STAGE_LABELS = {
 
 
 @contextmanager
-def _progress_bars(json_out: bool) -> Iterator[Callable[[ProgressEvent], None]]:
-    """Rich bars, one per stage, fed by the engine's progress events."""
+def _progress(json_out: bool) -> Iterator[Callable[[ProgressEvent], None]]:
+    """The engine's progress events as rich bars (one per stage) on a terminal, as plain lines
+    on stderr otherwise (a log, nohup, CI); nothing with --json off a terminal."""
+    if not console_err.is_terminal:
+        lines = ProgressLines() if not json_out else None
+
+        def on_line(event: ProgressEvent) -> None:
+            if lines is not None:
+                rate = f"{event.fps:.1f} fps" if event.fps and event.stage in ("faces", "dub") else ""
+                lines.update(_STAGE_LABELS.get(event.stage, event.stage), event.done, event.total,
+                             eta_s=event.eta_s, detail=rate)
+
+        try:
+            yield on_line
+        finally:
+            if lines is not None:
+                lines.finish()
+        return
     with Progress(
         TextColumn("[bold]{task.description:<15}"),
         BarColumn(),
@@ -189,7 +186,6 @@ def _progress_bars(json_out: bool) -> Iterator[Callable[[ProgressEvent], None]]:
         TimeRemainingColumn(),
         console=console_err,
         transient=json_out,
-        disable=not console_err.is_terminal and json_out,
     ) as bar:
         tasks: dict[str, TaskID] = {}
 

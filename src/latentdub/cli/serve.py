@@ -44,6 +44,7 @@ def serve_cmd(
     """Run the dubbing service: the model is loaded once, queued jobs are recovered at start."""
     import uvicorn
 
+    from latentdub.devices import parse_device
     from latentdub.pipeline import LipSyncPipeline
     from latentdub.service.app import create_app
     from latentdub.service.settings import ServiceSettings
@@ -52,6 +53,7 @@ def serve_cmd(
         raise InputError(f"--version must be 1.5 or 1.6, got {version!r}")
     if weights is not None and not weights.is_dir():
         raise InputError(f"--weights {weights} is not a folder")
+    parse_device(device, flag="--device")  # before the service starts, not when it loads the model
     values: dict[str, object] = {}
     if data_dir is not None:
         values["data_dir"] = data_dir

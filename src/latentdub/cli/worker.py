@@ -27,6 +27,7 @@ def worker(
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: official rule).")] = None,
 ) -> None:
     """Take jobs from the queue one at a time, models loaded once; a job whose worker dies runs again elsewhere."""
+    from latentdub.devices import parse_device
     from latentdub.errors import InputError
     from latentdub.service.celery_app import configure_pipeline, run_worker
     from latentdub.service.settings import ServiceSettings
@@ -41,5 +42,6 @@ def worker(
     settings = ServiceSettings(**values)
     if not settings.broker_url:
         raise InputError("latentdub worker needs a broker: --broker redis://host:6379/0 or LATENTDUB_BROKER_URL")
+    parse_device(device, flag="--device")  # before taking jobs, not when the first one loads the model
     configure_pipeline(weights=str(weights) if weights else None, version=version, device=device, dtype=dtype)
     run_worker(settings)
