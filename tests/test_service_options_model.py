@@ -180,3 +180,46 @@ def test_both_runners_are_runners(tmp_path: Path) -> None:
     from latentdub.service.celery_app import CeleryRunner
 
     assert isinstance(CeleryRunner(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})), Runner)
+
+
+def test_one_added_field_reaches_the_cli_the_api_and_the_page(tmp_path: Path) -> None:
+    """Declared once: the subclass's fields become flags of dub and batch, fields of the API's
+    published schema, and controls on the page, with no other edit anywhere."""
+    import typer
+    from typer.testing import CliRunner
+
+    from latentdub.cli.batch import batch_command
+    from latentdub.cli.dub import dub_command
+
+    cli = typer.Typer()
+    cli.command("dub")(dub_command(ExtraOptions))
+    cli.command("batch")(batch_command(ExtraOptions))
+    for command in ("dub", "batch"):
+        shown = CliRunner().invoke(cli, [command, "--help"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "--lip-gain" in shown.stdout and "how strongly the mouth moves" in shown.stdout, command
+        assert "--mood" in shown.stdout and "lively" in shown.stdout, command
+    stock = typer.Typer()
+    stock.command("dub")(dub_command(DubOptions))
+    stock.command("batch")(batch_command(DubOptions))
+    assert "--lip-gain" not in CliRunner().invoke(stock, ["dub", "--help"], env={"COLUMNS": "250"}).stdout
+
+    settings = ServiceSettings(data_dir=tmp_path / "data", auth_enabled=False, options_model=ExtraOptions)
+    with live(create_app(settings, pipe_factory=RecordingPipe)) as base:
+        import httpx
+
+        schema = httpx.get(base + "/api/v1/info", timeout=10).json()["options"]
+        assert schema["properties"]["lip_gain"]["maximum"] == 2.0
+        assert schema["properties"]["mood"]["enum"] == ["calm", "lively"]
+        sync_playwright = browser_or_skip()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(base + "/")
+                page.wait_for_selector("body[data-ready=true]")
+                controls = option_controls(page)
+            finally:
+                browser.close()
+    assert controls["lip_gain"]["type"] == "number" and controls["lip_gain"]["max"] == "2"
+    assert controls["mood"]["tag"] == "select" and controls["mood"]["choices"] == ["calm", "lively"]
