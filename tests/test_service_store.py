@@ -444,6 +444,37 @@ def test_delete(store: JobStore) -> None:
         store.delete(job.id)
 
 
+def test_webhook_deliveries_are_recorded_through_the_store(store: JobStore) -> None:
+    from latentdub.service.models import utcnow
+
+    job = _job(store)
+    log = store.webhook_delivery_log()
+    start = utcnow()
+    log.started("hook-1", job.id, "job.succeeded", "https://example.org/h")
+    log.started("hook-2", None, "job.failed", "https://example.org/h")  # a delivery without a job
+    retry_at = start + dt.timedelta(seconds=30)
+    log.attempted("hook-1", attempts=1, status=503, error="HTTP 503", delivered_at=None, next_attempt_at=retry_at)
+    log.attempted("hook-2", attempts=1, status=None, error="ConnectError", delivered_at=None,
+                  next_attempt_at=retry_at)
+    log.attempted("gone", attempts=1, status=200, error=None, delivered_at=start, next_attempt_at=None)  # no-op
+    assert store.undelivered_webhooks(start - dt.timedelta(seconds=5)) == ["hook-1", "hook-2"]
+    assert store.undelivered_webhooks(utcnow() + dt.timedelta(seconds=5)) == []
+
+    found = store.webhook_to_redeliver("hook-1")
+    assert found is not None
+    pending, snapshot = found
+    assert (pending.id, pending.job_id, pending.event, pending.url, pending.attempts) == (
+        "hook-1", job.id, "job.succeeded", "https://example.org/h", 1
+    )
+    assert abs((pending.created_at - start).total_seconds()) < 5 and snapshot.id == job.id
+    assert store.webhook_to_redeliver("hook-2") is None  # no job: closed, not sent
+    assert store.webhook_to_redeliver("gone") is None
+
+    log.attempted("hook-1", attempts=2, status=200, error=None, delivered_at=utcnow(), next_attempt_at=None)
+    assert store.undelivered_webhooks(start - dt.timedelta(seconds=5)) == ["hook-2"]
+    assert store.webhook_to_redeliver("hook-1") is None  # delivered meanwhile
+
+
 def test_assets_and_purge_go_through_the_store(store: JobStore, tmp_path: Path) -> None:
     files = {name: tmp_path / f"{name}.bin" for name in ("shared", "own", "result")}
     for path in files.values():

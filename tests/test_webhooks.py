@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -132,7 +133,7 @@ def test_deliver_retries_after_503_and_records_attempts(db: Any) -> None:
     job, _ = JobStore(db).create(options={})
     sleeps: list[float] = []
     payload = {"job": {"id": job.id, "status": "succeeded"}}
-    with Receiver([503]) as receiver, session_factory(db)() as session:
+    with Receiver([503]) as receiver:
         result = deliver(
             receiver.url,
             "job.succeeded",
@@ -140,7 +141,7 @@ def test_deliver_retries_after_503_and_records_attempts(db: Any) -> None:
             SECRET,
             retries=3,
             backoff_s=0.01,
-            session=session,
+            log=JobStore(db).webhook_delivery_log(),
             job_id=job.id,
             sleep=lambda s: (sleeps.append(s), time.sleep(s))[0],
         )
@@ -172,10 +173,10 @@ def test_deliver_gives_up_on_4xx_without_retry() -> None:
 
 def test_deliver_exhausts_retries_with_exponential_backoff(db: Any) -> None:
     sleeps: list[float] = []
-    with Receiver([500, 502, 503, 504]) as receiver, session_factory(db)() as session:
+    with Receiver([500, 502, 503, 504]) as receiver:
         result = deliver(
             receiver.url, "job.cancelled", {}, SECRET, retries=2, backoff_s=0.5,
-            session=session, sleep=sleeps.append,
+            log=JobStore(db).webhook_delivery_log(), sleep=sleeps.append,
         )
     assert not result.delivered and result.attempts == 3 and result.status == 503
     assert sleeps == [0.5, 1.0]
@@ -198,3 +199,120 @@ def test_deliver_retries_network_errors() -> None:
     assert not result.delivered and result.attempts == 3 and result.status is None
     assert result.error and "Connect" in result.error
     assert sleeps == [0.1, 0.2]
+
+
+class ListLog:
+    """A :class:`~latentdub.service.webhooks.DeliveryLog` that keeps the calls in a list."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def started(self, webhook_id: str, job_id: str | None, event: str, url: str) -> None:
+        self.calls.append(("started", (webhook_id, job_id, event, url)))
+
+    def attempted(self, webhook_id: str, **state: Any) -> None:
+        self.calls.append(("attempted", {"webhook_id": webhook_id, **state}))
+
+
+def test_deliver_records_every_attempt_in_its_log() -> None:
+    log = ListLog()
+    with Receiver([503, 429]) as receiver:
+        before = dt.datetime.now(dt.UTC)
+        result = deliver(
+            receiver.url, "job.failed", {"x": 1}, SECRET, retries=3, backoff_s=7.0, log=log,
+            job_id="job-1", sleep=lambda s: None,
+        )
+        after = dt.datetime.now(dt.UTC)
+    assert result.delivered and result.attempts == 3
+    kinds = [kind for kind, _ in log.calls]
+    assert kinds == ["started", "attempted", "attempted", "attempted"]  # started first, then each attempt
+    assert log.calls[0][1] == (result.webhook_id, "job-1", "job.failed", receiver.url)
+    first, second, third = (state for _, state in log.calls[1:])
+    assert all(state["webhook_id"] == result.webhook_id for state in (first, second, third))
+    assert [s["attempts"] for s in (first, second, third)] == [1, 2, 3]
+    assert [s["status"] for s in (first, second, third)] == [503, 429, 200]
+    assert [s["error"] for s in (first, second, third)] == ["HTTP 503", "HTTP 429", None]
+    # a next attempt only while another try follows (backoff 7 s, then 14 s); delivered_at on success
+    assert before + dt.timedelta(seconds=7) <= first["next_attempt_at"] <= after + dt.timedelta(seconds=7)
+    assert before + dt.timedelta(seconds=14) <= second["next_attempt_at"] <= after + dt.timedelta(seconds=14)
+    assert third["next_attempt_at"] is None
+    assert first["delivered_at"] is None and second["delivered_at"] is None
+    assert before <= third["delivered_at"] <= after
+
+
+def test_deliver_crash_mid_way_leaves_an_accurate_record(db: Any) -> None:
+    store = JobStore(db)
+    job, _ = store.create(options={})
+
+    def crash(_: float) -> None:
+        raise RuntimeError("the server stops")
+
+    with Receiver([503]) as receiver, pytest.raises(RuntimeError):
+        deliver(receiver.url, "job.succeeded", {}, SECRET, retries=3, backoff_s=5.0,
+                log=store.webhook_delivery_log(), job_id=job.id, sleep=crash)
+    with session_factory(db)() as session:
+        row = session.scalars(select(WebhookDelivery)).one()
+    assert row.attempts == 1 and row.last_status == 503 and row.last_error == "HTTP 503"
+    assert row.delivered_at is None and row.next_attempt_at is not None  # a retry was planned
+    assert store.undelivered_webhooks(row.created_at - dt.timedelta(seconds=1)) == [row.id]
+
+
+def test_redelivery_keeps_the_webhook_id_and_counts_on(db: Any) -> None:
+    store = JobStore(db)
+    job, _ = store.create(options={})
+    with Receiver([500, 502]) as receiver:
+        first = deliver(receiver.url, "job.succeeded", {"n": 1}, SECRET, retries=1, backoff_s=0.01,
+                        log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None)
+        assert not first.delivered and first.attempts == 2
+        found = store.webhook_to_redeliver(first.webhook_id)
+        assert found is not None
+        pending, snapshot = found
+        assert (pending.id, pending.job_id, pending.event, pending.url, pending.attempts) == (
+            first.webhook_id, job.id, "job.succeeded", receiver.url, 2
+        )
+        assert snapshot.id == job.id
+        again = deliver(pending.url, pending.event, {"n": 1}, SECRET, retries=3, backoff_s=0.01,
+                        log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None,
+                        webhook_id=pending.id, created_at=pending.created_at, attempts_before=pending.attempts)
+    assert again.delivered and again.attempts == 1 and again.webhook_id == first.webhook_id
+    assert [r["headers"]["Webhook-Id"] for r in receiver.requests] == [first.webhook_id] * 3
+    envelopes = [json.loads(r["body"]) for r in receiver.requests]
+    assert envelopes[0] == envelopes[2]  # the same id and creation time in the body
+    assert envelopes[2]["created_at"] == int(pending.created_at.timestamp())
+    with session_factory(db)() as session:
+        row = session.scalars(select(WebhookDelivery)).one()
+    assert row.attempts == 3 and row.last_status == 200 and row.last_error is None
+    assert row.delivered_at is not None and row.next_attempt_at is None
+    assert store.webhook_to_redeliver(first.webhook_id) is None  # delivered: nothing to send
+    assert store.webhook_to_redeliver("no-such-delivery") is None
+
+
+def test_redeliver_webhooks_sends_what_failed(db: Any, tmp_path: Path) -> None:
+    from latentdub.service.jobs import redeliver_webhooks
+    from latentdub.service.settings import ServiceSettings
+
+    store = JobStore(db)
+    job, _ = store.create(options={})
+    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=2,
+                               webhook_backoff_s=0.01)
+    with Receiver([503]) as receiver:
+        first = deliver(receiver.url, "job.succeeded", {}, SECRET, retries=0,
+                        log=store.webhook_delivery_log(), job_id=job.id)
+        orphan = deliver(receiver.url, "job.failed", {}, SECRET, retries=0, log=store.webhook_delivery_log())
+        assert not first.delivered and orphan.delivered  # the second answer is a 200
+        with session_factory(db)() as session:  # as if a retry of the orphan were still planned
+            row = session.get(WebhookDelivery, orphan.webhook_id)
+            row.delivered_at, row.next_attempt_at = None, dt.datetime.now(dt.UTC)
+            session.commit()
+        sent = redeliver_webhooks(store, settings)
+    assert sent == [first.webhook_id]  # the delivery without a job is closed, not sent
+    assert [r["headers"]["Webhook-Id"] for r in receiver.requests] == [
+        first.webhook_id, orphan.webhook_id, first.webhook_id
+    ]
+    assert verify(receiver.requests[-1]["headers"]["Webhook-Signature"], receiver.requests[-1]["body"],
+                  settings.webhook_signing_secret())
+    with session_factory(db)() as session:
+        done = session.get(WebhookDelivery, first.webhook_id)
+        closed = session.get(WebhookDelivery, orphan.webhook_id)
+    assert done.attempts == 2 and done.delivered_at is not None and done.next_attempt_at is None
+    assert closed.delivered_at is None and closed.next_attempt_at is None

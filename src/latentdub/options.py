@@ -35,7 +35,7 @@ DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
 # preset "auto" (the default) is resolved per dub by the device it runs on:
 # * CUDA: encode runs beside diffusion and must never be the slowest stage on a 16-core GPU host.
 #   The targets need 25 fps / 1.2 s/s ≈ 21 fps at 512 and 25 / 0.4 ≈ 63 fps at 256; measured
-#   x264 at 1080×1920 on 16 cores (../shared/research/gpu-baseline.md): medium 42 fps (would bound
+#   x264 at 1080×1920 on a 16-core GPU host (bench/bench_encode.py): medium 42 fps (would bound
 #   the 256 target), veryfast 83 fps (1.3× headroom at 256, 4× at 512). At crf 18 veryfast is
 #   0.2-1.4 dB PSNR below medium (clip-dependent) for ~7-10 % more bits (bench/bench_encode.py).
 # * elsewhere (CPU, MPS) diffusion is far slower than any preset, so the better-compressing

@@ -214,18 +214,17 @@ def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
     if not job.webhook_url:
         return
     try:
-        with store.webhook_log() as session:
-            outcome = webhooks.deliver(
-                job.webhook_url,
-                WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
-                job.to_dict(),
-                settings.webhook_signing_secret(),
-                retries=settings.webhook_retries,
-                backoff_s=settings.webhook_backoff_s,
-                timeout_s=settings.webhook_timeout_s,
-                session=session,
-                job_id=job.id,
-            )
+        outcome = webhooks.deliver(
+            job.webhook_url,
+            WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
+            job.to_dict(),
+            settings.webhook_signing_secret(),
+            retries=settings.webhook_retries,
+            backoff_s=settings.webhook_backoff_s,
+            timeout_s=settings.webhook_timeout_s,
+            log=store.webhook_delivery_log(),
+            job_id=job.id,
+        )
         if not outcome.delivered:
             log.warning("webhook of job %s was not delivered: %s", job.id, outcome.error)
     except Exception:
@@ -249,15 +248,16 @@ def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
     delivered: list[str] = []
     for delivery_id in ids:
         try:
-            with store.webhook_redelivery(delivery_id) as found:
-                if found is None:
-                    continue
-                session, record, job = found
-                outcome = webhooks.deliver(
-                    record.url, record.event, job.to_dict(), settings.webhook_signing_secret(),
-                    retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
-                    timeout_s=settings.webhook_timeout_s, session=session, job_id=job.id, record=record,
-                )
+            found = store.webhook_to_redeliver(delivery_id)
+            if found is None:
+                continue
+            pending, job = found
+            outcome = webhooks.deliver(
+                pending.url, pending.event, job.to_dict(), settings.webhook_signing_secret(),
+                retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
+                timeout_s=settings.webhook_timeout_s, log=store.webhook_delivery_log(), job_id=job.id,
+                webhook_id=pending.id, created_at=pending.created_at, attempts_before=pending.attempts,
+            )
             if outcome.delivered:
                 delivered.append(delivery_id)
             else:

@@ -15,7 +15,9 @@ same job, and an impossible move raises :class:`InvalidTransition`. Objects retu
 detached snapshots: read them freely, change jobs only through the store.
 
 The uploaded assets jobs are made from are recorded here too (:meth:`JobStore.add_asset`,
-:meth:`JobStore.remove_unused_assets`), so that the routes and workers never open a session.
+:meth:`JobStore.remove_unused_assets`), and so are the webhook deliveries
+(:meth:`JobStore.webhook_delivery_log`, :meth:`JobStore.webhook_to_redeliver`), so that the
+routes, the workers and the webhook sender never open a session.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -470,11 +473,9 @@ class JobStore:
         self.remove_assets(unused)
 
     # -- the webhook delivery log ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def webhook_log(self) -> Iterator[Session]:
-        """A session for :func:`~.webhooks.deliver` to record a job's webhook in (it commits each attempt)."""
-        with read_session(self.engine) as session:
-            yield session
+    def webhook_delivery_log(self) -> WebhookDeliveryLog:
+        """Where :func:`~.webhooks.deliver` records a job's webhook (each attempt in its own write)."""
+        return WebhookDeliveryLog(self.engine)
 
     def undelivered_webhooks(self, since: dt.datetime) -> builtins.list[str]:
         """Ids of the webhook deliveries made since ``since`` that never got through, oldest first."""
@@ -485,22 +486,26 @@ class JobStore:
                 .order_by(WebhookDelivery.created_at)
             ))
 
-    @contextlib.contextmanager
-    def webhook_redelivery(self, delivery_id: str) -> Iterator[tuple[Session, WebhookDelivery, Job] | None]:
-        """``(session, record, job)`` to send an undelivered webhook again in, or None: nothing to
-        send (delivered meanwhile, or gone). A delivery whose job was deleted is closed here."""
+    def webhook_to_redeliver(self, delivery_id: str) -> tuple[PendingWebhook, Job] | None:
+        """The undelivered webhook and its job (a detached snapshot) to send it again, or None:
+        nothing to send (delivered meanwhile, or gone). A delivery whose job was deleted is closed
+        here (no next attempt)."""
         with read_session(self.engine) as session:
             record = session.get(WebhookDelivery, delivery_id)
-            job = None if record is None or record.job_id is None else session.get(Job, record.job_id)
             if record is None or record.delivered_at is not None:
-                yield None
-                return
-            if job is None:  # the job was deleted: nothing to report any more
-                record.next_attempt_at = None
-                session.commit()
-                yield None
-                return
-            yield session, record, job
+                return None
+            pending = PendingWebhook(
+                id=record.id, job_id=record.job_id, event=record.event, url=record.url,
+                attempts=record.attempts, created_at=record.created_at,
+            )
+            job = None if record.job_id is None else session.get(Job, record.job_id)
+        if job is None:  # the job was deleted: nothing to report any more
+            with write_session(self.engine) as session:
+                record = session.get(WebhookDelivery, delivery_id)
+                if record is not None:
+                    record.next_attempt_at = None
+            return None
+        return pending, job
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
@@ -515,6 +520,52 @@ class JobStore:
         job.finished_at = utcnow()
         job.worker_id = None
         job.lease_expires_at = None
+
+
+@dataclass(frozen=True)
+class PendingWebhook:
+    """An undelivered webhook, as :meth:`JobStore.webhook_to_redeliver` finds it."""
+
+    id: str  # its Webhook-Id
+    job_id: str | None
+    event: str
+    url: str
+    attempts: int  # made so far
+    created_at: dt.datetime
+
+
+class WebhookDeliveryLog:
+    """The :class:`~.webhooks.DeliveryLog` of :func:`~.webhooks.deliver` in the database: each call
+    is one short write transaction, committed before the next attempt is made."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def started(self, webhook_id: str, job_id: str | None, event: str, url: str) -> None:
+        with write_session(self.engine) as session:
+            session.add(WebhookDelivery(
+                id=webhook_id, job_id=job_id, event=event, url=url, attempts=0, created_at=utcnow()
+            ))
+
+    def attempted(
+        self,
+        webhook_id: str,
+        *,
+        attempts: int,
+        status: int | None,
+        error: str | None,
+        delivered_at: dt.datetime | None,
+        next_attempt_at: dt.datetime | None,
+    ) -> None:
+        with write_session(self.engine) as session:
+            record = session.get(WebhookDelivery, webhook_id)
+            if record is None:  # gone with its job meanwhile: nothing to record
+                return
+            record.attempts = attempts
+            record.last_status = status
+            record.last_error = error
+            record.delivered_at = delivered_at
+            record.next_attempt_at = next_attempt_at
 
 
 def _encode_cursor(job: Job) -> str:

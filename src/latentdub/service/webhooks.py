@@ -27,13 +27,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from sqlalchemy.orm import Session
-
 from latentdub.errors import InputError
-from latentdub.service.models import WebhookDelivery, utcnow
 
 SIGNATURE_HEADER = "Webhook-Signature"
 ID_HEADER = "Webhook-Id"
@@ -138,6 +135,28 @@ def check_webhook_target(url: str) -> str:
     return url.strip()
 
 
+class DeliveryLog(Protocol):
+    """Where :func:`deliver` records a delivery (``JobStore.webhook_delivery_log()`` writes it to the
+    database). Each call is a complete, durable write: a crash mid-way leaves an accurate record."""
+
+    def started(self, webhook_id: str, job_id: str | None, event: str, url: str) -> None:
+        """A new delivery, before its first attempt (no attempts yet)."""
+
+    def attempted(
+        self,
+        webhook_id: str,
+        *,
+        attempts: int,
+        status: int | None,
+        error: str | None,
+        delivered_at: dt.datetime | None,
+        next_attempt_at: dt.datetime | None,
+    ) -> None:
+        """The state after an attempt: ``attempts`` in all (earlier runs included), the last HTTP
+        status (None: no answer) and error (None: delivered, at ``delivered_at``), and when the
+        next try is due (None: no further try follows)."""
+
+
 @dataclass
 class DeliveryResult:
     """How a webhook delivery ended."""
@@ -164,41 +183,43 @@ def deliver(
     retries: int = 5,
     backoff_s: float = 2.0,
     timeout_s: float = 10.0,
-    session: Session | None = None,
+    log: DeliveryLog | None = None,
     job_id: str | None = None,
     client: Any = None,
     sleep: Callable[[float], None] = time.sleep,
-    record: WebhookDelivery | None = None,
+    webhook_id: str | None = None,
+    created_at: dt.datetime | None = None,
+    attempts_before: int = 0,
 ) -> DeliveryResult:
     """POST the event to ``url``, signed, retrying up to ``retries`` times.
 
     The delay before retry ``n`` (1-based) is ``backoff_s * 2**(n-1)`` (at most 10 minutes).
-    Redirects are not followed. With a ``session``, a :class:`WebhookDelivery` row records the
-    attempts, the last status or error and the next attempt time; it is committed after every
-    attempt, so a crash mid-way leaves an accurate record. ``client``: an ``httpx.Client`` to use
-    (tests, connection reuse); one is made otherwise. ``record``: an undelivered
-    :class:`WebhookDelivery` of ``session`` to send again (after a restart): its id is the
-    ``Webhook-Id``, and its attempts go on counting.
+    Redirects are not followed. With a ``log``, the delivery is recorded there: ``started`` once
+    for a new delivery, then ``attempted`` after every attempt (the attempts, the last status or
+    error, the delivery time, the next attempt time), so a crash mid-way leaves an accurate
+    record. ``client``: an ``httpx.Client`` to use (tests, connection reuse); one is made
+    otherwise.
+
+    To send an undelivered event again (after a restart), pass its ``webhook_id`` (it stays the
+    ``Webhook-Id``), its ``created_at`` (the envelope's creation time) and ``attempts_before``,
+    the attempts made so far (the count goes on from there); ``started`` is not called then.
     """
     import httpx
 
     url = check_webhook_url(url)
-    if record is not None:  # a redelivery: the same Webhook-Id (the record's id) and creation time
-        webhook_id = record.id
-        created = int(record.created_at.timestamp())
+    if webhook_id is not None:  # a redelivery: the same Webhook-Id and creation time
+        created = int((created_at or dt.datetime.now(dt.UTC)).timestamp())
     else:
         webhook_id = str(uuid.uuid4())
         created = int(time.time())
+        attempts_before = 0
+        if log is not None:
+            log.started(webhook_id, job_id, event, url)
     body = encode_event(event, payload, webhook_id, created)
-    if session is not None and record is None:
-        record = WebhookDelivery(id=webhook_id, job_id=job_id, event=event, url=url, attempts=0, created_at=utcnow())
-        session.add(record)
-        session.commit()
 
     own_client = client is None
     http = client if client is not None else httpx.Client(timeout=timeout_s, follow_redirects=False)
     attempts, status, error = 0, None, None
-    base_attempts = record.attempts if record is not None else 0
     try:
         for attempt in range(max(0, int(retries)) + 1):
             attempts = attempt + 1
@@ -224,13 +245,16 @@ def deliver(
                     retry = status >= 500 or status == 429
             delay = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
             more = retry and attempt < retries
-            if record is not None and session is not None:
-                record.attempts = base_attempts + attempts
-                record.last_status = status
-                record.last_error = error
-                record.delivered_at = utcnow() if error is None else None
-                record.next_attempt_at = utcnow() + dt.timedelta(seconds=delay) if more else None
-                session.commit()
+            if log is not None:
+                now = dt.datetime.now(dt.UTC)
+                log.attempted(
+                    webhook_id,
+                    attempts=attempts_before + attempts,
+                    status=status,
+                    error=error,
+                    delivered_at=now if error is None else None,
+                    next_attempt_at=now + dt.timedelta(seconds=delay) if more else None,
+                )
             if not more:
                 break
             sleep(delay)
