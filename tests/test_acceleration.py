@@ -247,20 +247,30 @@ def test_render_batches_only_consecutive_full_windows_and_runs_short_ones_alone(
 
 
 # -- whole dubs ------------------------------------------------------------------------------
+def cut_clip(media_dir: Path, folder: Path, frames: int) -> tuple[Path, Path]:
+    """The first ``frames`` frames of a real talking head, and as many seconds of real speech."""
+    src = media_dir / "liveportrait_d20_man_25fps.mp4"
+    info = probe_video(src)
+    clip = folder / f"d20_{frames}.mp4"
+    with VideoWriter(clip, width=info.width, height=info.height, time_base=info.time_base, fps=info.fps) as w:
+        for f in iter_frames(src, stop=frames):
+            w.write(f.image, pts=f.pts - info.start_pts)
+    data, rate = sf.read(str(media_dir / "audio_latentsync_demo1_16k.wav"), dtype="float32", always_2d=True)
+    speech = folder / f"speech_{frames}.wav"
+    sf.write(str(speech), data[: int(frames / info.fps * rate)], rate)
+    return clip, speech
+
+
 @pytest.fixture(scope="module")
 def real_clip(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """40 frames (windows of 16, 16, 8) of a real talking head, and 1.6 s of real speech."""
-    folder = tmp_path_factory.mktemp("accel-clip")
-    src = media_dir / "liveportrait_d20_man_25fps.mp4"
-    info = probe_video(src)
-    clip = folder / "d20_40.mp4"
-    with VideoWriter(clip, width=info.width, height=info.height, time_base=info.time_base, fps=info.fps) as w:
-        for f in iter_frames(src, stop=40):
-            w.write(f.image, pts=f.pts - info.start_pts)
-    data, rate = sf.read(str(media_dir / "audio_latentsync_demo1_16k.wav"), dtype="float32", always_2d=True)
-    speech = folder / "speech.wav"
-    sf.write(str(speech), data[: int(1.6 * rate)], rate)
-    return clip, speech
+    return cut_clip(media_dir, tmp_path_factory.mktemp("accel-clip"), 40)
+
+
+@pytest.fixture(scope="module")
+def short_clip(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """24 frames (windows of 16 and 8) and 0.96 s of speech."""
+    return cut_clip(media_dir, tmp_path_factory.mktemp("accel-short"), 24)
 
 
 def dub_frames(
@@ -305,28 +315,31 @@ def test_full_dub_optimized_equals_reference_on_a_real_clip(
     assert all(np.array_equal(a, b) for a, b in zip(reference, default, strict=True))
 
 
+PASS_1: dict[Path, Any] = {}  # face analyses by clip, shared by the settings below
+
+
 @pytest.mark.parametrize(
     "accel", ["reference", "optimized", {"window_batch": 2, "device_paste": True}], ids=["reference", "optimized", "batched"]
 )
 def test_two_dubs_at_once_on_one_pipeline_each_equal_the_dub_alone(
-    tiny_weights: Path, real_clip: tuple[Path, Path], tmp_path: Path, accel: Any
+    tiny_weights: Path, short_clip: tuple[Path, Path], tmp_path: Path, accel: Any
 ) -> None:
     """Every dub has its own scheduler: a shared one (``set_timesteps`` writes the step count
     into it) gave frames up to 183 levels off when a 3-step and a 7-step dub overlapped."""
     import threading
 
-    clip, speech = real_clip
+    clip, speech = short_clip
     pipe = LipSyncPipeline.from_pretrained(tiny_weights, version="1.5", acceleration=accel)
-    analysis, cache, lock = pipe.analyze_faces, {}, threading.Lock()
+    analysis, lock = pipe.analyze_faces, threading.Lock()
 
     def analyze_once(inputs: Any, run: Any) -> Any:  # pass 1 is not what is compared
         with lock:
-            if "a" not in cache:
-                cache["a"] = analysis(inputs, run)
-            return cache["a"]
+            if clip not in PASS_1:
+                PASS_1[clip] = analysis(inputs, run)
+            return PASS_1[clip]
 
     pipe.analyze_faces = analyze_once  # type: ignore[method-assign]
-    alone = {s: dub_frames(pipe, clip, speech, tmp_path / f"alone{s}.mp4", None, steps=s) for s in (2, 5)}
+    alone = {s: dub_frames(pipe, clip, speech, tmp_path / f"alone{s}.mp4", None, steps=s) for s in (2, 3)}
     together: dict[int, list[np.ndarray]] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -338,17 +351,17 @@ def test_two_dubs_at_once_on_one_pipeline_each_equal_the_dub_alone(
         except BaseException as err:  # surfaced below, in the test's thread
             errors.append(err)
 
-    threads = [threading.Thread(target=dub, args=(s,)) for s in (2, 5)]
+    threads = [threading.Thread(target=dub, args=(s,)) for s in (2, 3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for s in (2, 5):
+    for s in (2, 3):
         assert len(together[s]) == len(alone[s])
         worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(alone[s], together[s], strict=True))
         assert worst == 0, f"{s} steps, run beside another dub: max |Δ| {worst} levels"
-    assert not all(np.array_equal(a, b) for a, b in zip(alone[2], alone[5], strict=True))  # the step counts matter
+    assert not all(np.array_equal(a, b) for a, b in zip(alone[2], alone[3], strict=True))  # the step counts matter
 
 
 def test_a_batched_optimized_dub_cancels_between_unet_steps(
