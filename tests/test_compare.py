@@ -290,14 +290,72 @@ def test_real_tiny_dub_through_the_cli(
     assert abs(out_audio.duration_s - dub_audio.duration_s) < 0.03
 
 
+def purple_pixels(region: np.ndarray) -> int:  # the ORIGINAL ENDED colour (170, 60, 200)
+    r, g, b = (region[..., i].astype(int) for i in range(3))
+    return int(((r > 130) & (r < 210) & (g < 110) & (b > 160)).sum())
+
+
+def blue_pixels(region: np.ndarray) -> int:  # the REPLAYED note (40, 90, 200)
+    r, g, b = (region[..., i].astype(int) for i in range(3))
+    return int(((r < 90) & (g > 50) & (g < 140) & (b > 160)).sum())
+
+
+@pytest.mark.slow
+def test_ping_ponged_dub_counts_its_replayed_frames_as_dubbed(
+    face_frames: list[np.ndarray], media_dir: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
+    """A real dub (tiny random weights) of 15 face frames (0.6 s) to 1.2 s of speech: the
+    default ping-pong policy plays frames 0…14 then 14…0 (the official ``loop_video`` order),
+    and all 30 get a regenerated mouth. Past the original's end the review must say so, not
+    ORIGINAL ENDED, and show the original frame each one replays."""
+    from latentdub.pipeline import LipSyncPipeline
+
+    video = write_video(tmp_path / "short.mp4", face_frames[:15])
+    speech = tmp_path / "speech.wav"
+    import soundfile as sf
+
+    data, rate = sf.read(str(media_dir / "audio_retalking_1_44k.wav"), dtype="float32", always_2d=True)
+    sf.write(str(speech), data[: int(1.2 * rate)], rate)
+    pipe = LipSyncPipeline.from_pretrained(tiny_weights, version="1.5")
+    dub = tmp_path / "dub.mp4"
+    assert pipe(video, speech, dub, consent=TEST_CONSENT, steps=1).frames == 30
+
+    out = tmp_path / "review.mp4"
+    result = compare_videos(video, dub, out)
+    assert result.frames == 30
+    assert result.frames_by_status["dubbed"] == 30
+    assert result.frames_by_status["original ended"] == 0
+    assert result.frames_replayed == 15
+    assert result.original_ended_s == pytest.approx(15 / FPS, abs=1e-3)
+    assert any("15 frames replay original frames" in w for w in result.warnings)
+
+    frames, _ = decode(out)
+    src, _ = decode(video)
+    pw, ph, mh, bh = expected_layout(458, 458)
+    body = (slice(60, ph - 10), slice(10, pw - 10))
+    band = slice(ph + mh, ph + mh + bh)
+    for k in range(30):
+        replayed = 29 - k if k >= 15 else k  # the ping-pong order, by hand
+        left = frames[k][:ph, :pw][body].astype(int)
+        errors = {j: float(np.abs(left - src[j][body]).mean()) for j in {replayed, 14, 7, 0}}
+        assert min(errors, key=lambda j: errors[j]) == replayed, (k, errors)
+        assert green_pixels(frames[k][band]) > 200, k  # the DUBBED chip …
+        assert purple_pixels(frames[k]) < 20, k  # … and nowhere ORIGINAL ENDED
+        note = blue_pixels(frames[k][: ph // 3, :pw])
+        assert (note > 200) if k >= 15 else (note < 20), (k, note)
+
+
 def test_dub_longer_than_a_smaller_original_at_another_frame_rate(
     face_frames: list[np.ndarray], tmp_path: Path
 ) -> None:
-    """Original: 15 frames at 25 fps (0.6 s), 230x230. Dub: 30 frames at 30 fps, 458x458."""
+    """Original: 15 frames at 25 fps (0.6 s), 230x230. Dub: 30 frames at 30 fps, 458x458;
+    past the original's end it shows pictures the original does not have (mirrored frames),
+    so nothing there is a replay: the original's last frame is held and marked."""
     small = [cv2.resize(f, (230, 230), interpolation=cv2.INTER_AREA) for f in face_frames[:15]]
     orig = write_video(tmp_path / "orig.mp4", small, fps=25)
     # The dub shows the source frame on screen at each 30 fps tick (what a dub keeps: geometry).
     dub_frames = [face_frames[min(29, math.floor(k / 30 * 25 + 1e-9))] for k in range(30)]
+    dub_frames[18:] = [np.ascontiguousarray(f[:, ::-1]) for f in dub_frames[18:]]
     dub = write_video(tmp_path / "dub.mp4", dub_frames, fps=30, audio=tone(1.0, 500.0))
     out = tmp_path / "review.mp4"
     result = compare_videos(orig, dub, out)
@@ -310,6 +368,7 @@ def test_dub_longer_than_a_smaller_original_at_another_frame_rate(
     # The original ends at 0.6 s = dub frame 18; from there its last frame is held and marked.
     assert result.original_ended_s == pytest.approx(0.6, abs=1e-3)
     assert result.frames_by_status["original ended"] == 12
+    assert result.frames_replayed == 0
     assert ranges(result.ranges)[-1] == (18, 30, "original ended")
     assert result.frames_by_status["dubbed"] == 0  # the picture is the same, only scaled
     held = [f[60 : ph - 10, 10 : pw - 10] for f in frames[20:30]]

@@ -12,6 +12,7 @@ import torch
 
 from latentdub.errors import InputError, WeightsError
 from latentdub.evaluation.syncnet import (
+    audio_levels,
     average_scores,
     lip_sync_scores,
     mfcc,
@@ -136,6 +137,53 @@ def test_wrong_shape_is_refused(tmp_path: Path) -> None:
     assert "netcnnlip.0.weight" in str(err.value)
 
 
+def _tiny_state_without_counters(tmp_path: Path) -> tuple[Path, dict]:
+    """A tiny random SyncNet re-saved without its BatchNorm ``num_batches_tracked`` keys, as
+    a state dict written by torch < 0.4.1 is."""
+    path = make_tiny_syncnet(tmp_path / "syncnet_v2.model", seed=5)
+    state = torch.load(path, weights_only=True)
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    assert counters  # the model has BatchNorm layers, else this test proves nothing
+    for k in counters:
+        del state[k]
+    torch.save(state, path)
+    return path, state
+
+
+def test_file_without_batchnorm_counters_loads(tmp_path: Path) -> None:
+    path, state = _tiny_state_without_counters(tmp_path)
+    model = load_syncnet(path)
+    loaded = model.state_dict()
+    for k, v in state.items():  # every stored weight and statistic arrives unchanged
+        assert torch.equal(loaded[k], v), k
+    counters = {k: v for k, v in loaded.items() if k.endswith("num_batches_tracked")}
+    assert counters and all(int(v) == 0 for v in counters.values())
+    # Same outputs as the complete file: the counters play no part in eval mode.
+    full = load_syncnet(make_tiny_syncnet(tmp_path / "full.model", seed=5))
+    x = torch.rand(2, 3, 5, full.dims.image_size, full.dims.image_size) * 255
+    assert torch.equal(model.forward_video(x), full.forward_video(x))
+
+
+def test_file_without_counters_still_refuses_a_missing_weight(tmp_path: Path) -> None:
+    path, state = _tiny_state_without_counters(tmp_path)
+    victim = next(k for k in state if k.endswith("running_var"))
+    del state[victim]
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="missing keys") as err:
+        load_syncnet(path)
+    assert victim in str(err.value)
+    assert "num_batches_tracked" not in str(err.value)  # only the real gap is named
+
+
+def test_file_without_counters_still_refuses_an_extra_key(tmp_path: Path) -> None:
+    path, state = _tiny_state_without_counters(tmp_path)
+    state["netcnnlip.99.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="unexpected keys") as err:
+        load_syncnet(path)
+    assert "netcnnlip.99.num_batches_tracked" in str(err.value)
+
+
 def test_wrapped_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "stable_syncnet.pt"
     torch.save({"state_dict": {"audio_encoder.conv.weight": torch.zeros(1)}}, path)
@@ -160,6 +208,60 @@ def test_mfcc_of_pure_tone() -> None:
     assert np.allclose(loud[0] - cc[0], 2 * np.log(2))
     assert np.allclose(loud[1:], cc[1:], atol=1e-6)
     assert np.isfinite(mfcc(np.zeros(16_000))).all()  # silence: eps floor, no -inf
+
+
+def _as_official_wav(signal: np.ndarray) -> np.ndarray:
+    """``signal`` (float32 in [-1, 1], 16 kHz) through the official route: FFmpeg's
+    libswresample writes a pcm_s16le WAV, ``scipy.io.wavfile.read`` reads it back as int16."""
+    import io
+
+    import av
+    from scipy.io import wavfile
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=16_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(signal[None].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = 16_000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    buf.seek(0)
+    rate, data = wavfile.read(buf)
+    assert rate == 16_000 and data.dtype == np.int16
+    return data
+
+
+def _quiet_float_audio(seconds: float = 1.0) -> np.ndarray:
+    """A quiet tone with sub-level float noise: rounding to int16 levels changes it."""
+    rng = np.random.default_rng(7)
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    x = 0.002 * np.sin(2 * np.pi * 220 * t) + rng.normal(scale=1.5e-5, size=t.size)
+    x[4000:6000] = rng.normal(scale=1e-5, size=2000)  # "silence" of float noise (< 1 level)
+    x[100] = 1.5  # one clipped sample
+    return x.astype(np.float32)
+
+
+def test_mfcc_input_is_the_int16_wav_the_official_code_reads() -> None:
+    x = _quiet_float_audio()
+    wav = _as_official_wav(x)
+    assert np.array_equal(audio_levels(x), wav.astype(np.float64))
+    assert np.array_equal(mfcc(audio_levels(x)), mfcc(wav))
+    # The test can fail: without rounding the features differ (most in the near-silence).
+    unrounded = mfcc(x.astype(np.float64) * 32768.0)
+    assert np.abs(unrounded - mfcc(wav)).max() > 1.0
+
+
+def test_scores_of_float_audio_equal_scores_of_its_int16_wav(tmp_path: Path) -> None:
+    model = load_syncnet(make_tiny_syncnet(tmp_path / "s.model", seed=2))
+    rng = np.random.default_rng(3)
+    size = model.dims.image_size
+    crops = rng.integers(0, 256, size=(30, size, size, 3), dtype=np.uint8)
+    x = _quiet_float_audio(30 / 25)
+    a = lip_sync_scores(crops, x, model)
+    b = lip_sync_scores(crops, _as_official_wav(x), model)
+    assert a.offset_distances == b.offset_distances
 
 
 # ------------------------------------------------------------------------------- LSE maths

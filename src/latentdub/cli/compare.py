@@ -62,6 +62,8 @@ def _print(s: dict[str, Any]) -> None:
     head.add_row("frames", f"{s['frames']} ({s['duration_s']:.2f} s), audio {'yes' if s['has_audio'] else 'none'}")
     counts = s["frames_by_status"]
     head.add_row("status", ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "none")
+    if s.get("frames_replayed"):
+        head.add_row("replayed", f"{s['frames_replayed']} frames show an original frame again (length policy)")
     names = {
         "dubbed_median": "mouth, dubbed frames",
         "passthrough_median": "mouth, pass-through frames",

@@ -23,8 +23,19 @@ plan, stream, summarize.
 
 Timeline: the output has exactly the dub's frames and timestamps (so its duration is the
 dub's), and the dub's audio. For each dub frame the original frame shown is the one on screen
-at the same timestamp; once the original has ended its last frame is held and the frames are
-marked ORIGINAL ENDED (a dub that was time-fitted or ping-ponged runs past it).
+at the same timestamp. A dub runs past the original's end when its length policy
+(:mod:`latentdub.timeline`: ``pingpong``, ``loop``, ``pad``) replays the original's picture
+to cover longer audio; those frames are still dubbed (their mouth was regenerated). So when
+the dub is longer than the original, the original's frames are kept (JPEG, at most
+:data:`REPLAY_BUDGET_BYTES`; the oldest go first) and each dub frame past the end is paired
+with the original frame whose picture it replays: the nearest by a 32×32 grey thumbnail,
+preferring the frame the ping-pong, loop or pad order predicts for its index when that is as
+near, and accepted only if, outside the mouth, it differs from the dub no more than the frames
+before the end did (:data:`REPLAY_MARGIN`). Such a frame gets its measured status
+(dubbed, pass-through, no face) with the note "picture replayed (length policy)", the original
+side says REPLAYED and which frame, and the summary counts them in ``frames_replayed``. A frame
+past the end that matches no original frame (a picture the original does not have) keeps the
+original's last frame, dimmed and marked ORIGINAL ENDED.
 
 Where the mouth is: the face pipeline (:func:`~latentdub.face.analyze_video` and
 :func:`~latentdub.face.select_face`, the same calls a dub makes) runs on the **original**, not on
@@ -50,7 +61,8 @@ Status of each frame, in the band and by a coloured border around the dub:
 * ``pass-through``: a face is there but its mouth is unchanged; the reason is the one a dub
   with this face policy gives (face too small, turned away, …) or "mouth unchanged".
 * ``no face``: the original has no face at that time (a dub passes such frames through).
-* ``original ended``: the dub runs past the end of the original.
+* ``original ended``: the dub runs past the end of the original and its picture is none of
+  the original's frames (replayed frames get one of the statuses above, see Timeline).
 
 Memory: both inputs are decoded one frame at a time in lockstep
 (:class:`~latentdub.evaluation.lockstep.Lockstep` by time, the reader ``eval`` uses by index);
@@ -115,6 +127,14 @@ __all__ = [
 ]
 
 MISMATCH_LEVEL = 12.0  # median difference outside the mouth above which the inputs look unrelated
+REPLAY_NOTE = "picture replayed (length policy)"
+REPLAY_BUDGET_BYTES = 256 * 2**20  # JPEGs of the original kept for matching replayed frames
+REPLAY_MARGIN = 1.0
+"""A frame past the end replays original frame j if its mean difference outside the mouth is
+at most the median of the frames before the end + 1 grey level. Measured on a real ping-ponged
+tiny dub (test_compare): true replays 0.1–0.2 above that median, neighbouring frames up to 2
+above. A picture within that margin of an original frame is taken as its replay."""
+_THUMB = 32
 
 
 @dataclass
@@ -135,7 +155,8 @@ class CompareResult:
     frames_by_status: dict[str, int]
     ranges: list[dict[str, Any]]  # runs of frames that are not "dubbed", with why
     mouth_delta: dict[str, float | None]  # median |Δ| (grey levels) inside/outside the mouth
-    original_ended_s: float | None = None  # dub time from which the original's last frame is held
+    original_ended_s: float | None = None  # dub time from which the dub runs past the original
+    frames_replayed: int = 0  # frames past the original's end that replay one of its frames
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -193,6 +214,7 @@ class _Plan:
     frames_analysed: int
     warnings: list[str]
     timings: dict[str, float]
+    replays: Any = None  # the _Replays of the stream, when the dub outlasts the original
 
     @property
     def to_dub(self) -> tuple[float, float]:
@@ -268,15 +290,16 @@ class _Tally:
     inside_by_status: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STATUSES})
     outside: list[float] = field(default_factory=list)
     reference: list[float] = field(default_factory=list)
-    ended_at: float | None = None  # dub time from which the original's last frame is held
+    ended_at: float | None = None  # dub time from which the dub runs past the original
+    replayed: int = 0  # frames past the end matched to the original frame they replay
     last_time: float = 0.0  # where the dub's last frame ends
 
     def add(self, state: FrameState, frame: Frame, info: VideoInfo) -> None:
         d = state.deltas
-        if state.status == ORIGINAL_ENDED:
-            if self.ended_at is None:
-                self.ended_at = state.time_s
-        else:  # past the original's end nothing is compared
+        if (state.status == ORIGINAL_ENDED or state.replayed) and self.ended_at is None:
+            self.ended_at = state.time_s
+        self.replayed += int(state.replayed)
+        if state.status != ORIGINAL_ENDED:  # past the original's end nothing is compared
             self.outside.append(d.rest)
             if d.face is not None:
                 self.reference.append(d.face)
@@ -289,6 +312,66 @@ class _Tally:
         self.last_time = state.time_s + step
 
 
+def _thumb(image: np.ndarray) -> np.ndarray:
+    """A 32×32 grey thumbnail (float32): what is compared to find a replayed frame."""
+    import cv2
+
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (_THUMB, _THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+class _Replays:
+    """The original's frames (JPEG), for pairing a dub frame past the end with the original
+    frame its length policy replays (see the module doc). Only used when the dub is longer."""
+
+    def __init__(self, budget: int = REPLAY_BUDGET_BYTES) -> None:
+        self.budget = budget
+        self.used = 0
+        self.dropped = 0  # frames let go to stay in the budget
+        self.kept: dict[int, tuple[Frame, bytes, np.ndarray]] = {}  # index → (frame, JPEG, thumb)
+
+    def keep(self, frame: Frame) -> None:
+        import cv2
+
+        if frame.index in self.kept:
+            return
+        ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
+            return
+        data = jpeg.tobytes()
+        stub = Frame(frame.index, frame.time_s, np.empty((0, 0, 3), np.uint8), frame.pts, frame.duration)
+        self.kept[frame.index] = (stub, data, _thumb(frame.image))
+        self.used += len(data)
+        while self.used > self.budget and len(self.kept) > 1:
+            oldest = next(iter(self.kept))
+            self.used -= len(self.kept.pop(oldest)[1])
+            self.dropped += 1
+
+    def find(self, image: np.ndarray, k: int, n: int, *, predict: bool) -> Frame | None:
+        """The kept original frame nearest to the dub frame ``k``'s ``image``; ``n`` is the
+        number of original frames. With ``predict`` (the dub's frames have matched the
+        original's one to one up to its end, as a dub of it at its own rate does) the frame
+        each policy's order (:mod:`latentdub.timeline`) predicts for index ``k`` wins a near
+        tie: a replay passes the same pictures twice, and still frames look alike."""
+        import cv2
+
+        if not self.kept:
+            return None
+        indices = list(self.kept)
+        thumbs = np.stack([self.kept[j][2] for j in indices])
+        dist = np.abs(thumbs - _thumb(image)[None]).mean(axis=(1, 2))
+        best = int(np.argmin(dist))
+        cycle = k % (2 * n)
+        predicted = (cycle if cycle < n else 2 * n - 1 - cycle, k % n, n - 1) if predict else ()
+        for j in predicted:
+            if j in self.kept and dist[indices.index(j)] <= dist[best] + 0.5:
+                best = indices.index(j)
+                break
+        stub, data, _ = self.kept[indices[best]]
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        return Frame(stub.index, stub.time_s, np.ascontiguousarray(image), stub.pts, stub.duration)
+
+
 def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progress) -> _Tally:
     """Decode the dub, and the original by time, in lockstep; compose and write each frame."""
     from latentdub.evaluation.lockstep import Lockstep
@@ -299,6 +382,10 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
     tally = _Tally()
     no_face_card = card((L.panel_width, L.mouth_height), "NO FACE", L.text_height)
     first_pts: int | None = None
+    # Keep the original's frames only when the dub outlasts it (a length policy replays them).
+    replays = _Replays() if info.duration_s > plan.orig_info.duration_s + 1e-3 else None
+    plan.replays = replays
+    first_ended: int | None = None  # index of the first dub frame past the original's end
     run.start("compare", info.num_frames, frames=True)
     with (
         Lockstep(plan.dubbed, plan.original, by="time", original_info=plan.orig_info) as pairs,
@@ -308,9 +395,19 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
         ) as writer,
     ):
         for k, pair in enumerate(pairs):
-            frame, orig = pair.dub, pair.original
+            frame, orig, ended = pair.dub, pair.original, pair.ended
             assert orig is not None  # by time there always is one (held once the original has ended)
-            canvas, state = _review_frame(plan, frame, orig, pair.ended, no_face_card)
+            replayed = None
+            if replays is not None:
+                if not ended:
+                    replays.keep(orig)
+                else:
+                    first_ended = k if first_ended is None else first_ended
+                    aligned = first_ended == orig.index + 1
+                    replayed = _replayed_original(plan, replays, frame, k, orig.index + 1, tally, aligned)
+            if replayed is not None:
+                orig, ended = replayed, False
+            canvas, state = _review_frame(plan, frame, orig, ended, no_face_card, replayed=replayed is not None)
             if first_pts is None:
                 first_pts = frame.pts
             writer.write(canvas, pts=frame.pts - first_pts)
@@ -322,10 +419,35 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
     return tally
 
 
+def _replayed_original(
+    plan: _Plan, replays: _Replays, frame: Frame, k: int, n: int, tally: _Tally, aligned: bool
+) -> Frame | None:
+    """The original frame that dub frame ``k`` (past the original's end) replays, or None
+    when its picture, outside the mouth, is further from every kept frame than re-encoding
+    noise (:data:`REPLAY_MARGIN`)."""
+    candidate = replays.find(frame.image, k, n, predict=aligned)
+    if candidate is None:
+        return None
+    L, track = plan.layout, plan.track
+    pw, ph = L.panel_width, L.panel_height
+    j = min(candidate.index, track.num_frames - 1)
+    rect = panel_rect(track.region[j], plan.to_panel, (pw, ph)) if track.has_face(j) else None
+    rest = measure_deltas(fit_panel(candidate.image, (pw, ph)), fit_panel(frame.image, (pw, ph)), rect).rest
+    baseline = float(np.median(tally.outside)) if tally.outside else 2.0
+    return candidate if rest <= baseline + REPLAY_MARGIN else None
+
+
 def _review_frame(
-    plan: _Plan, frame: Frame, orig: Frame, ended: bool, no_face_card: np.ndarray
+    plan: _Plan,
+    frame: Frame,
+    orig: Frame,
+    ended: bool,
+    no_face_card: np.ndarray,
+    *,
+    replayed: bool = False,
 ) -> tuple[np.ndarray, FrameState]:
-    """One frame of the review video, and what it shows."""
+    """One frame of the review video, and what it shows (``replayed``: ``orig`` is the frame
+    a length policy replays past the original's end)."""
     L, track = plan.layout, plan.track
     pw, ph, mh = L.panel_width, L.panel_height, L.mouth_height
     j = min(orig.index, track.num_frames - 1)  # the face pass may stop short of the original's end
@@ -345,6 +467,8 @@ def _review_frame(
     else:
         orig_mouth = dub_mouth = no_face_card
     status, reason = _status(ended, has_face, deltas, str(track.reason[j]))
+    if replayed:
+        reason = f"{reason}; {REPLAY_NOTE}" if reason else REPLAY_NOTE
     state = FrameState(
         index=frame.index,
         time_s=frame.time_s,
@@ -354,6 +478,7 @@ def _review_frame(
         original_time_s=orig.time_s,
         deltas=deltas,
         zoom=zoom,
+        replayed=replayed,
     )
     return compose(L, orig_panel, dub_panel, orig_mouth, dub_mouth, state), state
 
@@ -387,12 +512,26 @@ def _summarize(plan: _Plan, tally: _Tally, output: Path) -> CompareResult:
             f"the dub differs from the original everywhere, not only at the mouth (median "
             f"{outside_median:.1f} grey levels outside the mouth): is it a dub of this original?"
         )
-    if tally.ended_at is not None:
-        warnings.append(
-            f"the dub runs past the end of the original (from {format_timecode(tally.ended_at)}): "
-            "the original's last frame is held there"
-        )
     codes = np.asarray(tally.codes, dtype=np.int8)
+    held = int((codes == STATUSES.index(ORIGINAL_ENDED)).sum())
+    if tally.ended_at is not None:
+        parts = []
+        if tally.replayed:
+            parts.append(
+                f"{tally.replayed} frames replay original frames (the dub's length policy) and "
+                "are compared with the frame they replay"
+            )
+        if held:
+            parts.append(f"{held} frames show a picture the original does not have: its last frame is held there")
+        warnings.append(
+            f"the dub runs past the end of the original (from {format_timecode(tally.ended_at)}): " + "; ".join(parts)
+        )
+    replays = plan.replays
+    if replays is not None and replays.dropped:
+        warnings.append(
+            f"{replays.dropped} early frames of the original were not kept for matching replayed frames "
+            f"(memory budget {REPLAY_BUDGET_BYTES // 2**20} MB)"
+        )
     n, times, L = len(codes), tally.times, plan.layout
     return CompareResult(
         output=str(output),
@@ -415,6 +554,7 @@ def _summarize(plan: _Plan, tally: _Tally, output: Path) -> CompareResult:
             "outside_median": outside_median,
         },
         original_ended_s=None if tally.ended_at is None else round(tally.ended_at, 4),
+        frames_replayed=tally.replayed,
         warnings=warnings,
         timings=plan.timings,
     )

@@ -44,6 +44,7 @@ _STYLE: dict[str, tuple[str, tuple[int, int, int]]] = {
     ORIGINAL_ENDED: ("ORIGINAL ENDED", (170, 60, 200)),
 }
 _BAND_COLOUR = (20, 20, 20)
+_REPLAY_COLOUR = (40, 90, 200)  # blue: neither a status colour nor ORIGINAL ENDED's purple
 _CARD_COLOUR = (96, 96, 96)
 _WHITE = (255, 255, 255)
 _GREY_TEXT = (170, 170, 170)
@@ -202,6 +203,7 @@ class FrameState:
     original_time_s: float
     deltas: Deltas
     zoom: tuple[float, float] | None  # enlargement of the original's and the dub's mouth
+    replayed: bool = False  # past the original's end: the dub replays original frame original_index
 
 
 def compose(
@@ -232,6 +234,11 @@ def compose(
         note = "ORIGINAL ENDED: last frame held"
         th = fit_height(note, pw - 4 * pad, lh)
         draw_label(canvas, note, (pad, ph // 2), th, _WHITE, colour)
+    elif state.replayed:
+        # Not "ended": the dub's picture is this original frame again (its length policy).
+        note = f"REPLAYED #{state.original_index} (length policy)"
+        th = fit_height(note, pw - 4 * pad, lh)
+        draw_label(canvas, note, (pad, 2 * pad + lh), th, _WHITE, _REPLAY_COLOUR)
     draw_label(canvas, "ORIGINAL", (pad, pad), lh, _WHITE, (0, 0, 0), alpha=0.6)
     draw_label(canvas, "DUB", (pw + pad, pad), lh, _WHITE, (0, 0, 0), alpha=0.6)
     if state.zoom is not None:

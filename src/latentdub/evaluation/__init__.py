@@ -267,7 +267,8 @@ def _plan_sync(plan: _Plan, min_track: int) -> None:
         plan.notes.append(
             f"the video runs at {'a variable rate averaging ' if plan.info_v.is_vfr else ''}{fps:.3f} "
             f"fps; SyncNet's protocol is {FPS} fps, so each 1/{FPS} s took the frame with the "
-            f"nearest timestamp ({len(plan.ticks)} frames, as `ffmpeg -r {FPS}` would give)"
+            f"nearest timestamp ({len(plan.ticks)} frames; close to `ffmpeg -vf fps={FPS}`, not the "
+            f"official `-r {FPS}`, which keeps the first frames and drops later: see evaluation/crops.py)"
         )
     plan.params = crop_params(sel, analysis.scene_cuts)
     plan.segments, short = face_segments(sel, analysis.scene_cuts, plan.ticks, min_track)

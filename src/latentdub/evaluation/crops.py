@@ -25,8 +25,33 @@ bilinear) and written to an MPEG-4 file that SyncNet then reads back. SyncNet se
   ``medfilt`` pads with zeros, which shrinks and shifts the first and last six boxes of every
   official track.
 * **25 fps.** Frames are not re-encoded: each 1/25 s tick takes the source frame whose
-  timestamp is nearest (ties to the earlier one), the frame ``ffmpeg -r 25`` would duplicate
-  or keep (:func:`ticks_25fps`). A 25 fps input maps one to one.
+  timestamp is nearest (ties to the earlier one) (:func:`ticks_25fps`). A 25 fps input maps
+  one to one. For other rates this is close to ``-vf fps=25`` but it is *not* the official
+  selection, measured here with FFmpeg n9.0.2 (the static build in imageio-ffmpeg 0.8.1, not
+  a dependency) on lossless clips that stamp each frame's index, given the timestamps of test
+  clips in ``shared/media``, through both official steps (syncnet_python ``run_pipeline.py``:
+  ``ffmpeg -y -i X -qscale:v 2 -async 1 -r 25 video.avi``, then ``ffmpeg -y -i video.avi
+  -qscale:v 2 -threads 1 -f image2 %06d.jpg``):
+
+  - ``vexpress_aoc_29.97fps.mp4`` (137 frames, 4.57 s): official 116 frames, here 114; 111 of
+    the first 114 differ. The official keeps source frames 0–11 one to one and only then drops
+    one in six, so its pictures come on average 58 ms (at most 77 ms, ~1.5 frames) after their
+    source time, here within ±17 ms (mean −0.4 ms). The official audio is not delayed with
+    them, so there the video lags its speech by ~1.5 frames, which can move the AV offset and
+    the LSE-C / LSE-D of a well-synced clip. 30 fps (``latentsync_demo3``, 600 frames): 502
+    vs 500 frames, 497 differ, official lag 59 ms mean. VFR (``retalking_face1_man_vfr``): 153
+    vs 152 frames, 37 differ.
+  - ``-vf fps=25`` (a source frame starts at the output slot nearest its time) differs from
+    here at 6 of 114 ticks on the 29.97 fps clip (near-ties), 1 of 53 on
+    ``vexpress_hdtf_radio10_29.97fps_2s``, 0 of 500 at 30 fps and 17 of 152 on the VFR clip.
+  - Through :func:`latentdub.evaluation.evaluate` on ``vexpress_aoc_29.97fps.mp4`` with the
+    tiny random SyncNet (``make-tiny``, seed 0), swapping only the tick selection for the
+    measured official one: LSE-D 1.7958 → 1.8008, LSE-C 0.00730 → 0.00719, offset unchanged.
+    Random weights make those scores meaningless; the effect with the real model was not
+    measured (its weights are not in the repository).
+
+  The official selection also depends on the FFmpeg release the evaluator had (its output
+  rate conversion has changed between releases); only n9.0.2 was measured.
 * **Resampling.** One affine resample straight from the frame to the model's input size
   (bilinear, with an area prefilter when shrinking by more than ~1.7×), grey 110 outside
   the frame; the official pads, slices at integer pixels, resizes without a prefilter and

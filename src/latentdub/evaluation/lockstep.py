@@ -11,7 +11,7 @@ the length. Two pairings:
 * ``by="time"`` (``compare``): the original frame on screen at the dub frame's timestamp, the
   original decoding forward only, one frame ahead. Once the original has ended its last frame
   is held and the pair is marked :attr:`FramePair.ended` (a time-fitted or ping-ponged dub
-  runs past it).
+  runs past it; ``compare`` then looks for the original frame the dub's picture replays).
 
 Without an original (``eval`` of a lone video) every pair has ``original=None``. The original's
 decoder is closed as soon as the dub ends (an original longer than its dub is not decoded to

@@ -28,8 +28,9 @@ Where this may differ from the official numbers:
   filters over 0–8 kHz, log, orthonormal DCT-II, lifter 22, c0 replaced by the log frame
   energy), computed in float64; it has not been compared against that library here, so tiny
   numerical differences (and any difference in its framing/rounding details) are possible.
-  Float audio in [-1, 1] is scaled to int16 levels first, because the original feeds the
-  integer samples of a wav file and the log features are not scale invariant.
+  Float audio in [-1, 1] is scaled to int16 levels and rounded to integers first
+  (:func:`audio_levels`), because the original feeds the integer samples of an s16 wav file
+  and the log features are neither scale invariant nor blind to the rounding.
 * Resizing crops to the model's input size uses bilinear filtering with antialiasing (torch),
   not OpenCV's.
 """
@@ -56,6 +57,7 @@ __all__ = [
     "WINDOW_FRAMES",
     "StreamingSyncScorer",
     "SyncScores",
+    "audio_levels",
     "average_scores",
     "lip_sync_scores",
     "mfcc",
@@ -158,15 +160,25 @@ def mfcc(
     return cep.T
 
 
-def _audio_levels(audio: np.ndarray) -> np.ndarray:
-    """Mono samples at int16 levels (float input in [-1, 1] is scaled by 32768)."""
+def audio_levels(audio: np.ndarray) -> np.ndarray:
+    """The MFCC input: mono samples as int16 values (held in float64).
+
+    The official path feeds integers: syncnet_python's ``run_pipeline.py`` has ffmpeg write a
+    16 kHz mono s16 WAV, ``SyncNetInstance.evaluate`` reads it with ``scipy.io.wavfile.read``
+    (int16) and passes it unscaled to ``python_speech_features.mfcc``. So float audio in
+    [-1, 1] is scaled by 32768 and rounded half to even and clipped to [-32768, 32767], as
+    ffmpeg's float → s16 conversion does (``lrintf(x * (1 << 15))`` then ``av_clip_int16``
+    in libswresample's ``audioconvert.c``). Integer input is used as it is.
+    """
     a = np.asarray(audio)
     if a.ndim == 2:  # (samples, channels) or (channels, samples): average the short axis
         a = a.mean(axis=int(np.argmin(a.shape)))
     if a.ndim != 1:
         raise InputError(f"audio must be mono samples (1-D), got shape {a.shape}")
     if np.issubdtype(a.dtype, np.floating):
-        return a.astype(np.float64) * 32768.0
+        # Rounding matters: below ~1 level the unrounded log features differ, and silence
+        # with float noise would otherwise not be the digital silence the official code sees.
+        return np.clip(np.rint(a.astype(np.float64) * 32768.0), -32768.0, 32767.0)
     return a.astype(np.float64)
 
 
@@ -214,7 +226,7 @@ def window_embeddings(
     syncnet.SyncNet`); it is fed windows in increasing time order.
     """
     bgr = _crops_bgr(mouth_crops)
-    levels = _audio_levels(audio_16k)
+    levels = audio_levels(audio_16k)
     length = min(bgr.shape[0], levels.size // SAMPLES_PER_FRAME)
     n_windows = length - WINDOW_FRAMES
     if n_windows < 1:
@@ -342,7 +354,7 @@ class StreamingSyncScorer:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        levels = _audio_levels(audio_16k)
+        levels = audio_levels(audio_16k)
         length = min(int(num_frames), levels.size // SAMPLES_PER_FRAME)
         self.num_frames = int(num_frames)
         self.num_windows = length - WINDOW_FRAMES

@@ -3,7 +3,13 @@
 The official file is a raw ``torch.save``-d state dict (no wrapper, no dims). It is read with
 :func:`~latentdub.weights.checkpoint.read_torch_file` (``weights_only``, so it cannot run code)
 and loaded strictly: a missing, unexpected or mis-shaped key is a
-:class:`~latentdub.errors.WeightsError` that lists it.
+:class:`~latentdub.errors.WeightsError` that lists it. The one exception are the BatchNorm
+``num_batches_tracked`` counters: torch added them in 0.4.1 (2018), and a state dict saved
+before that lacks them although its weights are complete. The official loader
+(``SyncNetInstance.loadParameters`` in joonson/syncnet_python, copied by LatentSync's
+``eval/syncnet/syncnet_eval.py``) copies key by key and never asks for them; they only count
+training steps and play no part in an eval-mode forward pass. A file without them gets them
+at torch's initial value 0; any other missing key is still refused.
 
 A tiny random model (:func:`make_tiny_syncnet`) is written in the same raw format, plus a
 sidecar ``<file>.json`` that records its dims and says ``"random_weights": true``; the loader
@@ -90,6 +96,33 @@ def _dims_from_sidecar(path: Path, side: Mapping[str, Any]) -> SyncNetDims:
         ) from None
 
 
+_COUNTER = "num_batches_tracked"
+
+
+def _with_batch_counters(state: Mapping[str, Any], dims: SyncNetDims) -> Mapping[str, Any]:
+    """``state`` with every BatchNorm counter the model has and the file lacks set to 0.
+
+    Only a counter whose layer's ``running_mean`` is in the file is filled, so a file that
+    lacks a whole layer is still refused for its missing weights (and names them).
+    """
+    with torch.device("meta"):
+        expected = SyncNet(dims).state_dict().keys()
+    fill = [
+        k
+        for k in expected
+        if k.endswith("." + _COUNTER)
+        and k not in state
+        and k[: -len(_COUNTER)] + "running_mean" in state
+    ]
+    if not fill:
+        return state
+    log.debug("SyncNet file lacks %d BatchNorm counters (pre-0.4.1 torch); set to 0", len(fill))
+    out = dict(state)
+    for k in fill:
+        out[k] = torch.zeros((), dtype=torch.long)  # BatchNorm's initial value
+    return out
+
+
 def load_syncnet(
     path: str | Path,
     *,
@@ -117,6 +150,7 @@ def load_syncnet(
             f"keys like {listing(names, 3) or '(none)'}), probably LatentSync's own "
             f"stable_syncnet.pt, which is not the evaluation model. {_HINT}"
         )
+    obj = _with_batch_counters(obj, dims)
     model = load_module_strict(
         lambda: SyncNet(dims), obj, path, _WHAT, dtype=dtype, device=device, hint=_HINT
     )
