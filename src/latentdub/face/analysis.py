@@ -145,6 +145,13 @@ class FaceAnalysis:
     obs_score: np.ndarray  # (M,) float32
     obs_yaw: np.ndarray  # (M,) float32, NaN if the backend gives none
     tracks: list[TrackInfo] = field(default_factory=list)
+    # (M,) float32 lip aperture (latentdub.face.speakers.lip_aperture), NaN unless the backend
+    # kept its landmarks; None given = all NaN (analyses built without it).
+    obs_lip: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.obs_lip is None:
+            self.obs_lip = np.full(len(self.obs_frame), np.nan, dtype=np.float32)
 
     # -- basic facts ----------------------------------------------------------------------------
     @property
@@ -322,6 +329,7 @@ def _analysis_from_pass(fp: FramePass, path: Path, info: VideoInfo, backend_name
         obs_anchors=np.asarray(fp.o_anchor, dtype=np.float64).reshape(-1, 3, 2),
         obs_score=np.asarray(fp.o_score, dtype=np.float32),
         obs_yaw=np.asarray(fp.o_yaw, dtype=np.float32),
+        obs_lip=np.asarray(fp.o_lip, dtype=np.float32),
     )
     analysis.tracks = _summarise_tracks(analysis)
     return analysis

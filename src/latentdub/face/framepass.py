@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from latentdub.face.backend import FaceObservation
+from latentdub.face.lips import lip_aperture
 from latentdub.face.tracking import Tracker
 
 #: Progress of pass 1: (frames done, total frames or None).
@@ -48,6 +49,9 @@ class FramePass:
         self.o_anchor = array("d")
         self.o_score = array("f")
         self.o_yaw = array("f")
+        # Lip aperture (speakers.lip_aperture): only when the backend keeps its landmarks
+        # (MediaPipeBackend(keep_landmarks=True)); NaN otherwise. 4 bytes per face per frame.
+        self.o_lip = array("f")
         self.last_duration: int | None = None
 
     def step(
@@ -74,3 +78,4 @@ class FramePass:
             self.o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
             self.o_score.append(face.score)
             self.o_yaw.append(np.nan if face.yaw is None else face.yaw)
+            self.o_lip.append(np.nan if face.landmarks is None else lip_aperture(face.landmarks))

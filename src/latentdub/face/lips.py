@@ -1,0 +1,35 @@
+"""The lip aperture: how far the mouth is open, from Face Mesh landmarks (scale-free).
+
+A leaf module: pass 1 (``framepass``) records it per face per frame, and the active-speaker
+detector (``speakers``) reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# MediaPipe Face Mesh (468 points) inner-lip contour, from FACEMESH_LIPS in mediapipe's
+# python/solutions/face_mesh_connections.py: upper inner lip 78-191-80-81-82-13-312-311-310-415-308,
+# lower inner lip 78-95-88-178-87-14-317-402-318-324-308. The three central vertical pairs
+# (82/87, 13/14, 312/317) measure the opening; averaging them tolerates one noisy point.
+MP_INNER_LIP_PAIRS: tuple[tuple[int, int], ...] = ((82, 87), (13, 14), (312, 317))
+# Outer eye corners (33 image-left, 263 image-right; the points MediaPipe's own face geometry
+# and the usual eye-aspect-ratio code use): the inter-ocular distance does not change while
+# speaking, unlike the mouth width, so it is the face-size normaliser.
+MP_EYE_OUTER: tuple[int, int] = (33, 263)
+
+
+def lip_aperture(landmarks: np.ndarray) -> float:
+    """Inner-lip opening / inter-ocular distance from Face Mesh landmarks (≥468, ≥2 columns).
+
+    About 0 with the lips closed, ~0.1-0.4 when speaking; scale-free, so faces of any size
+    compare. NaN for a degenerate face.
+    """
+    pts = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    upper = pts[[a for a, _ in MP_INNER_LIP_PAIRS]]
+    lower = pts[[b for _, b in MP_INNER_LIP_PAIRS]]
+    opening = float(np.linalg.norm(lower - upper, axis=1).mean())
+    eyes = float(np.linalg.norm(pts[MP_EYE_OUTER[1]] - pts[MP_EYE_OUTER[0]]))
+    return opening / eyes if eyes > 1e-6 else math.nan
