@@ -90,8 +90,16 @@ PASTE_CASES = [
     (512, 520.0, 0.25),
     (512, 200.0, 0.05),
 ]
+# OpenCV 5 rewrote warpAffine (no 1/32-px fixed-point grid): measured up to 6 levels from its own 4.x
+# output on rotated cases. The device paste reproduces 4.x, which mediapipe's numpy<2 pin installs
+# (pyproject also caps it); an environment with OpenCV 5 (the lent GPU image) has no reference here.
+OPENCV_4 = pytest.mark.skipif(
+    int(cv2.__version__.split(".")[0]) >= 5,
+    reason=f"OpenCV {cv2.__version__}: the device paste reproduces OpenCV 4.x's warpAffine arithmetic",
+)
 
 
+@OPENCV_4
 @pytest.mark.parametrize(("res", "face", "angle"), PASTE_CASES)
 def test_device_paste_matches_the_opencv_paste(res: int, face: float, angle: float) -> None:
     rng = np.random.default_rng(int(face))
@@ -106,7 +114,7 @@ def test_device_paste_matches_the_opencv_paste(res: int, face: float, angle: flo
         worst = max(worst, int(np.abs(got.astype(int) - expected).max()))
         if center == (320.0, 200.0):
             assert (expected != frame).any()  # something was pasted: the comparison means something
-    # The bound the issue asks for; OpenCV ≤ 4.11's fixed-point arithmetic is reproduced, so 0.
+    # The bound the issue asks for; OpenCV 4.x's fixed-point arithmetic is reproduced, so 0.
     assert worst <= 1, f"device paste differs from OpenCV by {worst} levels"
 
 
@@ -453,6 +461,7 @@ def test_cuda_graph_replays_equal_eager_steps(tiny_weights: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@OPENCV_4
 @pytest.mark.parametrize(("res", "face", "angle"), PASTE_CASES)
 def test_gpu_paste_with_pinned_copies_matches_opencv(res: int, face: float, angle: float) -> None:
     rng = np.random.default_rng(3)

@@ -158,7 +158,7 @@ def blend_region_mask(
 # crop on the host. :func:`paste_back_batch` does the same work for a whole window on the device
 # that generated it — usually a GPU — and hands back only the blended boxes. It reproduces
 # OpenCV's arithmetic instead of approximating it with ``grid_sample``: ``cv2.warpAffine``
-# (OpenCV 4.x up to 4.11) maps every output pixel to 1/32-pixel fixed point and blends 8-bit
+# (OpenCV 4.x; 5.x no longer does) maps every output pixel to 1/32-pixel fixed point and blends 8-bit
 # images with 15-bit integer weights, ``cv2.resize(INTER_AREA)`` (the anti-alias prefilter) sums
 # in float32 in a set order. The same integer and float32 operations in torch give the same
 # pixels (tests/test_acceleration.py measures it against this module's OpenCV path).
@@ -381,7 +381,7 @@ def paste_back_batch(
     ``pin_memory`` the copies go through page-locked buffers, the download is queued on
     ``copy_stream`` (when given) and the returned object's :meth:`~PastedWindow.apply` waits for
     it, so the caller's thread is never blocked here. Pixel-equal to :func:`paste_back` with
-    OpenCV ≤ 4.11 (tests/test_acceleration.py measures the bound).
+    OpenCV 4.x (4.11 and 4.12 measured; OpenCV 5 changed warpAffine: tests/test_acceleration.py).
     """
     import torch
 
