@@ -29,6 +29,7 @@ Preset = Literal["auto", "ultrafast", "superfast", "veryfast", "faster", "fast",
 PRESETS: tuple[str, ...] = get_args(Preset)[1:]  # the x264 ones
 Encoder = Literal["auto", "x264", "nvenc"]
 Sampler = Literal["ddim", "dpm++"]
+Silence = Literal["auto", "generate"]
 #: Steps used when ``steps`` is not given: the official 20 for DDIM; DPM-Solver++ (2nd order
 #: multistep) reaches a similar level of detail in about half as many model calls.
 DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
@@ -78,7 +79,16 @@ class DubOptions(BaseModel):
     )
     max_stretch: float = Field(1.25, ge=1.0, le=4.0, description="Largest time-stretch ratio that fit may use.")
     face: str = Field(
-        "largest", min_length=1, description="Which face to dub: largest, X,Y@T (the face at pixel X,Y at T s), or track:N."
+        "auto",
+        min_length=1,
+        description="Which face to dub: auto (whoever speaks in the original at that moment), largest, "
+        "X,Y@T (the face at pixel X,Y at T s), or track:N.",
+    )
+    silence: Silence = Field(
+        "auto",
+        description="Where the dub is silent: auto (the original frames pass through where the original is "
+        "silent too; elsewhere the mouth is generated from silence, with 3-frame crossfades) or generate "
+        "(every frame generated from the dub as it is, the official behaviour).",
     )
     crf: int = Field(
         18, ge=0, le=51, description="Video quality, lower is better (18 is visually lossless; NVENC uses it as -cq)."

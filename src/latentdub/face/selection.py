@@ -100,7 +100,7 @@ class FaceSelection:
 # -- policy parsing ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Policy:
-    kind: str  # "largest" | "point" | "track"
+    kind: str  # "auto" | "largest" | "point" | "track"
     x: float = 0.0
     y: float = 0.0
     t: float = 0.0
@@ -111,6 +111,8 @@ def parse_policy(policy: str) -> _Policy:
     text = policy.strip().lower()
     if text == "largest":
         return _Policy("largest")
+    if text == "auto":  # who speaks when (latentdub.lanes); its geometry starts from "largest"
+        return _Policy("auto")
     if text.startswith("track:"):
         num = text[6:].strip()
         if not num.isdigit():
@@ -125,7 +127,7 @@ def parse_policy(policy: str) -> _Policy:
         t = float(when) if when else 0.0
     except ValueError:
         raise InputError(
-            f"face policy {policy!r} is not one of: largest, X,Y (pixel), X,Y@T (pixel at T seconds), track:N"
+            f"face policy {policy!r} is not one of: auto, largest, X,Y (pixel), X,Y@T (pixel at T seconds), track:N"
         ) from None
     if t < 0:
         raise InputError(f"face policy {policy!r}: the time must be >= 0 seconds")
@@ -305,7 +307,7 @@ def select_face(
     chosen = np.full(n, -1, dtype=np.int32)
     target: int | None = None  # the one track a point / track policy follows
 
-    if pol.kind == "largest":
+    if pol.kind in ("largest", "auto"):  # auto's own choice is made per frame by latentdub.lanes
         shot_bounds = [0, *analysis.scene_cuts.tolist(), n]
         for s0, s1 in itertools.pairwise(shot_bounds):
             # Tracks end at cuts, so only a few overlap a shot; work in shot coordinates.
