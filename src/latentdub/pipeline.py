@@ -136,6 +136,8 @@ class DubInputs:
     audio_sha256: str = ""
     warnings: list[str] = field(default_factory=list)
     read_s: float = 0.0
+    # Pass 1 made before the model loaded (the CLI does so to check --segments' tracks first).
+    analysis: Any = None  # face.analysis.FaceAnalysis of this video, or None
 
 
 def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> DubInputs:
@@ -430,6 +432,9 @@ class LipSyncPipeline:
     def analyze_faces(self, inputs: DubInputs, run: DubProgress) -> Any:
         """Pass 1: detect, track and measure faces on every frame (no frames are kept)."""
         from latentdub.face import analyze_video
+
+        if inputs.analysis is not None:  # made earlier for these inputs (see DubInputs.analysis)
+            return inputs.analysis
 
         run.start("faces", inputs.info.num_frames, frames=True)
         analysis = analyze_video(
