@@ -43,7 +43,16 @@ from latentdub.models.scheduler import build_scheduler, ddim_step, sync_free_ddi
 from latentdub.options import DubOptions
 from latentdub.pipeline import LipSyncPipeline
 from latentdub.progress import DubProgress
-from latentdub.render import WINDOW, FrameReader, FrameSink, RenderJob, Window, plan_windows, render
+from latentdub.render import (
+    WINDOW,
+    FrameReader,
+    FrameSink,
+    Lane,
+    RenderJob,
+    Window,
+    plan_windows,
+    render,
+)
 from latentdub.timeline import Timeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,13 +247,13 @@ def test_render_batches_only_consecutive_full_windows_and_runs_short_ones_alone(
     timeline = Timeline(np.arange(n), pts - pts[0], probe_video(video).time_base, n / fps, "cut")
     m = np.array([[256 / 60, 0.0, -20 * 256 / 60], [0.0, 256 / 60, -20 * 256 / 60]])
     job = RenderJob(video=video, source_pts=pts, rotation=0, width=size, height=size, fps=fps, timeline=timeline,
-                    matrices=np.repeat(m[None], n, 0), boxes=np.repeat(np.array([[20.0, 20, 80, 80]]), n, 0),
+                    lanes=[Lane(np.repeat(m[None], n, 0), np.repeat(np.array([[20.0, 20, 80, 80]]), n, 0), dub)],
                     windows=plan_windows(dub))
     groups: list[list[tuple[int, int]]] = []
 
     def generate(windows: list[Window], check: Any) -> list[CropsToPaste]:
         groups.append([(w.start, w.stop) for w in windows])
-        return [CropsToPaste(w.crops, job.matrices[w.start : w.stop]) for w in windows]
+        return [CropsToPaste(w.crops[0], job.lanes[0].matrices[w.start : w.stop]) for w in windows]
 
     run = DubProgress()
     writer = VideoWriter(tmp_path / "out.mp4", width=size, height=size, time_base=timeline.time_base, fps=fps)

@@ -482,3 +482,71 @@ def test_mouth_window_sits_below_the_nose_inside_the_face_and_is_steady(original
     raw = (track.region[:, :2] + track.region[:, 2:]) / 2
     jerk = lambda p: np.abs(np.diff(p, n=2, axis=0)).mean()  # noqa: E731
     assert jerk(track.window[:, :2]) < 0.5 * jerk(raw)
+
+
+# -- which face was dubbed ----------------------------------------------------------------------
+PAINTED = range(10, 40)  # frames whose left face gets a painted mouth
+
+
+@pytest.fixture(scope="module")
+def two_faces(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, int]:
+    """A real two-face original (two talking heads side by side, 2 s, 480x240) and a fake dub
+    of it: on PAINTED frames the left face's mouth region (the face layer's own blend mask for
+    that track) is darkened, then every frame is re-encoded. Returns (original, dub, left
+    track id, x where the right face's half starts)."""
+    from composite_media import side_by_side, write_frames
+
+    from latentdub.face import analyze_video, blend_region_mask, select_face
+
+    folder = tmp_path_factory.mktemp("two-faces")
+    comp = side_by_side(media_dir / "retalking_face3_woman_25fps.mp4", media_dir / "liveportrait_d20_man_25fps.mp4",
+                        folder / "original.mp4", seconds=2.0, height=240)  # fmt: skip
+    analysis = analyze_video(comp.path)
+    assert len(analysis.tracks) == 2
+    left = min(analysis.tracks, key=lambda t: analysis.track(t.id).bbox[:, 0].mean()).id
+    selection = select_face(analysis, f"track:{left}", resolution=256)
+    frames = decode(comp.path)[0]
+    for i in PAINTED:
+        assert selection.valid[i]
+        weights = blend_region_mask(selection.matrices[i], frames[i].shape, 256)[..., None]
+        frames[i] = (frames[i] * (1.0 - 0.15 * weights)).astype(np.uint8)  # ≈ 6x the re-encode noise
+    dub = write_frames(folder / "dub.mp4", frames, comp.fps, audio=tone(2.0, 440.0))
+    return comp.path, dub, left, comp.left_width
+
+
+def test_compare_finds_the_dubbed_face_of_two(two_faces: tuple[Path, Path, int, int], tmp_path: Path) -> None:
+    original, dub, left, split = two_faces
+    out = tmp_path / "review.mp4"
+    result = compare_videos(original, dub, out)
+    by_track = {t["track_id"]: t for t in result.to_dict()["dubbed_tracks"]}
+    assert len(by_track) == 2 and left in by_track
+    right = next(t for t in by_track if t != left)
+    assert by_track[left]["frames_dubbed"] == len(PAINTED)
+    assert [(r["start_frame"], r["end_frame"]) for r in by_track[left]["ranges"]] == [(PAINTED.start, PAINTED.stop)]
+    assert by_track[left]["ranges"][0]["start_s"] == pytest.approx(PAINTED.start / FPS, abs=1e-3)
+    assert by_track[right]["frames_dubbed"] == 0 and by_track[right]["ranges"] == []
+    assert by_track[right]["frames_seen"] == by_track[left]["frames_seen"] == 50
+    # The frame status follows: dubbed exactly where a face was.
+    assert result.frames_by_status["dubbed"] == len(PAINTED)
+    assert ranges(result.ranges) == [(0, 10, "pass-through"), (40, 50, "pass-through")]
+
+    # The review boxes the dubbed face (green, the DUBBED colour) on the dub's panel, and only it.
+    frames, _ = decode(out)
+    pw, ph, _, _ = expected_layout(480, 240)
+    scale = pw / 480
+    dub_left = (slice(0, ph), slice(pw, pw + round(split * scale)))
+    dub_right = (slice(0, ph), slice(pw + round(split * scale), 2 * pw))
+    for k in (12, 25, 38):
+        assert green_pixels(frames[k][dub_left]) > 300, k
+        assert green_pixels(frames[k][dub_right]) < 20, k
+    for k in (5, 45):
+        assert green_pixels(frames[k][:ph]) < 20, k
+
+
+def test_compare_dubbed_face_check_on_a_single_face_dub(original: Path, darkened: Path, tmp_path: Path) -> None:
+    """One face: the per-track report agrees with the frame status, and no face box is drawn
+    (the review of one face looks as before)."""
+    result = compare_videos(original, darkened, tmp_path / "review.mp4")
+    (track,) = result.dubbed_tracks
+    assert track["frames_dubbed"] == 10
+    assert [(r["start_frame"], r["end_frame"]) for r in track["ranges"]] == [(10, 20)]

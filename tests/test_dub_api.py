@@ -114,8 +114,9 @@ def test_filters_see_every_output_frame_and_finalizers_fill_provenance(
         assert path.exists() and path != out and not out.exists()
         return {"signed_bytes": path.stat().st_size}
 
-    result = pipe(video, audio, out, DubOptions(steps=2), consent=TEST_CONSENT, progress=events.append, cancel=threading.Event(),
-                  frame_filters=[white_square], finalizers=[sign])
+    # silence=generate: the speech starts with a pause, and this test counts dubbed frames.
+    result = pipe(video, audio, out, DubOptions(steps=2, silence="generate"), consent=TEST_CONSENT,
+                  progress=events.append, cancel=threading.Event(), frame_filters=[white_square], finalizers=[sign])
     frames = [f.image for f in iter_frames(out)]
     assert len(calls) == len(frames) == result.frames == 30
     assert [c.index for c in calls] == list(range(30))

@@ -28,6 +28,7 @@ from latentdub.render import (
     FrameInfo,
     FrameReader,
     FrameSink,
+    Lane,
     RenderJob,
     Window,
     plan_windows,
@@ -72,7 +73,7 @@ def make_job(pipe: LipSyncPipeline, video: Path, dub: np.ndarray) -> tuple[Rende
     )
     rng = np.random.default_rng(0)
     clip = AudioClip((0.1 * rng.standard_normal((n * 16000 // FPS, 1))).astype(np.float32), 16000)
-    tokens = pipe.encode_audio(clip, timeline)
+    tokens = pipe.encode_audio(clip.to_mono_16k(), timeline)
     job = RenderJob(
         video=video,
         source_pts=pts,
@@ -81,8 +82,8 @@ def make_job(pipe: LipSyncPipeline, video: Path, dub: np.ndarray) -> tuple[Rende
         height=SIZE,
         fps=FPS,
         timeline=timeline,
-        matrices=np.repeat(matrix[None], n, axis=0),
-        boxes=np.repeat(np.array([[60.0, 60.0, 260.0, 260.0]]), n, axis=0),
+        lanes=[Lane(np.repeat(matrix[None], n, axis=0), np.repeat(np.array([[60.0, 60.0, 260.0, 260.0]]), n, axis=0),
+                    np.asarray(dub, bool))],
         windows=plan_windows(dub),
     )
     return job, tokens, clip
@@ -118,6 +119,7 @@ def leftovers(folder: Path) -> list[str]:
 def test_windows_break_where_the_face_comes_or_goes_and_never_exceed_16() -> None:
     dub = np.array([True] * 20 + [False] * 3 + [True] * 5)
     spans = [(w.start, w.stop, w.dub) for w in plan_windows(dub)]
+    assert [w.lanes for w in plan_windows(dub)] == [(0,), (0,), (), (0,)]
     assert spans == [(0, 16, True), (16, 20, True), (20, 23, False), (23, 28, True)]
     assert plan_windows(np.zeros(0, bool)) == []
 
@@ -127,7 +129,7 @@ def test_window_results_do_not_depend_on_order_or_grouping(pipe: LipSyncPipeline
     job, tokens, _ = make_job(pipe, clip40, np.ones(40, bool))
     with FrameReader(job, pipe.aligner) as reader:
         windows = [reader.load(w) for w in job.windows]
-    crops = {w.start: w.crops for w in windows}
+    crops = {w.start: w.crops[0] for w in windows}
     generator = pipe.window_diffusion(DubOptions(steps=2))
 
     def gen(start: int, stop: int) -> np.ndarray:
@@ -156,9 +158,10 @@ def test_full_render_is_pixel_identical_whatever_the_window_grouping(
     # Same windows, but generated in reverse order before the sink writes them in order.
     generator = pipe.window_diffusion(DubOptions(steps=2))
     with FrameReader(job, pipe.aligner) as reader:
-        windows = [reader.load(Window(w.start, w.stop, w.dub)) for w in job.windows]
+        windows = [reader.load(Window(w.start, w.stop, w.lanes)) for w in job.windows]
+    matrices = job.lanes[0].matrices
     for w in reversed(windows):
-        w.generated = CropsToPaste(generator(w.crops, tokens[w.start : w.stop], start=w.start), job.matrices[w.start : w.stop])
+        w.generated = CropsToPaste(generator(w.crops[0], tokens[w.start : w.stop], start=w.start), matrices[w.start : w.stop])
     writer = VideoWriter(tmp_path / "b.mp4", width=SIZE, height=SIZE, time_base=job.timeline.time_base, fps=FPS, audio=clip)
     sink = FrameSink(job, writer)
     for w in windows:
@@ -270,8 +273,8 @@ def test_a_failing_generator_stops_every_stage_and_leaves_no_file(
         calls.append(w.start)
         if w.start == 16:
             raise MemoryError("out of GPU memory")
-        assert w.crops is not None
-        return [CropsToPaste(w.crops, job.matrices[w.start : w.stop])]
+        assert w.crops
+        return [CropsToPaste(w.crops[0], job.lanes[0].matrices[w.start : w.stop])]
 
     with pytest.raises(MemoryError):
         render(job, reader=FrameReader(job, pipe.aligner), generate=generate, sink=sink, progress=run)

@@ -202,3 +202,123 @@ def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str
         finally:
             browser.close()
     assert (shots / "dub-done.png").stat().st_size > 0
+
+
+def test_face_strip_pins_a_face_and_shows_who_speaks_in_chromium(live_server: tuple[str, str], tmp_path: Path,
+                                                                  media_dir: Path) -> None:
+    """Picking a two-face video shows thumbnails with both faces boxed and the speaker bar;
+    clicking a face sets the face option to its track, and the dub runs on the uploaded asset
+    with that face pinned."""
+    import httpx
+
+    from test_service_analysis import two_faces
+
+    sync_playwright = browser_or_skip()
+    base, key = live_server
+    clip = two_faces(media_dir, tmp_path / "two.mp4")
+    audio = speech(media_dir, tmp_path / "speech1.wav", 1.0)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            external: list[str] = []
+            page.on("request", lambda req: None if req.url.startswith((base, "blob:", "data:"))
+                    else external.append(req.url))
+            posts: list[str] = []
+            page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+            console_errors: list[str] = []
+            page.on("pageerror", lambda err: console_errors.append(str(err)))
+            page.goto(base + "/")
+            page.wait_for_selector("body[data-ready=true]")
+            page.fill("#api-key", key)
+            face = page.locator("#options [name=face]")
+            default = DubOptions.model_fields["face"].default
+            assert face.input_value() == default
+
+            page.set_input_files("#video", str(clip))
+            page.wait_for_selector("#analysis[data-state=ready], #analysis[data-state=error]", timeout=120_000)
+            assert page.get_attribute("#analysis", "data-state") == "ready", page.text_content("#analysis-error")
+            page.screenshot(path=str(tmp_path / "analysis.png"), full_page=True)
+
+            # Every thumbnail is a decoded picture with two boxes, one on each half, drawn where the
+            # faces are; one colour per face.
+            thumbs = page.eval_on_selector_all("#face-strip .thumb", """ts => ts.map(t => {
+                const q = t.getBoundingClientRect(), img = t.querySelector('img');
+                return {w: img.naturalWidth, h: img.naturalHeight, boxes: [...t.querySelectorAll('.face-box')].map(b => {
+                    const r = b.getBoundingClientRect();
+                    return {track: b.dataset.track, cx: (r.left + r.width / 2 - q.left) / q.width,
+                            cy: (r.top + r.height / 2 - q.top) / q.height, colour: getComputedStyle(b).borderTopColor};
+                })};
+            })""")
+            assert 6 <= len(thumbs) <= 8, thumbs
+            sides: dict[str, set[str]] = {"left": set(), "right": set()}
+            colours: dict[str, str] = {}
+            for t in thumbs:
+                assert t["w"] > 0 and abs(t["w"] / t["h"] - 2) < 0.05, t
+                assert len(t["boxes"]) == 2, t
+                for b in t["boxes"]:
+                    sides["left" if b["cx"] < 0.5 else "right"].add(b["track"])
+                    assert 0.2 < b["cy"] < 0.8, b
+                    assert colours.setdefault(b["track"], b["colour"]) == b["colour"]
+            assert len(sides["left"]) == len(sides["right"]) == 1 and sides["left"] != sides["right"], sides
+            (left,), (right,) = sides["left"], sides["right"]
+            assert colours[left] != colours[right]
+            assert page.get_attribute("#face-auto", "aria-pressed") == "true"
+
+            # Clicking a face pins its track; "auto" un-pins.
+            page.click(f"#face-strip .thumb:nth-of-type(3) .face-box[data-track='{right}']")
+            assert face.input_value() == f"track:{right}"
+            pressed = page.eval_on_selector_all(".face-box", "bs => bs.map(b => [b.dataset.track, b.classList.contains('selected')])")
+            assert all(sel == (track == right) for track, sel in pressed), pressed
+            assert page.get_attribute("#face-auto", "aria-pressed") == "false"
+            page.click("#face-auto")
+            assert face.input_value() == default
+            assert not page.query_selector_all(".face-box.selected")
+            page.click(f"#face-strip .thumb:last-of-type .face-box[data-track='{left}']")
+            assert face.input_value() == f"track:{left}"
+
+            # The bar: one segment per run of the server's timeline, placed by time, in the colour
+            # of that face's boxes (grey where nobody speaks); the title gives times and confidence.
+            analysis = httpx.get(f"{base}/api/v1/assets/{page.evaluate('videoAsset.id')}/analysis",
+                                 headers={"Authorization": f"Bearer {key}"}, timeout=60).json()
+            runs = analysis["speakers"]["segments"]
+            segs = page.eval_on_selector_all("#speaker-bar .seg", """ss => {
+                const bar = ss[0].parentElement.getBoundingClientRect();
+                return ss.map(s => {
+                    const r = s.getBoundingClientRect();
+                    return {track: s.dataset.track, x0: (r.left - bar.left) / bar.width, x1: (r.right - bar.left) / bar.width,
+                            colour: getComputedStyle(s).backgroundColor, title: s.title};
+                });
+            }""")
+            assert len(segs) == len(runs)
+            duration = analysis["video"]["duration_s"]
+            for seg, run in zip(segs, runs, strict=True):
+                assert seg["track"] == ("none" if run["track"] is None else str(run["track"]))
+                assert abs(seg["x0"] - run["start_s"] / duration) < 0.01 and abs(seg["x1"] - run["end_s"] / duration) < 0.01
+                if run["track"] is not None:
+                    assert seg["colour"] == colours[str(run["track"])], (seg, colours)
+                assert f"{run['start_s']:.2f}" in seg["title"] and f"{run['end_s']:.2f}" in seg["title"]
+                assert "confidence" in seg["title"] and f"{run['confidence']:.2f}" in seg["title"]
+            assert {s["track"] for s in segs} >= {left, right}  # both faces speak in this clip
+            assert abs(segs[0]["x0"]) < 0.01 and abs(segs[-1]["x1"] - 1) < 0.01
+
+            # The dub names the uploaded asset (no second upload of the video) and the pinned face.
+            page.set_input_files("#audio", str(audio))
+            page.fill("input[name=steps]", "1")
+            page.select_option("select[name=length_policy]", "cut")
+            for field in ("subject", "granted-by", "method", "evidence"):
+                page.fill(f"#consent-{field}", "Test Person")
+            page.click("#dub-submit")
+            page.wait_for_function(
+                "['succeeded','failed','cancelled','error'].includes(document.getElementById('job-status').dataset.status)",
+                timeout=120_000,
+            )
+            assert page.text_content("#job-status") == "done", page.text_content("#dub-error")
+            job = httpx.get(f"{base}/api/v1/jobs/{page.text_content('#job-id')}",
+                            headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+            assert job["video_asset_id"] == analysis["asset_id"] and job["options"]["face"] == f"track:{left}"
+            assert [r for r in posts if r.endswith("/api/v1/assets")] == [base + "/api/v1/assets"]  # the video, once
+            assert not console_errors, console_errors
+            assert not external, external
+        finally:
+            browser.close()

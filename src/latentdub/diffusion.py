@@ -89,9 +89,11 @@ class WindowDiffusion:
         self._latent_mask = latent_mask.to(device, dtype)
         self._grid: tuple[list[int], torch.Tensor] | None = None
 
-    def window_rng(self, start: int) -> torch.Generator:
-        """The posterior-sampling generator of the window that starts at output frame ``start``."""
-        state = np.random.SeedSequence([self.seed, start]).generate_state(2, dtype=np.uint32)
+    def window_rng(self, key: int | tuple[int, ...]) -> torch.Generator:
+        """The posterior-sampling generator of a window: ``key`` is its first output frame
+        (and, for a second face in the same frames, its lane)."""
+        parts = [key] if isinstance(key, int) else list(key)
+        state = np.random.SeedSequence([self.seed, *parts]).generate_state(2, dtype=np.uint32)
         derived = (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
         return torch.Generator(device=self.device).manual_seed(derived)
 
@@ -106,7 +108,7 @@ class WindowDiffusion:
         self,
         crops: Sequence[np.ndarray],
         audio_tokens: Sequence[torch.Tensor],
-        starts: Sequence[int],
+        starts: Sequence[int | tuple[int, ...]],
         *,
         accel: Acceleration | None = None,
         steps: UNetSteps | None = None,
@@ -142,7 +144,7 @@ class WindowDiffusion:
         masked: torch.Tensor,
         pixels: torch.Tensor,
         audio_tokens: Sequence[torch.Tensor],
-        starts: Sequence[int],
+        starts: Sequence[int | tuple[int, ...]],
         frames: int,
         accel: Acceleration,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +209,12 @@ class WindowDiffusion:
         return latents
 
     def _encode(
-        self, masked: torch.Tensor, pixels: torch.Tensor, starts: Sequence[int], frames: int, accel: Acceleration
+        self,
+        masked: torch.Tensor,
+        pixels: torch.Tensor,
+        starts: Sequence[int | tuple[int, ...]],
+        frames: int,
+        accel: Acceleration,
     ) -> torch.Tensor:
         """Posterior samples (B·2F, 4, h, w): per window its F masked then F reference frames.
 
@@ -286,36 +293,52 @@ class DiffusionStage:
     the host through a pinned buffer on a side stream when ``pinned_memory``).
     """
 
-    def __init__(self, diffusion: WindowDiffusion, job: RenderJob, tokens: torch.Tensor) -> None:
-        self.diffusion, self.job, self.tokens = diffusion, job, tokens
+    def __init__(
+        self, diffusion: WindowDiffusion, job: RenderJob, tokens: torch.Tensor | Sequence[torch.Tensor]
+    ) -> None:
+        self.diffusion, self.job = diffusion, job
+        # One token stream per audio source (Lane.audio): the dub's first.
+        self.tokens = [tokens] if isinstance(tokens, torch.Tensor) else list(tokens)
         self.accel = diffusion.accel
         self.batch = self.accel.window_batch  # full windows per call (render() groups them)
         cuda = diffusion.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(diffusion.device) if cuda and self.accel.pinned_memory else None
 
     def __call__(self, windows: Sequence[Window], check: Callable[[], None]) -> list[GeneratedWindow]:
+        # Every (window, lane) is one item of the loop; a window's lanes share its U-Net calls.
+        items = [(w, n, lane) for w in windows for n, lane in enumerate(w.lanes)]
         for w in windows:
-            if w.crops is None:
-                raise RuntimeError(f"window {w.start}–{w.stop} has no crops")
-        composites = self.diffusion.generate(
-            [w.crops for w in windows],  # type: ignore[misc]
-            [self.tokens[w.start : w.stop] for w in windows],
-            [w.start for w in windows],
-            check=check,
-        )
-        results: list[GeneratedWindow] = []
-        offset = 0
-        for w in windows:
-            part = composites[offset : offset + w.size]
-            offset += w.size
-            matrices = self.job.matrices[self.job.timeline.source_index[w.start : w.stop]]
-            if self.accel.device_paste:
-                results.append(paste_back_batch(
-                    w.frames, part, matrices, pin_memory=self.accel.pinned_memory, copy_stream=self.copy_stream
-                ))
-            else:
-                results.append(self._to_host(part, matrices))
-        return results
+            if len(w.crops) != len(w.lanes) or not w.lanes:
+                raise RuntimeError(f"window {w.start}–{w.stop} has no crops for its lanes")
+        sizes = {w.size for w in windows}
+        # Lanes share a call only where calls are batched at all (the reference runs one each).
+        groups = [items] if len(sizes) == 1 and self.batch > 1 else [[it] for it in items]
+        parts: dict[tuple[int, int], GeneratedWindow] = {}
+        for group in groups:
+            composites = self.diffusion.generate(
+                [w.crops[n] for w, n, _ in group],
+                [self.tokens[self.job.lanes[lane].audio_at(w.start)][w.start : w.stop] for w, _, lane in group],
+                [self.noise_key(w.start, lane) for w, _, lane in group],
+                check=check,
+            )
+            offset = 0
+            for w, n, lane in group:
+                part = composites[offset : offset + w.size]
+                offset += w.size
+                matrices = self.job.lanes[lane].matrices[self.job.timeline.source_index[w.start : w.stop]]
+                if self.accel.device_paste:
+                    parts[(w.start, n)] = paste_back_batch(
+                        w.frames, part, matrices, pin_memory=self.accel.pinned_memory, copy_stream=self.copy_stream
+                    )
+                else:
+                    parts[(w.start, n)] = self._to_host(part, matrices)
+        return [self.job.layered(w, [parts[(w.start, n)] for n in range(len(w.lanes))]) for w in windows]
+
+    @staticmethod
+    def noise_key(start: int, lane: int) -> int | tuple[int, int]:
+        """The posterior-noise key of a window: its first frame (lane 0, as a one-face dub) and
+        the lane for the others, so two faces in one window never share noise."""
+        return start if lane == 0 else (start, lane)
 
     def _to_host(self, part: torch.Tensor, matrices: np.ndarray) -> CropsToPaste:
         if part.device.type != "cuda" or not self.accel.pinned_memory:

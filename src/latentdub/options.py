@@ -14,12 +14,15 @@ is loaded once and then runs many dubs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from latentdub.errors import InputError
+from latentdub.segments import Segment, load_segments, parse_segments
 
 LengthPolicy = Literal["pingpong", "loop", "cut", "pad"]
 FitMode = Literal["none", "stretch", "align"]
@@ -43,6 +46,43 @@ DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
 #   medium costs nothing, and keeps the end-of-stream frames above the suite's 40 dB bar.
 AUTO_PRESETS: dict[str, str] = {"cuda": "veryfast"}
 FALLBACK_PRESET = "medium"
+
+
+@dataclass(frozen=True)
+class FromFile:
+    """Marks an option (``Annotated[T, FromFile(load)]``) whose CLI flag and batch manifest column
+    is the path of a file that ``load`` reads into the value; elsewhere (the library, the HTTP
+    API) the value itself is given. The options class never reads a path itself, so a value
+    sent to the service can never make it read a server file."""
+
+    load: Callable[[Path], Any]
+
+
+def file_option(options_cls: type[DubOptions], name: str) -> FromFile | None:
+    """The :class:`FromFile` marker of the field ``name``, or None for an ordinary option."""
+    info = options_cls.model_fields.get(name)
+    return next((m for m in info.metadata if isinstance(m, FromFile)), None) if info is not None else None
+
+
+def read_option_files(
+    options_cls: type[DubOptions], values: Mapping[str, Any], *, base_dir: Path | None = None
+) -> dict[str, Any]:
+    """``values`` with each file option given as a path (text) replaced by what its loader reads;
+    relative paths from ``base_dir`` (else the working folder). A problem is an
+    :class:`OptionError` naming the option."""
+    out = dict(values)
+    for name, value in values.items():
+        marker = file_option(options_cls, name)
+        if marker is None or not isinstance(value, str | Path):
+            continue
+        path = Path(value).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            out[name] = marker.load(path)
+        except InputError as err:
+            raise OptionError(name, f"file {err}") from None
+    return out
 
 
 class OptionError(InputError):
@@ -113,6 +153,13 @@ class DubOptions(BaseModel):
         description="Embed the invisible AI-generated watermark in every frame. Turning it off is recorded "
         "in the signed content credentials.",
     )
+    segments: Annotated[tuple[Segment, ...] | None, FromFile(load_segments)] = Field(
+        None,
+        description="Who is dubbed when: a list of segments, each start and end (s), face (auto, track:N or "
+        "X,Y@T; default auto), and optionally audio (the speech for it) and offset (s into that audio at "
+        "start). The CLI and a batch manifest take a JSON or CSV file (audio paths relative to it); the "
+        "HTTP API takes JSON text whose audio values are ids of uploaded audio assets.",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -151,6 +198,15 @@ class DubOptions(BaseModel):
         except InputError as err:
             raise ValueError(str(err)) from None
         return value.strip()
+
+    @field_validator("segments", mode="before")
+    @classmethod
+    def _segments(cls, value: Any) -> Any:
+        # Text is JSON, never a path: see FromFile. A message names the segment at fault.
+        try:
+            return parse_segments(value)
+        except InputError as err:
+            raise ValueError(str(err)) from None
 
     # -- conversion -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from latentdub.diffusion import DiffusionStage, WindowDiffusion
 from latentdub.errors import InputError
 from latentdub.files import sha256_file
 from latentdub.hooks import Finalizer, FrameFilter
+from latentdub.lanes import LanePlan, plan_lanes
 from latentdub.media.writer import check_encoder
 from latentdub.options import DubOptions
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
@@ -94,6 +95,10 @@ class DubResult:
     encoder: str | None = None  # the FFmpeg encoder that wrote the video (libx264 / h264_nvenc)
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # filled in by finalizers
+    # Per dubbed face track: its dubbed output ranges and how they were chosen (latentdub.lanes).
+    tracks: list[dict[str, Any]] = field(default_factory=list)
+    silence: dict[str, Any] | None = None  # what silence=auto passed through or generated from silence
+    speakers: dict[str, Any] | None = None  # who speaks when in the original (face=auto)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -372,14 +377,15 @@ class LipSyncPipeline:
             clip, fit_report = self.fit_audio(inputs, opts)
         with timer("analyze_faces"):
             analysis = self.analyze_faces(inputs, run)
-        selection = self.select_face(analysis, opts)
         timeline = self.plan_output(analysis, clip.duration_s, opts.length_policy)
         for message in length_changes(timeline, clip.duration_s):  # never silent about a length change
             self._warn(warnings, message)
         clip = clip.with_length(round(timeline.duration_s * clip.sample_rate))
+        with timer("plan_lanes"):
+            plan = self.plan_lanes(inputs, analysis, timeline, clip, opts)
         with run.stage("audio_features"), timer("audio_features"):
-            tokens = self.encode_audio(clip, timeline)
-        job = self.plan_render(inputs, analysis, selection, timeline)
+            tokens = [self.encode_audio(wave, timeline) for wave in plan.conditioning]
+        job = self.plan_render(inputs, analysis, plan, timeline)
         if not any(w.dub for w in job.windows):
             self._warn(warnings, NO_FACE_WARNING)
         output, signed, encoder = self.render(
@@ -388,17 +394,19 @@ class LipSyncPipeline:
             [*finalizers, *provenance.finalizers()],  # the signature covers the final bytes
         )
 
-        dub_mask = selection.valid[timeline.source_index]
         return DubResult(
             output=str(output),
             frames=timeline.num_frames,
-            dubbed_frames=int(dub_mask.sum()),
+            dubbed_frames=int(plan.dubbed.sum()),
             fps=_average_fps(timeline),
             duration_s=round(timeline.duration_s, 4),
             audio_duration_s=round(clip.duration_s, 4),
             width=inputs.info.width,
             height=inputs.info.height,
-            passthrough_ranges=_output_passthrough_ranges(dub_mask, timeline, selection),
+            passthrough_ranges=_output_passthrough_ranges(plan.passthrough_reason, timeline),
+            tracks=plan.tracks,
+            silence=plan.silence,
+            speakers=plan.speakers,
             timings=timer.totals(),
             options=opts.to_dict(),
             model=dict(self.model_info),
@@ -445,16 +453,28 @@ class LipSyncPipeline:
         run.finish()
         return analysis
 
-    def select_face(self, analysis: Any, opts: DubOptions) -> Any:
-        """Which face is dubbed on each frame, cut at this model's resolution."""
+    def select_face(self, analysis: Any, policy: str) -> Any:
+        """Which face is dubbed on each frame under ``policy``, cut at this model's resolution."""
         from latentdub.face import select_face
 
-        selection = select_face(analysis, opts.face, resolution=self.resolution)
+        selection = select_face(analysis, policy, resolution=self.resolution)
         if selection.resolution != self.aligner.resolution:
             raise RuntimeError(
                 f"face selection at {selection.resolution} px but the aligner cuts {self.aligner.resolution} px"
             )
         return selection
+
+    def plan_lanes(self, inputs: DubInputs, analysis: Any, timeline: Timeline, clip: Any, opts: DubOptions) -> LanePlan:
+        """Who is dubbed where, and with what audio (:mod:`latentdub.lanes`)."""
+        original = None
+        if inputs.info.has_audio and (opts.silence == "auto" or opts.face == "auto"):
+            from latentdub.media.audio_io import load_audio
+
+            original = load_audio(inputs.video)
+        return plan_lanes(
+            analysis, timeline, face=opts.face, silence=opts.silence, dub_wave=clip.to_mono_16k(),
+            select=lambda policy: self.select_face(analysis, policy), original_audio=original,
+        )
 
     def plan_output(self, analysis: Any, audio_s: float, policy: str) -> Timeline:
         pts = np.asarray(analysis.pts, dtype=np.int64)
@@ -462,16 +482,16 @@ class LipSyncPipeline:
         end_pts = int(analysis.end_pts)
         return plan_timeline(pts - pts[0], end_pts - int(pts[0]), time_base, audio_s, policy)
 
-    def encode_audio(self, clip: Any, timeline: Timeline) -> torch.Tensor:
-        """Whisper features for the whole track, then the 10×layers tokens at every output frame."""
+    def encode_audio(self, wave: np.ndarray, timeline: Timeline) -> torch.Tensor:
+        """Whisper features of a 16 kHz mono track, then the 10×layers tokens at every output frame."""
         from latentdub.audio.features import AudioFeatureExtractor, tokens_for_times
 
         extractor = AudioFeatureExtractor(self.audio_encoder, device=self.device, dtype=self.dtype)
-        features = extractor(clip.to_mono_16k())
+        features = extractor(wave)
         return tokens_for_times(features, torch.as_tensor(timeline.times_s))
 
-    def plan_render(self, inputs: DubInputs, analysis: Any, selection: Any, timeline: Timeline) -> RenderJob:
-        """What pass 2 renders: the windows (breaking where the face comes or goes) and the geometry."""
+    def plan_render(self, inputs: DubInputs, analysis: Any, plan: LanePlan, timeline: Timeline) -> RenderJob:
+        """What pass 2 renders: the lanes and their windows (breaking where a face comes, goes or changes)."""
         info = inputs.info
         return RenderJob(
             video=inputs.video,
@@ -481,9 +501,8 @@ class LipSyncPipeline:
             height=info.height,
             fps=info.fps,
             timeline=timeline,
-            matrices=selection.matrices,
-            boxes=selection.boxes,
-            windows=plan_windows(selection.valid[timeline.source_index]),
+            lanes=plan.lanes,
+            windows=plan_windows(plan.dub_mask(), breaks=plan.breaks),
         )
 
     def window_diffusion(self, opts: DubOptions, acceleration: Any = None) -> WindowDiffusion:
@@ -593,14 +612,8 @@ def _average_fps(timeline: Timeline) -> float:
     return round((timeline.num_frames - 1) / span, 4) if span > 0 else 0.0
 
 
-def _output_passthrough_ranges(dub: np.ndarray, timeline: Timeline, selection: Any) -> list[dict[str, Any]]:
-    """Output frame ranges left untouched because the selected face was not usable, with why."""
-    src_reason = np.full(selection.num_frames, "", dtype=object)
-    for r in selection.passthrough_ranges:
-        src_reason[r.start_frame : r.end_frame] = r.reason
-    reason = src_reason[timeline.source_index]
-    reason[dub] = ""
-    reason[~dub & (reason == "")] = "no usable face"
+def _output_passthrough_ranges(reason: np.ndarray, timeline: Timeline) -> list[dict[str, Any]]:
+    """Output frame ranges left untouched (no face usable, or dub and original silent), with why."""
     times = timeline.times_s
     ranges: list[dict[str, Any]] = []
     for a, b, why in runs(reason):

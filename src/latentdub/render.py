@@ -19,6 +19,7 @@ stage works without the others, which is how the tests drive them.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -32,10 +33,10 @@ from latentdub import memory
 from latentdub.errors import Cancelled, HookError, LatentdubError
 from latentdub.hooks import Finalizer, FrameFilter, FrameInfo
 from latentdub.progress import DubProgress
-from latentdub.runs import runs
 from latentdub.timeline import Timeline
 
 __all__ = [
+    "FADE_FRAMES",
     "QUEUE_DEPTH",
     "WINDOW",
     "Finalizer",
@@ -45,6 +46,8 @@ __all__ = [
     "FrameSink",
     "Generate",
     "GeneratedWindow",
+    "Lane",
+    "LayeredWindow",
     "RenderJob",
     "Window",
     "plan_windows",
@@ -53,19 +56,47 @@ __all__ = [
 
 WINDOW = 16  # frames per diffusion window, as trained
 QUEUE_DEPTH = 2
+FADE_FRAMES = 3  # crossfade length where a lane starts or stops by decision (weights 1/4, 2/4, 3/4)
 
 
 # -- what flows between the stages ------------------------------------------------------------
+@dataclass(frozen=True)
+class Lane:
+    """One dubbed face slot: its crop geometry per input frame, and which output frames it dubs.
+
+    A one-face dub has one lane; a second lane appears only where two faces are dubbed in the
+    same frames. ``fade`` is the weight of the generated picture per output frame (1 inside a
+    run, less over the :data:`FADE_FRAMES` where a run starts or stops by decision; ``None``: 1
+    everywhere). ``audio`` picks, per output frame, the token stream that conditions it (0: the
+    dub; segments with their own audio add more; ``None``: 0 everywhere).
+    """
+
+    matrices: np.ndarray  # (N_in, 2, 3) frame px → crop px per input frame
+    boxes: np.ndarray  # (N_in, 4) face box per input frame (NaN where none)
+    dub: np.ndarray  # (N_out,) bool
+    tracks: np.ndarray | None = None  # (N_in,) int32 face track per input frame, -1 where none
+    fade: np.ndarray | None = None  # (N_out,) float32 in (0, 1]
+    audio: np.ndarray | None = None  # (N_out,) int
+
+    def audio_at(self, k: int) -> int:
+        return 0 if self.audio is None else int(self.audio[k])
+
+
 @dataclass
 class Window:
-    """A run of consecutive output frames handled together (≤ 16 frames)."""
+    """A run of consecutive output frames handled together (≤ 16 frames), and the lanes that
+    dub all of them (none: the frames pass through untouched)."""
 
     start: int  # first output frame
     stop: int  # one past the last output frame
-    dub: bool  # False: the selected face is absent → frames pass through untouched
+    lanes: tuple[int, ...] = ()  # indices into RenderJob.lanes
     frames: list[np.ndarray] = field(default_factory=list)  # decoded originals, upright RGB
-    crops: np.ndarray | None = None  # (F, res, res, 3) uint8 aligned faces
+    crops: list[np.ndarray] = field(default_factory=list)  # per lane (F, res, res, 3) uint8 aligned faces
     generated: GeneratedWindow | None = None
+
+    @property
+    def dub(self) -> bool:
+        return bool(self.lanes)
 
     @property
     def size(self) -> int:
@@ -74,18 +105,31 @@ class Window:
     def release(self) -> None:
         """Drop the pixels (the plan lives for the whole run; its frames must not)."""
         self.frames = []
-        self.crops = None
+        self.crops = []
         self.generated = None
 
 
-def plan_windows(dub: np.ndarray, size: int = WINDOW) -> list[Window]:
-    """Split output frames into windows of ≤ ``size``, breaking wherever the face comes or goes.
+def plan_windows(dub: np.ndarray, size: int = WINDOW, breaks: np.ndarray | None = None) -> list[Window]:
+    """Split output frames into windows of ≤ ``size``, breaking wherever a dubbed face comes or goes.
 
-    ``dub`` is one bool per output frame.
+    ``dub`` is one bool per output frame (one lane), or (N, L) bools: lane l dubs frame k.
+    ``breaks`` (N,) bool: frames that must start a window (a lane changes face or audio there).
     """
+    mask = np.asarray(dub, dtype=bool)
+    if mask.ndim == 1:
+        mask = mask[:, None]
+    n = mask.shape[0]
+    starts = np.zeros(n, dtype=bool)
+    starts[1:] = (mask[1:] != mask[:-1]).any(axis=1)  # the set of lanes changes
+    if breaks is not None:
+        starts |= np.asarray(breaks, dtype=bool)
+    edges = [0, *(np.flatnonzero(starts[1:]) + 1).tolist(), n]
     windows: list[Window] = []
-    for a, b, flag in runs(np.asarray(dub, dtype=bool)):
-        windows.extend(Window(s, min(s + size, b), bool(flag)) for s in range(a, b, size))
+    for a, b in itertools.pairwise(edges):
+        if b <= a:
+            continue
+        lanes = tuple(int(i) for i in np.flatnonzero(mask[a]))
+        windows.extend(Window(s, min(s + size, b), lanes) for s in range(a, b, size))
     return windows
 
 
@@ -95,6 +139,39 @@ class GeneratedWindow(Protocol):
     def apply(self, j: int, frame: np.ndarray) -> np.ndarray:
         """``frame`` (the window's ``j``-th original, never modified) with the new mouth in."""
         ...
+
+
+class LayeredWindow:
+    """Several lanes' results for one window, applied in lane order; each lane's picture is
+    crossfaded with what was there by its ``fade`` weights (``None``: no fade).
+
+    Pixels no lane changes stay bit for bit the original. Where two lanes' paste boxes overlap,
+    the later lane wins (faces side by side never share a mouth box).
+    """
+
+    def __init__(self, parts: Sequence[GeneratedWindow], fades: Sequence[np.ndarray | None]) -> None:
+        self.parts, self.fades = list(parts), list(fades)
+
+    def apply(self, j: int, frame: np.ndarray) -> np.ndarray:
+        out = frame
+        for part, fade in zip(self.parts, self.fades, strict=True):
+            new = part.apply(j, out)
+            if fade is not None and fade[j] < 1.0:
+                new = crossfade(out, new, float(fade[j]))
+            out = new
+        return out
+
+
+def crossfade(before: np.ndarray, after: np.ndarray, weight: float) -> np.ndarray:
+    """``weight`` of ``after`` over ``before``, only where they differ (elsewhere bit-equal)."""
+    changed = (before != after).any(axis=-1)
+    if not changed.any():
+        return after
+    out = after.copy()
+    a = before[changed].astype(np.float32)
+    b = after[changed].astype(np.float32)
+    out[changed] = np.rint(a + weight * (b - a)).clip(0, 255).astype(np.uint8)
+    return out
 
 
 #: ``generate(windows, check) -> one result per window``; ``check()`` between U-Net steps.
@@ -112,27 +189,42 @@ class RenderJob:
     height: int
     fps: float
     timeline: Timeline
-    matrices: np.ndarray  # (N, 2, 3) per input frame: frame px → crop px
-    boxes: np.ndarray  # (N, 4) per input frame, NaN where no face is dubbed
+    lanes: list[Lane]  # the dubbed faces (lane 0 first)
     windows: list[Window]
 
     @property
     def num_frames(self) -> int:
         return self.timeline.num_frames
 
-    def frame_info(self, k: int, dubbed: bool) -> FrameInfo:
+    def frame_info(self, k: int, lanes: tuple[int, ...]) -> FrameInfo:
+        """What a frame filter learns about output frame ``k`` (box and matrix: its first dubbed lane)."""
         src = int(self.timeline.source_index[k])
         pts = int(self.timeline.pts[k])
-        box = self.boxes[src] if dubbed else None
+        lane = self.lanes[lanes[0]] if lanes else None
+        box = lane.boxes[src] if lane is not None else None
         return FrameInfo(
             index=k,
             pts=pts,
             time_s=float(pts * self.timeline.time_base),
             source_index=src,
-            dubbed=dubbed,
+            dubbed=lane is not None,
             box=None if box is None or np.isnan(box).any() else tuple(float(v) for v in box),  # type: ignore[arg-type]
-            matrix=self.matrices[src].copy() if dubbed else None,
+            matrix=lane.matrices[src].copy() if lane is not None else None,
         )
+
+    def layered(self, window: Window, parts: Sequence[GeneratedWindow]) -> GeneratedWindow:
+        """One result for ``window`` from its lanes' results (in ``window.lanes`` order), with
+        their crossfades; a single lane without a fade is its result as it is."""
+        if len(parts) != len(window.lanes):
+            raise RuntimeError(f"{len(parts)} results for the {len(window.lanes)} lanes of window {window.start}")
+        fades = []
+        for i in window.lanes:
+            fade = self.lanes[i].fade
+            part = None if fade is None else fade[window.start : window.stop]
+            fades.append(None if part is None or bool((part >= 1.0).all()) else part)
+        if len(parts) == 1 and fades[0] is None:
+            return parts[0]
+        return LayeredWindow(parts, fades)
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -161,8 +253,7 @@ class FrameReader:
             raise RuntimeError("FrameReader.load outside its `with` block")
         idx = self.job.timeline.source_index[window.start : window.stop]
         window.frames = [self._source.get(int(i)) for i in idx]
-        if window.dub:
-            window.crops = self.aligner.warp_batch(window.frames, self.job.matrices[idx])
+        window.crops = [self.aligner.warp_batch(window.frames, self.job.lanes[i].matrices[idx]) for i in window.lanes]
         return window
 
 
@@ -206,7 +297,7 @@ class FrameSink:
                 frame = frame.copy()  # decoded frames are cached for reuse (ping-pong): never filter those
             if self.filters:
                 with self._timed("frame_filters"):
-                    frame = self._filter(frame, job.frame_info(k, window.dub))
+                    frame = self._filter(frame, job.frame_info(k, window.lanes))
             with self._timed("encode"):
                 self.writer.write(frame, pts=int(job.timeline.pts[k]))
             self.frames_written += 1
@@ -321,8 +412,9 @@ def render(
     """Run pass 2 over ``job.windows``; returns the output path and the finalizers' provenance.
 
     ``generate(windows, check)`` gets up to ``batch`` consecutive full-size (:data:`WINDOW`-frame)
-    dubbed windows at once — a short window, or one followed by a face change, goes alone,
-    never padded — and returns one :class:`GeneratedWindow` per window; it should call
+    dubbed windows of one lane at once — a short window, one followed by a face change, or one
+    with several lanes (whose lanes already share the call) goes alone, never padded — and
+    returns one :class:`GeneratedWindow` per window (for several lanes: :meth:`RenderJob.layered`); it should call
     ``check()`` between U-Net steps (it raises when the run must stop). On any error or
     cancellation every thread is stopped and joined, the partial output is deleted, and the
     first error (or :class:`Cancelled`) is raised.
@@ -383,13 +475,13 @@ def render(
             raise RuntimeError(f"the generator returned {len(results)} results for {len(group)} windows")
         for w, result in zip(group, results, strict=True):
             w.generated = result
-            w.crops = None
+            w.crops = []
             to_write.put(w)
         check()
 
     try:
         while (window := to_generate.get()) is not _END:
-            if window.dub and batch > 1 and window.size == WINDOW:
+            if window.dub and batch > 1 and window.size == WINDOW and len(window.lanes) == 1:
                 pending.append(window)
                 if len(pending) == batch:
                     run_group(pending)

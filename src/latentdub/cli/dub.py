@@ -74,6 +74,7 @@ def _dub(
     record = _consent(consent)
     keys = _signing(signing_cert, signing_key)
     inputs = read_inputs(video, audio, output)
+    _check_segments(inputs, options, json_out=json_out)
 
     with loading("loading model", json_out=json_out):
         pipe = LipSyncPipeline.from_pretrained(weights or version, version=version, device=device, dtype=dtype)
@@ -104,6 +105,25 @@ def dub_command(options_cls: type[DubOptions] = DubOptions) -> Callable[..., Non
 
 
 dub = app.command("dub")(dub_command())
+
+
+def _check_segments(inputs: Any, options: DubOptions, *, json_out: bool) -> None:
+    """--segments against the video before the model loads: times, overlaps and audio files;
+    and when a segment names a track or a point, pass 1 now (the dub reuses it) to check those."""
+    if not options.segments:
+        return
+    from latentdub.segments import check_segments, needs_analysis, resolve_segments
+
+    try:
+        check_segments(options.segments, duration_s=inputs.info.duration_s, fps=inputs.info.fps)
+        if needs_analysis(options.segments):
+            from latentdub.face import analyze_video
+
+            with loading("finding faces (pass 1, to check --segments)", json_out=json_out):
+                inputs.analysis = analyze_video(inputs.video, info=inputs.info)
+            resolve_segments(options.segments, inputs.analysis)
+    except InputError as err:
+        raise InputError(f"--segments: {err}") from None
 
 
 def _consent(value: str | None) -> Any:

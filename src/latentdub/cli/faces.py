@@ -1,17 +1,24 @@
-"""``latentdub faces VIDEO``: what the face layer sees in a video (tracks, choice, pass-through)."""
+"""``latentdub faces VIDEO``: what the face layer sees in a video (tracks, choice, pass-through,
+who speaks when)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import numpy as np
 import typer
 from rich.table import Table
 
 from latentdub.cli._app import app, console, frame_bars
 from latentdub.errors import InputError
+from latentdub.runs import runs
+
+if TYPE_CHECKING:
+    from latentdub.face.analysis import FaceAnalysis
+    from latentdub.face.speakers import SpeakerTimeline
 
 
 @app.command("faces")
@@ -38,8 +45,9 @@ def faces(
     ] = 1,
     max_frames: Annotated[int | None, typer.Option(help="Analyse only the first N frames.")] = None,
 ) -> None:
-    """Detect, track and choose faces; report tracks and the frames that would pass through."""
-    from latentdub.face import analyze_video, select_face
+    """Detect, track and choose faces; report tracks, the frames that would pass through, and
+    who speaks when in the video's own audio."""
+    from latentdub.face import select_face
     from latentdub.face.selection import parse_policy
     from latentdub.weights.resolve import RESOLUTIONS
 
@@ -63,7 +71,9 @@ def faces(
         def on_frame(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
-        analysis = analyze_video(video, every_n=every_n, max_frames=max_frames, progress=on_frame)
+        analysis, speakers, speaker_note = analyze_with_speakers(
+            video, every_n=every_n, max_frames=max_frames, progress=on_frame
+        )
         selection = select_face(analysis, face, resolution=resolution)
         if preview is not None:
             from latentdub.face.preview import render_preview
@@ -73,17 +83,130 @@ def faces(
                 analysis,
                 selection,
                 preview,
+                speakers=speakers,
                 progress=lambda d, t: bar.update(ptask, completed=d, total=t),
             )
 
     summary: dict[str, Any] = analysis.to_dict()
     summary.update(selection.to_dict())
+    summary["speakers"] = speakers_summary(analysis, speakers, speaker_note)
     if preview is not None:
         summary["preview"] = str(preview)
     if json_out:
         print(json.dumps(summary))
         return
     _print_summary(summary)
+
+
+# -- who speaks when ------------------------------------------------------------------------------
+NO_AUDIO_NOTE = "the video has no audio track: nobody is marked as speaking"
+
+
+def analyze_with_speakers(
+    video: Path, *, every_n: int = 1, max_frames: int | None = None, progress: Any = None
+) -> tuple[FaceAnalysis, SpeakerTimeline, str]:
+    """Pass 1 over ``video``, its speaker timeline against the video's own audio, and a note
+    ("" unless the timeline could not be made).
+
+    The one place that knows how the speaker detector is reached: ``speaker_timeline`` (pass 1
+    always keeps lip apertures) where the face layer has it, else ``analyze_speakers`` (its own
+    pass with landmarks). A video without a usable audio track gets a timeline of nobody
+    speaking, method "none" (its note says why), and no error.
+    """
+    from latentdub.face import analyze_video, speakers
+    from latentdub.media.audio_io import load_audio
+    from latentdub.media.reader import probe_video
+
+    info = probe_video(video)
+    clip, note = None, NO_AUDIO_NOTE
+    if info.has_audio:
+        try:
+            clip = load_audio(video)  # before pass 1: a broken track must not waste it
+        except InputError as err:
+            note = f"the audio track cannot be used ({err}): nobody is marked as speaking"
+    kwargs: dict[str, Any] = {"every_n": every_n, "max_frames": max_frames, "progress": progress}
+    new_api = getattr(speakers, "speaker_timeline", None)
+    if clip is None:
+        analysis = analyze_video(video, info=info, **kwargs)
+        return analysis, _nobody_speaks(analysis), note
+    if new_api is not None:
+        analysis = analyze_video(video, info=info, **kwargs)
+        return analysis, new_api(analysis, clip), ""
+    analysis, timeline = speakers.analyze_speakers(video, audio=clip, info=info, **kwargs)
+    return analysis, timeline, ""
+
+
+def _nobody_speaks(analysis: FaceAnalysis) -> SpeakerTimeline:
+    from latentdub.face.speakers import SpeakerTimeline
+
+    n = analysis.num_frames
+    ids = [t.id for t in analysis.tracks]
+    times = np.asarray(analysis.times_s, dtype=np.float64)
+    return SpeakerTimeline(
+        track=np.full(n, -1, np.int32),
+        confidence=np.zeros(n, np.float32),
+        times_s=times,
+        end_s=float(times[0]) + analysis.duration_s if n else 0.0,
+        track_ids=ids,
+        scores=np.full((n, len(ids)), np.nan),
+        intervals={tid: [] for tid in ids},
+        method="none",
+    )
+
+
+def speakers_summary(
+    analysis: FaceAnalysis, timeline: SpeakerTimeline, note: str = ""
+) -> dict[str, Any]:
+    """The ``speakers`` object of ``faces --json``: per track its speaking intervals, the
+    stretches where nobody speaks, and all of it as one list of turns in time order."""
+    times = np.asarray(timeline.times_s, dtype=np.float64)
+    n = timeline.num_frames
+
+    def end_of(stop: int) -> float:
+        return float(times[stop]) if stop < n else float(timeline.end_s)
+
+    tracks = []
+    for tid in timeline.track_ids:
+        intervals = timeline.intervals.get(tid, [])
+        sel = analysis.obs_track == tid
+        # The mean box says which face a track id is (ids alone are anonymous).
+        box = analysis.obs_bbox[sel].mean(axis=0) if sel.any() else np.full(4, np.nan)
+        tracks.append({
+            "track_id": int(tid),
+            "speaking_frames": int(sum(iv.stop_frame - iv.start_frame for iv in intervals)),
+            "speaking_s": round(sum(iv.end_s - iv.start_s for iv in intervals), 4),
+            "mean_box": [round(float(v), 1) for v in box] if np.isfinite(box).all() else None,
+            "intervals": [iv.to_dict() for iv in intervals],
+        })  # fmt: skip
+    turns: list[dict[str, Any]] = []
+    for tid in timeline.track_ids:
+        for iv in timeline.intervals.get(tid, []):
+            span = _span(iv.start_frame, iv.stop_frame, iv.start_s, iv.end_s)
+            turns.append({"track_id": int(tid), **span, "confidence": round(float(iv.confidence), 4)})
+    silent = [
+        _span(a, b, float(times[a]), end_of(b))
+        for a, b, who in runs(np.asarray(timeline.track))
+        if who < 0
+    ]
+    turns += [{"track_id": None, **s, "confidence": None} for s in silent]
+    turns.sort(key=lambda t: t["start_frame"])
+    return {
+        "method": timeline.method,
+        "note": note,
+        "frames": n,
+        "tracks": tracks,
+        "silent": silent,
+        "turns": turns,
+    }
+
+
+def _span(start: int, stop: int, start_s: float, end_s: float) -> dict[str, Any]:
+    return {
+        "start_frame": int(start),
+        "stop_frame": int(stop),
+        "start_s": round(start_s, 4),
+        "end_s": round(end_s, 4),
+    }
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -130,3 +253,23 @@ def _print_summary(s: dict[str, Any]) -> None:
                 r["reason"],
             )
         console.print(table)
+    _print_speakers(s["speakers"])
+
+
+def _print_speakers(sp: dict[str, Any]) -> None:
+    if sp["method"] == "none":
+        console.print(f"who speaks when: {sp['note'] or 'not detected'} (method none)")
+        return
+    table = Table(title=f"who speaks when (method {sp['method']})")
+    for col in ("frames", "time s", "speaker", "confidence"):
+        table.add_column(col)
+    for t in sp["turns"]:
+        who = f"track {t['track_id']}" if t["track_id"] is not None else "nobody"
+        conf = f"{t['confidence']:.2f}" if t["confidence"] is not None else ""
+        table.add_row(
+            f"{t['start_frame']}–{t['stop_frame'] - 1}",
+            f"{t['start_s']:.2f}–{t['end_s']:.2f}",
+            who,
+            conf,
+        )
+    console.print(table)

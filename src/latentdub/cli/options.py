@@ -1,7 +1,8 @@
 """The dub-option flags of ``dub`` and ``batch``, built from the fields of :class:`DubOptions`.
 
 One flag per field: ``--field-name`` (``--x/--no-x`` for a bool), the field's type, default
-and description (the help text); a ``Literal`` field shows its choices. A field added to
+and description (the help text); a ``Literal`` field shows its choices; a field marked
+:class:`~latentdub.options.FromFile` takes a FILE, read by the field's own loader. A field added to
 ``DubOptions``, or to a subclass given to :func:`with_option_flags`, becomes a flag with no
 other edit. The values are checked by the options class itself (one place for the rules and
 their messages); an :class:`OptionError` becomes an :class:`InputError` that names the flag.
@@ -14,13 +15,14 @@ import inspect
 import re
 import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic_core import PydanticUndefined
 
 from latentdub.errors import InputError
-from latentdub.options import DubOptions, OptionError
+from latentdub.options import DubOptions, OptionError, file_option, read_option_files
 
 OPTIONS_PANEL = "Dub options"
 # The wrapper's own click context parameter; a name no options field can take.
@@ -41,12 +43,16 @@ def dub_option_params(options_cls: type[DubOptions] = DubOptions, *, panel: str 
     params: list[inspect.Parameter] = []
     for name, info in options_cls.model_fields.items():
         kind, choices = _flag_type(info.annotation)
+        from_file = file_option(options_cls, name) is not None
+        if from_file:  # the value is read from the file by the field's loader (options_from_flags)
+            kind, choices = Path, ()
         default = info.get_default(call_default_factory=True)
         required = default is PydanticUndefined
         flag = option_flag(name)
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(
-            *decls, help=_help(info.description or "", choices), metavar="<choice>" if choices else None,
+            *decls, help=_help(info.description or "", choices),
+            metavar="<choice>" if choices else ("FILE" if from_file else None),
             rich_help_panel=panel, show_default=not required,
         )
         annotation = Annotated[kind | None, option] if required else Annotated[kind, option]
@@ -81,9 +87,10 @@ def _help(description: str, choices: tuple[str, ...]) -> str:
 
 
 def options_from_flags(options_cls: type[DubOptions], given: Mapping[str, Any]) -> DubOptions:
-    """``options_cls(**given)``; a bad value is an :class:`InputError` naming its flag."""
+    """``options_cls(**given)``, the files of file options read first; a bad value is an
+    :class:`InputError` naming its flag."""
     try:
-        return options_cls(**given)
+        return options_cls(**read_option_files(options_cls, given))
     except OptionError as err:
         raise InputError(f"{option_flag(err.field)} {err.reason}") from None
 

@@ -78,6 +78,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from latentdub.compare.layout import (
@@ -99,6 +100,8 @@ from latentdub.compare.layout import (
 from latentdub.compare.mouth import (
     Deltas,
     MouthTrack,
+    deltas_of,
+    face_mouths,
     is_changed,
     measure_deltas,
     mouth_track,
@@ -157,6 +160,8 @@ class CompareResult:
     mouth_delta: dict[str, float | None]  # median |Δ| (grey levels) inside/outside the mouth
     original_ended_s: float | None = None  # dub time from which the dub runs past the original
     frames_replayed: int = 0  # frames past the original's end that replay one of its frames
+    # Per face track of the original: on which dub frames its mouth was changed (dubbed).
+    dubbed_tracks: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -215,6 +220,8 @@ class _Plan:
     warnings: list[str]
     timings: dict[str, float]
     replays: Any = None  # the _Replays of the stream, when the dub outlasts the original
+    faces: dict[int, MouthTrack] = field(default_factory=dict)  # every face's mouth, by track
+    boxes: dict[int, Any] = field(default_factory=dict)  # every face's box (TrackData), by track
 
     @property
     def to_dub(self) -> tuple[float, float]:
@@ -258,9 +265,12 @@ def _plan(original: Path, dubbed: Path, output: Path, *, face: str, max_height: 
     sx, sy = dub_info.width / orig_info.width, dub_info.height / orig_info.height
     mouth_aspect = layout.panel_width / layout.mouth_height  # in dub px: the dubbed mouth is never distorted
     track = mouth_track(analysis, face, window_aspect=mouth_aspect * sy / sx)
+    faces = face_mouths(analysis, window_aspect=mouth_aspect * sy / sx)
+    boxes = {tid: analysis.track(tid) for tid in faces}
     timings["faces"] = round(time.perf_counter() - start, 3)
     return _Plan(
-        original, dubbed, orig_info, dub_info, layout, clip, track, analysis.num_frames, warnings, timings
+        original, dubbed, orig_info, dub_info, layout, clip, track, analysis.num_frames, warnings, timings,
+        faces=faces, boxes=boxes,
     )
 
 
@@ -293,9 +303,14 @@ class _Tally:
     ended_at: float | None = None  # dub time from which the dub runs past the original
     replayed: int = 0  # frames past the end matched to the original frame they replay
     last_time: float = 0.0  # where the dub's last frame ends
+    dubbed_tracks: list[tuple[int, ...]] = field(default_factory=list)  # per frame
+    ratios: dict[int, list[float]] = field(default_factory=dict)  # per track: mouth / reference
 
-    def add(self, state: FrameState, frame: Frame, info: VideoInfo) -> None:
+    def add(self, state: FrameState, frame: Frame, info: VideoInfo, faces: list[_FaceCheck]) -> None:
         d = state.deltas
+        self.dubbed_tracks.append(tuple(f.track_id for f in faces if f.dubbed))
+        for f in faces:
+            self.ratios.setdefault(f.track_id, []).append(f.ratio)
         if (state.status == ORIGINAL_ENDED or state.replayed) and self.ended_at is None:
             self.ended_at = state.time_s
         self.replayed += int(state.replayed)
@@ -407,11 +422,13 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
                     replayed = _replayed_original(plan, replays, frame, k, orig.index + 1, tally, aligned)
             if replayed is not None:
                 orig, ended = replayed, False
-            canvas, state = _review_frame(plan, frame, orig, ended, no_face_card, replayed=replayed is not None)
+            canvas, state, checks = _review_frame(
+                plan, frame, orig, ended, no_face_card, replayed=replayed is not None
+            )
             if first_pts is None:
                 first_pts = frame.pts
             writer.write(canvas, pts=frame.pts - first_pts)
-            tally.add(state, frame, info)
+            tally.add(state, frame, info, checks)
             run.update(k + 1)
         run.check()
     run.finish()
@@ -445,21 +462,30 @@ def _review_frame(
     no_face_card: np.ndarray,
     *,
     replayed: bool = False,
-) -> tuple[np.ndarray, FrameState]:
-    """One frame of the review video, and what it shows (``replayed``: ``orig`` is the frame
-    a length policy replays past the original's end)."""
+) -> tuple[np.ndarray, FrameState, list[_FaceCheck]]:
+    """One frame of the review video, what it shows (``replayed``: ``orig`` is the frame a
+    length policy replays past the original's end), and each face's check."""
     L, track = plan.layout, plan.track
     pw, ph, mh = L.panel_width, L.panel_height, L.mouth_height
     j = min(orig.index, track.num_frames - 1)  # the face pass may stop short of the original's end
     has_face = track.has_face(j)
     orig_panel = fit_panel(orig.image, (pw, ph))
     dub_panel = fit_panel(frame.image, (pw, ph))
+    diff = cv2.absdiff(orig_panel, dub_panel)
     rect = panel_rect(track.region[j], plan.to_panel, (pw, ph)) if has_face else None
-    deltas = measure_deltas(orig_panel, dub_panel, rect)
+    deltas = deltas_of(diff, rect)
+    checks = [] if ended else _check_faces(plan, j, diff)
+    window = track.window[j]
+    own = int(track.track_id[j]) if track.track_id is not None else -1
+    dubbed = [c for c in checks if c.dubbed]
+    if dubbed and own not in {c.track_id for c in dubbed}:
+        # Another face than the policy's was dubbed (a multi-speaker dub): zoom on that one.
+        window = plan.faces[dubbed[0].track_id].window[j]
+        has_face = True
     zoom: tuple[float, float] | None = None
     if has_face:
         sx, sy = plan.to_dub
-        win_o = track.window[j]
+        win_o = window
         win_d = win_o * np.array([sx, sy, sx, sy])
         orig_mouth = zoom_window(orig.image, win_o, (pw, mh))
         dub_mouth = zoom_window(frame.image, win_d, (pw, mh))
@@ -467,6 +493,8 @@ def _review_frame(
     else:
         orig_mouth = dub_mouth = no_face_card
     status, reason = _status(ended, has_face, deltas, str(track.reason[j]))
+    if status == PASSTHROUGH and dubbed:
+        status, reason = DUBBED, ""
     if replayed:
         reason = f"{reason}; {REPLAY_NOTE}" if reason else REPLAY_NOTE
     state = FrameState(
@@ -479,8 +507,40 @@ def _review_frame(
         deltas=deltas,
         zoom=zoom,
         replayed=replayed,
+        # Boxes only tell faces apart: with one face in the picture the chip says it all.
+        dubbed_faces=[(c.track_id, c.box) for c in dubbed] if len(checks) > 1 else [],
     )
-    return compose(L, orig_panel, dub_panel, orig_mouth, dub_mouth, state), state
+    return compose(L, orig_panel, dub_panel, orig_mouth, dub_mouth, state), state, checks
+
+
+@dataclass
+class _FaceCheck:
+    """Whether one face's mouth was changed by the dub on one frame."""
+
+    track_id: int
+    dubbed: bool
+    ratio: float  # mouth |Δ| / its reference |Δ| (1 ≈ re-encoding only)
+    box: tuple[int, int, int, int]  # the face box, panel px
+
+
+def _check_faces(plan: _Plan, j: int, diff: np.ndarray) -> list[_FaceCheck]:
+    """Every face of original frame ``j``: its mouth's change against its own upper face's
+    (the same rule as the frame status, :func:`~latentdub.compare.mouth.is_changed`)."""
+    pw, ph = plan.layout.panel_width, plan.layout.panel_height
+    sx, sy = plan.to_panel
+    out = []
+    for tid, mouth in plan.faces.items():
+        if j >= mouth.num_frames or not np.isfinite(mouth.region[j, 0]) or not plan.boxes[tid].is_present(j):
+            continue
+        d = deltas_of(diff, panel_rect(mouth.region[j], (sx, sy), (pw, ph)))
+        if d.mouth is None:
+            continue
+        reference = d.face if d.face is not None else d.rest
+        x0, y0, x1, y1 = plan.boxes[tid].at(j)
+        box = (math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy))
+        ratio = d.mouth / max(reference, 1e-6)
+        out.append(_FaceCheck(tid, is_changed(d.mouth, reference), round(float(ratio), 3), box))
+    return out
 
 
 def _status(ended: bool, has_face: bool, deltas: Deltas, dub_reason: str) -> tuple[str, str]:
@@ -555,6 +615,7 @@ def _summarize(plan: _Plan, tally: _Tally, output: Path) -> CompareResult:
         },
         original_ended_s=None if tally.ended_at is None else round(tally.ended_at, 4),
         frames_replayed=tally.replayed,
+        dubbed_tracks=_dubbed_tracks(tally),
         warnings=warnings,
         timings=plan.timings,
     )
@@ -579,6 +640,32 @@ def _ranges(tally: _Tally) -> list[dict[str, Any]]:
                 "reason": tally.reasons[a],
             }
         )
+    return out
+
+
+def _dubbed_tracks(tally: _Tally) -> list[dict[str, Any]]:
+    """Per face track: dubbed frames, their runs, and the median mouth/reference ratio."""
+    times = tally.times
+    out = []
+    for tid in sorted(tally.ratios):
+        mask = np.array([tid in ids for ids in tally.dubbed_tracks], dtype=bool)
+        spans = [
+            {
+                "start_frame": a,
+                "end_frame": b,
+                "start_s": round(times[a], 4),
+                "end_s": round(times[b] if b < len(times) else tally.last_time, 4),
+            }
+            for a, b, on in runs(mask)
+            if on
+        ]
+        out.append({
+            "track_id": tid,
+            "frames_dubbed": int(mask.sum()),
+            "frames_seen": len(tally.ratios[tid]),
+            "ranges": spans,
+            "mouth_ratio_median": round(float(np.median(tally.ratios[tid])), 3),
+        })  # fmt: skip
     return out
 
 

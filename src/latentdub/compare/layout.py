@@ -6,7 +6,7 @@ Text is OpenCV's built-in Hershey font (:mod:`latentdub.media.overlay`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -204,6 +204,9 @@ class FrameState:
     deltas: Deltas
     zoom: tuple[float, float] | None  # enlargement of the original's and the dub's mouth
     replayed: bool = False  # past the original's end: the dub replays original frame original_index
+    # Faces whose mouth the dub changed, boxed on the dub's panel when the frame has several
+    # faces (track id, face box in panel px); with one face the status chip already says it.
+    dubbed_faces: list[tuple[int, Rect]] = field(default_factory=list)
 
 
 def compose(
@@ -244,6 +247,7 @@ def compose(
     if state.zoom is not None:
         for x, zoom in ((pad, state.zoom[0]), (pw + pad, state.zoom[1])):
             draw_label(canvas, f"mouth x{zoom:.1f}", (x, ph + pad), lh * 0.8, _WHITE, (0, 0, 0), alpha=0.6)
+    _draw_dubbed_faces(canvas, layout, state.dubbed_faces)
     if state.status != DUBBED:
         # The dub's side is framed in the status colour: visible at a glance while scrubbing.
         border = max(3, ph // 120)
@@ -280,3 +284,21 @@ def compose(
     return canvas
 
 
+def _draw_dubbed_faces(canvas: np.ndarray, layout: CompareLayout, faces: list[tuple[int, Rect]]) -> None:
+    """A DUBBED box and chip (the status colour) on each dubbed face of the dub's panel."""
+    pw, ph = layout.panel_width, layout.panel_height
+    colour = _STYLE[DUBBED][1]
+    thick = max(3, ph // 120)
+    lh = layout.label_height * 0.8
+    for tid, (x0, y0, x1, y1) in faces:
+        box = (pw + max(0, x0), max(0, y0), pw + min(pw, x1), min(ph, y1))
+        if box[2] - box[0] <= 2 * thick or box[3] - box[1] <= 2 * thick:
+            continue
+        draw_frame(canvas, box, colour, thick)
+        note = f"DUBBED #{tid}"
+        th = fit_height(note, max(40, box[2] - box[0]), lh)
+        _, h = text_size(note, th)
+        pad = max(2, round(th * 0.35))
+        # Above the box, or inside its top edge when the face touches the picture's top.
+        y = box[1] - h - 2 * pad if box[1] - h - 2 * pad >= 0 else box[1] + thick
+        draw_label(canvas, note, (box[0], y), th, _WHITE, colour)

@@ -36,6 +36,7 @@ class MouthTrack:
     region: np.ndarray  # (N, 4) x0, y0, x1, y1: what a dub can change; NaN where no face
     window: np.ndarray  # (N, 4) cx, cy, w, h: smoothed zoom window; NaN where no face
     reason: np.ndarray  # (N,) object: why a dub leaves the frame untouched ("" if it dubs it)
+    track_id: np.ndarray | None = None  # (N,) int32: the face's track, -1 where no face
 
     @property
     def num_frames(self) -> int:
@@ -104,7 +105,18 @@ def mouth_track(
     for r in strict.passthrough_ranges:
         reason[r.start_frame : r.end_frame] = r.reason
     reason[strict.valid] = ""
-    return MouthTrack(region=region, window=window, reason=reason)
+    track_id = np.where(present, tracks, -1).astype(np.int32)
+    return MouthTrack(region=region, window=window, reason=reason, track_id=track_id)
+
+
+def face_mouths(analysis: Any, *, window_aspect: float) -> dict[int, MouthTrack]:
+    """:func:`mouth_track` of every face track of ``analysis`` (policy ``track:N``): where each
+    face's mouth is, so each can be checked for a dubbed mouth (a multi-speaker dub changes
+    different faces on different frames)."""
+    return {
+        t.id: mouth_track(analysis, f"track:{t.id}", window_aspect=window_aspect)
+        for t in analysis.tracks
+    }
 
 
 # -- change ------------------------------------------------------------------------------------
@@ -119,7 +131,11 @@ class Deltas:
 
 def measure_deltas(a: np.ndarray, b: np.ndarray, rect: Rect | None) -> Deltas:
     """The differences of two panel-sized frames, ``rect`` being the mouth region (None: no face)."""
-    diff = cv2.absdiff(a, b)
+    return deltas_of(cv2.absdiff(a, b), rect)
+
+
+def deltas_of(diff: np.ndarray, rect: Rect | None) -> Deltas:
+    """:func:`measure_deltas` from their absolute difference (computed once for every face)."""
     total = float(diff.sum(dtype=np.int64))
     if rect is None:
         return Deltas(None, None, total / diff.size)

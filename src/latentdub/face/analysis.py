@@ -145,8 +145,9 @@ class FaceAnalysis:
     obs_score: np.ndarray  # (M,) float32
     obs_yaw: np.ndarray  # (M,) float32, NaN if the backend gives none
     tracks: list[TrackInfo] = field(default_factory=list)
-    # (M,) float32 lip aperture (latentdub.face.speakers.lip_aperture), NaN unless the backend
-    # kept its landmarks; None given = all NaN (analyses built without it).
+    # (M,) float32 lip aperture (latentdub.face.lips.lip_aperture), recorded by pass 1 with
+    # the default MediaPipe backend; NaN where a backend cannot measure it; None given = all
+    # NaN (analyses built without it).
     obs_lip: np.ndarray | None = None
 
     def __post_init__(self) -> None:

@@ -49,8 +49,9 @@ class FramePass:
         self.o_anchor = array("d")
         self.o_score = array("f")
         self.o_yaw = array("f")
-        # Lip aperture (speakers.lip_aperture): only when the backend keeps its landmarks
-        # (MediaPipeBackend(keep_landmarks=True)); NaN otherwise. 4 bytes per face per frame.
+        # Lip aperture (lips.lip_aperture) for the active-speaker detector: MediaPipeBackend
+        # always measures it; other backends give it through their landmarks, else NaN.
+        # 4 bytes per face per frame.
         self.o_lip = array("f")
         self.last_duration: int | None = None
 
@@ -78,4 +79,7 @@ class FramePass:
             self.o_anchor.extend(np.asarray(face.anchors, dtype=np.float64).ravel()[:6])
             self.o_score.append(face.score)
             self.o_yaw.append(np.nan if face.yaw is None else face.yaw)
-            self.o_lip.append(np.nan if face.landmarks is None else lip_aperture(face.landmarks))
+            lip = face.lip
+            if lip is None:
+                lip = np.nan if face.landmarks is None else lip_aperture(face.landmarks)
+            self.o_lip.append(lip)

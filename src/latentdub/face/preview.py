@@ -1,4 +1,6 @@
-"""A diagnostic video: every track's box, the selected face's anchors and the pasted mouth region.
+"""A diagnostic video: every track's box, the selected face's anchors and the pasted mouth region,
+and, given a speaker timeline, the active speaker (a thick box and a SPEAKING chip in its track's
+colour, the colour every box of that track has).
 
 Decodes the video a second time (the analysis keeps no frames) and encodes H.264 with PyAV,
 keeping the source timestamps (VFR stays VFR). Written to a temporary name beside the target
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -20,6 +23,9 @@ from latentdub.face.paste import blend_region_mask
 from latentdub.face.selection import FaceSelection
 from latentdub.media.reader import iter_frames
 from latentdub.media.writer import VideoWriter
+
+if TYPE_CHECKING:
+    from latentdub.face.speakers import SpeakerTimeline
 
 _PALETTE = [
     (230, 25, 75),
@@ -33,6 +39,11 @@ _PALETTE = [
 ]
 _ANCHOR_COLOUR = (255, 40, 40)
 _MASK_TINT = np.array([0, 120, 255], dtype=np.float32)
+
+
+def track_colour(track_id: int) -> tuple[int, int, int]:
+    """The RGB colour of a track's boxes and labels (the same on every frame)."""
+    return _PALETTE[track_id % len(_PALETTE)]
 
 
 def _text(
@@ -49,8 +60,9 @@ def draw_overlay(
     analysis: FaceAnalysis,
     selection: FaceSelection,
     boxes: dict[int, np.ndarray],
+    speaking: int | None = None,
 ) -> np.ndarray:
-    """One annotated frame (a new array)."""
+    """One annotated frame (a new array); ``speaking`` is the active speaker's track id."""
     out = image.copy()
     h, w = out.shape[:2]
     scale = max(0.4, min(w, h) / 900)
@@ -65,17 +77,20 @@ def draw_overlay(
             )
     chosen = int(selection.track_ids[index])
     for tid, box in boxes.items():
-        colour = _PALETTE[tid % len(_PALETTE)]
+        colour = track_colour(tid)
         x0, y0, x1, y1 = (round(v) for v in box)
+        label = f"#{tid}" + (" dub" if tid == chosen else "")
+        if tid == speaking:
+            # Thick enough to read at a glance and to survive H.264 chroma subsampling.
+            thick = max(8, round(12 * scale))
+            cv2.rectangle(out, (x0, y0), (x1, y1), colour, thick, cv2.LINE_AA)
+            _chip(out, f"SPEAKING {label}", (x0 - thick // 2, y0 - thick // 2), 0.55 * scale, colour)
+            continue
         cv2.rectangle(out, (x0, y0), (x1, y1), colour, 3 if tid == chosen else 1, cv2.LINE_AA)
-        _text(
-            out,
-            f"#{tid}" + (" dub" if tid == chosen else ""),
-            (x0, max(12, y0 - 4)),
-            0.5 * scale,
-            colour,
-        )
+        _text(out, label, (x0, max(12, y0 - 4)), 0.5 * scale, colour)
     status = "DUB" if selection.valid[index] else "pass-through"
+    if speaking is not None:
+        status += f"  speaking: #{speaking}" if speaking >= 0 else "  speaking: nobody"
     for r in selection.passthrough_ranges:
         if r.start_frame <= index < r.end_frame:
             status = f"pass-through: {r.reason}"
@@ -90,15 +105,35 @@ def draw_overlay(
     return out
 
 
+def _chip(
+    img: np.ndarray, text: str, corner: tuple[int, int], scale: float, colour: tuple[int, int, int]
+) -> None:
+    """``text`` in black on a box of ``colour`` whose bottom-left corner is ``corner`` (moved
+    inside the picture when it would leave it)."""
+    thick = max(1, round(scale * 2))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    pad = max(2, th // 3)
+    h, w = img.shape[:2]
+    x0 = int(np.clip(corner[0], 0, max(0, w - tw - 2 * pad)))
+    y1 = int(np.clip(corner[1], th + base + 2 * pad, h))
+    y0 = y1 - th - base - 2 * pad
+    cv2.rectangle(img, (x0, y0), (x0 + tw + 2 * pad, y1), colour, -1)
+    cv2.putText(img, text, (x0 + pad, y1 - pad - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                thick, cv2.LINE_AA)  # fmt: skip
+
+
 def render_preview(
     analysis: FaceAnalysis,
     selection: FaceSelection,
     output: str | Path,
     *,
+    speakers: SpeakerTimeline | None = None,
     crf: int = 23,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the annotated video to ``output`` (.mp4, H.264) and return its path."""
+    """Write the annotated video to ``output`` (.mp4, H.264) and return its path.
+
+    With ``speakers`` (a timeline of this analysis) each frame marks its active speaker."""
     output = Path(output)
     if output.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise InputError(f"--preview {output}: use an .mp4 (or .mov/.mkv) file name")
@@ -124,7 +159,9 @@ def render_preview(
             i = frame.index
             boxes = {tid: data.at(i) for tid, data in tracks.items() if data.is_present(i)}
             pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)
-            writer.write(draw_overlay(frame.image, i, analysis, selection, boxes), pts=pts)
+            speaking = int(speakers.track[i]) if speakers is not None else None
+            image = draw_overlay(frame.image, i, analysis, selection, boxes, speaking)
+            writer.write(image, pts=pts)
             last_pts = pts
             if progress is not None and i % 10 == 0:
                 progress(i + 1, n)

@@ -1,9 +1,12 @@
-"""Active-speaker detection without a model: which face's lips move with the original audio.
+"""Active-speaker detection: which face speaks when in the ORIGINAL audio (or nobody).
 
-For every face track, the lip aperture from the Face Mesh landmarks of pass 1 is correlated
-with the speech envelope of the video's own audio in a sliding window, over a few frames of
-audio/video lag; per frame the best-matching track (or nobody) is then chosen by a Viterbi
+For every face track, the lip aperture that pass 1 records (:mod:`latentdub.face.lips`) is
+correlated with the speech envelope of the video's own audio in a sliding window, at a lag
+fixed per track; per frame the best-matching track (or nobody) is then chosen by a Viterbi
 pass with a switch penalty (hysteresis), inside each shot, and short segments are merged.
+The decision stage also takes precomputed scores (:func:`detect_speakers` ``scores=``), so a
+lip-reading model (SyncNet, :mod:`latentdub.evaluation.speakers`) can replace the landmarks
+without this module importing it; :func:`speaker_timeline` is the one entry point a dub uses.
 
 Why this works: the area of mouth opening and the acoustic envelope of speech are correlated,
 with the mouth typically leading the voice by tens to a few hundred milliseconds (Chandrasekaran
@@ -11,34 +14,50 @@ et al., "The natural statistics of audiovisual speech", PLoS Comput. Biol. 2009)
 a visual speech signal with the audio over lags is also what the classic model-free
 active-speaker baselines do (Hershey & Movellan, "Audio Vision", NIPS 1999; Cutler & Davis,
 "Look who's talking", ICME 2000); SyncNet (Chung & Zisserman, ACCV 2016 workshops) learns the
-same synchrony and could replace :func:`sync_scores` where its weights are available.
+same synchrony.
 
-Measured (bench/bench_speakers.py, 10 composites of two real 25 fps talking heads with the
-audio switching between their own tracks): per-frame accuracy outside ±0.3 s of a switch
-86.5 % mean, ≥ 95 % on 4 of 10 (100 % on 3, 52 % worst); 7 of 11 switches found within
-0.4 s, 1 missed; 0.12 ms per frame (0.06 per frame and track) after pass 1. The issue's
-target (≥ 95 % everywhere) is NOT met: over 2.5 s the lip/envelope correlation picks the
-right face of a pair only ~85-90 % of the time on these clips (landmark jitter, and speech
-whose envelope follows the lips loosely), so a lip-reading model (SyncNet) is needed for more.
+Measured (bench/bench_speakers.py, 10 composites of two real 25 fps talking heads, BOTH
+mouths moving all the time, the audio switching between their own tracks at 2.5 s): per-frame
+accuracy outside ±0.3 s of a switch 86.5 % mean, ≥ 95 % on 4 of 10, 51.9 % worst; 7 of 11
+switches within 0.4 s, 1 missed; ~0.1 ms per frame after pass 1. The target (≥ 95 %
+everywhere) is NOT met by landmarks alone. What limits it, measured on these composites:
 
-Pass 1 keeps a lip aperture only when its backend keeps the landmarks, so this module runs its
-own pass (:func:`analyze_speakers`) with ``MediaPipeBackend(keep_landmarks=True)``; the default
-dub is unchanged.
+* the signal: over a whole 2.5 s turn, the speaker's lip/envelope correlation at the right lag
+  (0.46 ± 0.14) beats the other moving mouth's (0.12 ± 0.16) in 20 of 20 turns, but by 0.02 in
+  the worst; with 2 s windows, per frame, that is not enough. Outer lip, jaw, mouth width,
+  their sums, velocities, median-filtered apertures, band-limited envelopes (0.3-3, 1-3, 2-5
+  kHz) and other envelope floors/windows all separated the turns as well or worse;
+* the lag: per track it is found in ±8 frames from the shot (real clips are off by up to 7
+  frames); on 2.5 s turns 7 of 20 tracks get a wrong lag, and the whole-shot, windowed and
+  iterated (assign → re-estimate) estimates were all no better overall. Even with the true
+  lags the composites reach only 89.9 % mean (51.9 % worst), so the decision is not the limit.
+
+A real conversation is easier than the bench (a listener's mouth is mostly still), but for the
+bench's target a lip-reading model is needed: SyncNet scores (with the real syncnet_v2.model
+weights) through ``scores=`` / ``speaker_timeline(syncnet=...)``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from latentdub.runs import true_runs
+
 if TYPE_CHECKING:
     from latentdub.face.analysis import FaceAnalysis
     from latentdub.media.audio_io import AudioClip
+
+#: Scores every track of an analysis against the original audio: ``(N, K)`` float, higher =
+#: more in sync, NaN where a track is absent, columns in ``analysis.tracks`` order.
+ScoreFn = Callable[["FaceAnalysis", "AudioClip"], np.ndarray]
+
 
 # -- lip aperture: face/lips.py (pass 1 records it) ------------------------------------------------
 def track_apertures(analysis: FaceAnalysis) -> tuple[list[int], np.ndarray]:
@@ -224,8 +243,39 @@ def sync_scores(
 
 # -- decision ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Decision:
+    """How scores become decisions, in the units of one scoring method.
+
+    ``none_threshold``: the score "nobody speaks" gets (a track must beat it);
+    ``switch_penalty``: cost of a change of speaker in score·frames (hysteresis);
+    ``temperature``: score margin → confidence (logistic); ``both_score`` / ``both_margin``: a
+    track not chosen on a frame still counts as speaking there when its score is at least
+    ``both_score`` and within ``both_margin`` of the chosen track's (two people talking at once).
+    """
+
+    none_threshold: float
+    switch_penalty: float
+    temperature: float
+    both_score: float
+    both_margin: float
+
+
+#: Landmarks: windowed Pearson correlations in [-1, 1] (0.46 ± 0.14 for the speaker on the bench).
+LANDMARK_DECISION = Decision(
+    none_threshold=0.1, switch_penalty=1.5, temperature=0.1, both_score=0.6, both_margin=0.05
+)
+#: SyncNet: per-window confidence (median − min distance over ±15 offsets), smoothed; the
+#: classic pipeline reads ~1-2 as "not in sync" and ≥ 3-5 as speaking. Not tuned here: it
+#: needs the real syncnet_v2.model weights, which this project does not ship.
+SYNCNET_DECISION = Decision(
+    none_threshold=2.0, switch_penalty=15.0, temperature=1.0, both_score=5.0, both_margin=0.5
+)
+DECISIONS = {"landmarks": LANDMARK_DECISION, "syncnet": SYNCNET_DECISION}
+
+
+@dataclass(frozen=True)
 class SpeakingInterval:
-    """Frames [start_frame, stop_frame) where one track is the active speaker."""
+    """Frames [start_frame, stop_frame) where one track speaks (never across a scene cut)."""
 
     track_id: int
     start_frame: int
@@ -249,16 +299,30 @@ class SpeakingInterval:
 
 @dataclass
 class SpeakerTimeline:
-    """Per frame the active speaker's track id (-1: nobody) and a confidence in [0, 1]."""
+    """Who speaks when, per source frame.
+
+    ``track``: the main speaker's track id (-1: nobody); ``confidence`` in [0, 1] of that
+    decision; ``speaking`` (N, K) per track in ``track_ids`` order, normally ``track == id`` but
+    True for two tracks where both clearly score; ``intervals``: per track its speaking runs;
+    ``method``: "landmarks", "syncnet", or "none" (nobody speaks: no audio, or no lips to
+    read; a caller then falls back to its own face choice).
+    """
 
     track: np.ndarray  # (N,) int32
     confidence: np.ndarray  # (N,) float32
     times_s: np.ndarray  # (N,) frame times
     end_s: float  # time just after the last frame
     track_ids: list[int]
-    scores: np.ndarray  # (N, K) windowed sync score per track (NaN where absent)
+    scores: np.ndarray  # (N, K) score per track (NaN where absent or not scored)
     intervals: dict[int, list[SpeakingInterval]] = field(default_factory=dict)
     method: str = "landmarks"
+    speaking: np.ndarray | None = None  # (N, K) bool; None given = track == id
+    scene_cuts: np.ndarray | None = None  # frames that start a shot (for the intervals)
+
+    def __post_init__(self) -> None:
+        if self.speaking is None:
+            ids = np.asarray(self.track_ids, dtype=np.int64).reshape(1, -1)
+            self.speaking = np.asarray(self.track).reshape(-1, 1) == ids
 
     @property
     def num_frames(self) -> int:
@@ -268,16 +332,33 @@ class SpeakerTimeline:
         """Frames where the active speaker (or nobody) changes."""
         return np.flatnonzero(np.diff(self.track) != 0) + 1
 
+    def _time(self, frame: int) -> float:
+        return float(self.times_s[frame]) if frame < self.num_frames else self.end_s
+
+    def silent_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) frame runs where nobody speaks."""
+        return true_runs(self.track == -1)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "frames": self.num_frames,
+            "track_ids": [int(t) for t in self.track_ids],
             "track": [int(t) for t in self.track],
             "confidence": [round(float(c), 3) for c in self.confidence],
             "tracks": {
                 str(tid): [iv.to_dict() for iv in self.intervals.get(tid, [])]
                 for tid in self.track_ids
             },
+            "silent": [
+                {
+                    "start_frame": int(a),
+                    "stop_frame": int(b),
+                    "start_s": round(self._time(a), 4),
+                    "end_s": round(self._time(b), 4),
+                }
+                for a, b in self.silent_ranges()
+            ],
         }
 
 
@@ -346,50 +427,29 @@ def _refine_switches(path: np.ndarray, reward: np.ndarray, radius: int, min_len:
     return path
 
 
-def detect_speakers(
+def _shot_bounds(analysis: FaceAnalysis) -> list[int]:
+    n = analysis.num_frames
+    return [0, *sorted({int(c) for c in analysis.scene_cuts if 0 < c < n}), n]
+
+
+def landmark_scores(
     analysis: FaceAnalysis,
-    audio: AudioClip | None = None,
+    audio: AudioClip,
     *,
     window_s: float = 2.0,
     max_lag_s: float = 0.32,
-    none_threshold: float = 0.1,
-    switch_penalty: float = 1.5,
-    min_segment_s: float = 0.5,
-    temperature: float = 0.1,
+    lag_spread: int = 1,
     floor_db: float = 20.0,
     reference_s: float = 0.0,
-    lag_spread: int = 1,
     refine_window_s: float = 1.0,
-) -> SpeakerTimeline:
-    """Per-frame active speaker of an analysed video from its lips and its original audio.
-
-    ``analysis`` must carry lip apertures (pass 1 run with
-    ``MediaPipeBackend(keep_landmarks=True)``, e.g. by :func:`analyze_speakers`); ``audio``
-    defaults to the video's own audio track. Scores are windowed correlations
-    (:func:`sync_scores`, ``window_s`` long, lags up to ``max_lag_s`` both ways). "Nobody" is a
-    state of its own scoring ``none_threshold``; a Viterbi pass over each shot with
-    ``switch_penalty`` (in score·frames) per change gives hysteresis, and runs shorter than
-    ``min_segment_s`` are merged into a neighbour. Shots are decided separately, so no
-    segment crosses a scene cut. Confidence per frame: a logistic of the chosen state's score
-    minus the best other state's, at ``temperature``.
-    """
-    from latentdub.media.audio_io import load_audio
-
-    n = analysis.num_frames
-    ids, apert = track_apertures(analysis)
-    if ids and analysis.obs_lip is not None and not np.isfinite(analysis.obs_lip).any():
-        raise ValueError(
-            "the face analysis has no lip apertures; run pass 1 with "
-            "MediaPipeBackend(keep_landmarks=True) (see analyze_speakers)"
-        )
-    if audio is None:
-        audio = load_audio(analysis.path)
-    wave = audio.to_mono_16k()
-    video_start = float(analysis.pts[0] * analysis.time_base)
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, K) windowed lip/envelope correlations, and the shorter-window ones that place the
+    switches (None when ``refine_window_s`` is 0); see :func:`sync_scores`."""
+    _ids, apert = track_apertures(analysis)
     env = speech_envelope(
-        wave,
+        audio.to_mono_16k(),
         analysis.times_s,
-        offset_s=video_start - audio.start_s,
+        offset_s=float(analysis.pts[0] * analysis.time_base) - audio.start_s,
         floor_db=floor_db,
         reference_s=reference_s,
     )
@@ -401,22 +461,82 @@ def detect_speakers(
     if refine_window_s > 0:
         fine = max(5, round(refine_window_s * fps) | 1)
         short = sync_scores(apert, env, window=fine, lags=lags, spread=lag_spread)
+    return scores, short
 
+
+def detect_speakers(
+    analysis: FaceAnalysis,
+    audio: AudioClip | None = None,
+    *,
+    scores: np.ndarray | None = None,
+    method: str | None = None,
+    decision: Decision | None = None,
+    window_s: float = 2.0,
+    max_lag_s: float = 0.32,
+    min_segment_s: float = 0.5,
+    floor_db: float = 20.0,
+    reference_s: float = 0.0,
+    lag_spread: int = 1,
+    refine_window_s: float = 1.0,
+) -> SpeakerTimeline:
+    """Per-frame active speaker of an analysed video against its ORIGINAL audio.
+
+    Without ``scores`` the lips recorded by pass 1 are scored (:func:`landmark_scores`:
+    correlations ``window_s`` long, lags up to ``max_lag_s`` both ways) against ``audio``
+    (default: the video's own track), method "landmarks". With ``scores`` ((N, K) in
+    ``analysis.tracks`` order, NaN where absent, e.g. from
+    :func:`latentdub.evaluation.speakers.syncnet_scores`) those are used, method "syncnet"
+    unless ``method`` says otherwise, and ``audio`` is not read.
+
+    Decision (``decision``, default per method: :data:`DECISIONS`): "nobody" is a state of its
+    own scoring ``none_threshold``; a Viterbi pass over each shot with ``switch_penalty`` per
+    change gives hysteresis, runs shorter than ``min_segment_s`` are merged into a neighbour
+    (no flicker), and each switch is re-placed with the shorter ``refine_window_s`` scores.
+    Shots are decided separately, so no interval crosses a scene cut. Confidence per frame: a
+    logistic of the chosen state's score minus the best other state's, at ``temperature``.
+    """
+    n = analysis.num_frames
+    ids = [t.id for t in analysis.tracks]
     k = len(ids)
+    short: np.ndarray | None = None
+    if scores is None:
+        lips = analysis.obs_lip
+        if k and (lips is None or not np.isfinite(lips).any()):
+            raise ValueError(
+                "the face analysis has no lip apertures (its backend measures none); "
+                "pass SyncNet scores, or use speaker_timeline, which then returns nobody"
+            )
+        if audio is None:
+            from latentdub.media.audio_io import load_audio
+
+            audio = load_audio(analysis.path)
+        scores, short = landmark_scores(
+            analysis, audio, window_s=window_s, max_lag_s=max_lag_s, lag_spread=lag_spread,
+            floor_db=floor_db, reference_s=reference_s, refine_window_s=refine_window_s,
+        )  # fmt: skip
+        method = method or "landmarks"
+    else:
+        scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
+        method = method or "syncnet"
+    dec = decision or DECISIONS.get(method, LANDMARK_DECISION)
+    present = _presence(analysis, ids)
+
     reward = np.full((n, k + 1), -np.inf)
-    reward[:, :k] = np.where(np.isfinite(apert), np.nan_to_num(scores, nan=0.0), -np.inf)
-    reward[:, k] = none_threshold
+    reward[:, :k] = np.where(present, np.nan_to_num(scores, nan=0.0), -np.inf)
+    reward[:, k] = dec.none_threshold
     path = np.full(n, k, dtype=np.int32)
-    bounds = [0, *[int(c) for c in analysis.scene_cuts if 0 < c < n], n]
+    bounds = _shot_bounds(analysis)
+    fps = analysis.fps
     min_len = max(1, round(min_segment_s * fps))
+    window = max(5, round(window_s * fps) | 1)
     for a, b in itertools.pairwise(bounds):
         if b > a:
-            shot = _viterbi(reward[a:b], switch_penalty)
+            shot = _viterbi(reward[a:b], dec.switch_penalty)
             shot = _merge_short(shot, reward[a:b], min_len)
             if short is not None:
                 fine_reward = reward[a:b].copy()
                 fine_reward[:, :k] = np.where(
-                    np.isfinite(apert[a:b]), np.nan_to_num(short[a:b], nan=0.0), -np.inf
+                    present[a:b], np.nan_to_num(short[a:b], nan=0.0), -np.inf
                 )
                 shot = _refine_switches(shot, fine_reward, window // 2, min_len)
             path[a:b] = shot
@@ -424,37 +544,146 @@ def detect_speakers(
     chosen = np.take_along_axis(reward, path[:, None], axis=1)[:, 0]
     others = reward.copy()
     others[np.arange(n), path] = -np.inf
-    margin = np.clip(chosen - others.max(axis=1), -50 * temperature, 50 * temperature)
-    confidence = (1.0 / (1.0 + np.exp(-margin / temperature))).astype(np.float32)
+    confidence = _logistic(chosen - others.max(axis=1), dec.temperature)
     track = np.array([ids[p] if p < k else -1 for p in path], dtype=np.int32)
+    speaking, track_conf = _speaking(track, ids, reward[:, :k], chosen, confidence, dec,
+                                     bounds, min_len)  # fmt: skip
+    return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, method)
 
+
+def _presence(analysis: FaceAnalysis, ids: list[int]) -> np.ndarray:
+    """(N, K) bool: the track is on screen (pass 1 found it, or bridged a short drop-out)."""
+    out = np.zeros((analysis.num_frames, len(ids)), dtype=bool)
+    for j, tid in enumerate(ids):
+        td = analysis.track(tid)
+        out[td.start : td.stop, j] = td.present
+    return out
+
+
+def _logistic(margin: np.ndarray, temperature: float) -> np.ndarray:
+    m = np.clip(np.asarray(margin, dtype=np.float64) / temperature, -50.0, 50.0)
+    return (1.0 / (1.0 + np.exp(-m))).astype(np.float32)
+
+
+def _speaking(
+    track: np.ndarray,
+    ids: list[int],
+    track_scores: np.ndarray,
+    chosen: np.ndarray,
+    confidence: np.ndarray,
+    dec: Decision,
+    bounds: list[int],
+    min_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) speaking flags and (N, K) per-track confidences.
+
+    The chosen track speaks on its frames (confidence: the decision's). Another track speaks
+    too where its score is at least ``both_score`` and within ``both_margin`` of the chosen
+    one's, for at least ``min_len`` frames of one shot (no flicker); its confidence there is
+    the logistic of its own score over the "nobody" level.
+    """
+    k = track_scores.shape[1]
+    ids_arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+    speaking = track.reshape(-1, 1) == ids_arr
+    conf = np.where(speaking, confidence[:, None], 0.0).astype(np.float32)
+    if k < 2:
+        return speaking, conf
+    also = (
+        (track.reshape(-1, 1) >= 0)
+        & ~speaking
+        & (track_scores >= dec.both_score)
+        & (track_scores >= chosen[:, None] - dec.both_margin)
+    )
+    for a, b in itertools.pairwise(bounds):
+        for j in range(k):
+            for ra, rb in true_runs(also[a:b, j]):
+                if rb - ra < min_len:
+                    also[a + ra : a + rb, j] = False
+    own = _logistic(track_scores - dec.none_threshold, dec.temperature)
+    conf = np.where(also, own, conf).astype(np.float32)
+    return speaking | also, conf
+
+
+def _timeline(
+    analysis: FaceAnalysis,
+    track: np.ndarray,
+    confidence: np.ndarray,
+    ids: list[int],
+    scores: np.ndarray,
+    speaking: np.ndarray,
+    track_conf: np.ndarray,
+    method: str,
+) -> SpeakerTimeline:
+    n = analysis.num_frames
     times = np.asarray(analysis.times_s, dtype=np.float64)
     end_s = float(times[0]) + analysis.duration_s if n else 0.0
+    bounds = _shot_bounds(analysis)
     intervals: dict[int, list[SpeakingInterval]] = {tid: [] for tid in ids}
-    change = np.flatnonzero((np.diff(track) != 0) | np.isin(np.arange(1, n), bounds[1:-1])) + 1
-    starts = np.concatenate([[0], change]).astype(int)
-    stops = np.concatenate([change, [n]]).astype(int)
-    for a, b in zip(starts, stops, strict=True):
-        tid = int(track[a])
-        if tid < 0:
-            continue
-        intervals[tid].append(
-            SpeakingInterval(
-                tid, int(a), int(b), float(times[a]), float(times[b]) if b < n else end_s,
-                float(confidence[a:b].mean()),
-            )
-        )  # fmt: skip
-    return SpeakerTimeline(track, confidence, times, end_s, ids, scores, intervals)
+    for j, tid in enumerate(ids):
+        for a0, b0 in itertools.pairwise(bounds):
+            for ra, rb in true_runs(speaking[a0:b0, j]):
+                a, b = a0 + ra, a0 + rb
+                intervals[tid].append(
+                    SpeakingInterval(
+                        tid, a, b, float(times[a]), float(times[b]) if b < n else end_s,
+                        float(track_conf[a:b, j].mean()), method,
+                    )
+                )  # fmt: skip
+    return SpeakerTimeline(
+        track, confidence, times, end_s, ids, np.asarray(scores, dtype=np.float64), intervals,
+        method, speaking, np.asarray(analysis.scene_cuts, dtype=np.int64),
+    )  # fmt: skip
+
+
+def nobody_speaks(analysis: FaceAnalysis, method: str = "none") -> SpeakerTimeline:
+    """A timeline where nobody speaks on any frame (no audio track, or nothing to score)."""
+    n = analysis.num_frames
+    ids = [t.id for t in analysis.tracks]
+    return _timeline(
+        analysis, np.full(n, -1, np.int32), np.ones(n, np.float32), ids,
+        np.full((n, len(ids)), np.nan), np.zeros((n, len(ids)), bool),
+        np.zeros((n, len(ids)), np.float32), method,
+    )  # fmt: skip
+
+
+def speaker_timeline(
+    analysis: FaceAnalysis, audio: AudioClip | None = None, *, syncnet: ScoreFn | None = None
+) -> SpeakerTimeline:
+    """Who speaks when in ``analysis``'s video: the one entry point of a dub (``face=auto``).
+
+    ``audio``: the ORIGINAL video's audio (:func:`~latentdub.media.audio_io.load_audio`;
+    default: read from ``analysis.path``). ``syncnet``: a :data:`ScoreFn` (e.g.
+    :func:`latentdub.evaluation.speakers.syncnet_scorer` of a loaded SyncNet) to score with
+    instead of the landmarks. Never raises for a video it cannot judge: without an audio track
+    (or with an empty one), or without lip apertures to read, it returns a timeline where
+    nobody speaks (method "none") and the caller falls back to its own choice (largest face).
+    """
+    from latentdub.errors import InputError
+    from latentdub.media.audio_io import load_audio
+
+    if audio is None:
+        if not analysis.info.has_audio:
+            return nobody_speaks(analysis)
+        try:
+            audio = load_audio(analysis.path)
+        except InputError:
+            return nobody_speaks(analysis)
+    if audio.num_samples == 0 or not analysis.tracks:
+        return nobody_speaks(analysis)
+    if syncnet is not None:
+        return detect_speakers(analysis, audio, scores=syncnet(analysis, audio), method="syncnet")
+    lips = analysis.obs_lip
+    if lips is None or not np.isfinite(lips).any():
+        return nobody_speaks(analysis)
+    return detect_speakers(analysis, audio)
 
 
 def analyze_speakers(
     path: str | Path, *, audio: AudioClip | None = None, **kwargs: Any
 ) -> tuple[FaceAnalysis, SpeakerTimeline]:
-    """Pass 1 with lip apertures on ``path`` (keyword arguments go to ``analyze_video``), then
-    :func:`detect_speakers` with its defaults against ``audio`` (default: the video's own)."""
+    """Pass 1 on ``path`` (keyword arguments go to ``analyze_video``; it records the lips),
+    then :func:`speaker_timeline` against ``audio`` (default: the video's own)."""
     from latentdub.face.analysis import analyze_video
-    from latentdub.face.backend import MediaPipeBackend
 
-    with MediaPipeBackend(keep_landmarks=True) as backend:
-        analysis = analyze_video(path, backend=backend, **kwargs)
-    return analysis, detect_speakers(analysis, audio)
+    analysis = analyze_video(path, **kwargs)
+    return analysis, speaker_timeline(analysis, audio)

@@ -8,6 +8,11 @@ request except through the job's stored, validated fields.
 The options were validated once, when the API took the request (``routes.parse_options``), and
 stored as plain JSON; here they are only loaded back into ``settings.options_model``. The job's
 row changes only through :class:`~.store.JobStore`.
+
+Segments (``options.segments``): in the API a segment's ``audio`` is never a path but the id of
+an audio asset of the same API key; :func:`check_segment_assets` refuses anything else when the
+job is submitted, and :func:`with_segment_files` puts the stored files in place of the ids just
+before the dub (the job keeps the ids, so no server path is ever shown).
 """
 
 from __future__ import annotations
@@ -122,6 +127,72 @@ def _asset_path(store: JobStore, asset_id: str | None, what: str) -> Path:
     return path
 
 
+class SegmentAssetError(InputError):
+    """A segment's audio that is not an audio asset of the caller: HTTP ``status`` and ``code``."""
+
+    field = "segments"
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+def _segment_assets(options: Any) -> list[tuple[str, str]]:
+    """(label, asset id) of every segment of ``options`` with its own audio."""
+    segments = getattr(options, "segments", None) or ()
+    return [(seg.label(i), seg.audio) for i, seg in enumerate(segments) if seg.audio is not None]
+
+
+def check_segment_assets(store: JobStore, options: Any, key_id: str | None) -> None:
+    """At submit time: every segment's audio is the id of an audio asset of ``key_id`` (any
+    asset when auth is off), stored and present. Raises :class:`SegmentAssetError` naming the
+    segment: 422 for a path or a video asset, 404 for an unknown id or another key's asset (the
+    same answer, so ids of other keys cannot be probed)."""
+    seen: set[str] = set()
+    for label, asset_id in _segment_assets(options):
+        if asset_id in seen:
+            continue
+        if any(c in asset_id for c in "/\\") or asset_id.startswith(("~", ".")):
+            raise SegmentAssetError(
+                422, "invalid_option",
+                f"segments: {label}: audio must be the id of an uploaded audio asset (POST /api/v1/assets), "
+                "not a file path",
+            )
+        asset = store.get_asset(asset_id)
+        if asset is None or (key_id is not None and asset.api_key_id != key_id) or not Path(asset.path).is_file():
+            raise SegmentAssetError(
+                404, "asset_not_found",
+                f"segments: {label}: no audio asset with id {asset_id!r}; upload the speech to /api/v1/assets "
+                "and give the id it returns",
+            )
+        if asset.kind != "audio":
+            raise SegmentAssetError(
+                422, "wrong_asset_kind", f"segments: {label}: asset {asset_id} is a {asset.kind} asset, not an audio asset"
+            )
+        seen.add(asset_id)
+
+
+def with_segment_files(store: JobStore, options: Any, key_id: str | None) -> Any:
+    """``options`` with each segment's audio asset id replaced by the asset's stored file (checked
+    again: the asset may have been deleted since the job was submitted)."""
+    if not _segment_assets(options):
+        return options
+    paths: dict[str, str] = {}
+    for label, asset_id in _segment_assets(options):
+        if asset_id in paths:
+            continue
+        asset = store.get_asset(asset_id)
+        if asset is None or (key_id is not None and asset.api_key_id != key_id) or asset.kind != "audio":
+            raise InputError(f"segments: {label}: its audio asset {asset_id} no longer exists")
+        if not Path(asset.path).is_file():
+            raise InputError(f"segments: {label}: its audio asset {asset_id} is missing from the server's storage")
+        paths[asset_id] = asset.path
+    segments = [seg if seg.audio is None else seg.model_copy(update={"audio": paths[seg.audio]})
+                for seg in options.segments]
+    return options.replace(segments=segments)
+
+
 def run_job(
     job_id: str,
     *,
@@ -166,6 +237,7 @@ def run_job(
         # Loading, not checking: these are the API's validated options, stored as JSON. A row
         # that no longer loads (an option was removed since) fails the job as bad_input.
         opts = settings.options_model.from_dict(job.options or {})
+        opts = with_segment_files(store, opts, job.api_key_id)
         consent = parse_consent(job.consent) if job.consent is not None else None
         video = _asset_path(store, job.video_asset_id, "video")
         audio = _asset_path(store, job.audio_asset_id, "audio")

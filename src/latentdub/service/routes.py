@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from latentdub.errors import InputError
 from latentdub.options import DubOptions, OptionError
 from latentdub.service import schemas
+from latentdub.service.analysis import AnalysisRefused, AnalyzerDep
 from latentdub.service.deps import (
     JobDep,
     KeyIdDep,
@@ -36,6 +37,7 @@ from latentdub.service.deps import (
     StoreDep,
     SyncTimeoutDep,
 )
+from latentdub.service.jobs import SegmentAssetError, check_segment_assets
 from latentdub.service.models import Asset, Job
 from latentdub.service.runner import Runner
 from latentdub.service.settings import ServiceSettings
@@ -194,7 +196,8 @@ async def _submit(
         "audio": _one_source("audio", sub.audio, sub.audio_asset_id),
     }
     consent_record = _parse_consent(sub.consent)
-    opts = parse_options(settings.options_model, sub.options).to_dict()
+    parsed = parse_options(settings.options_model, sub.options)
+    opts = parsed.to_dict()
     hook = None
     if sub.webhook_url is not None and sub.webhook_url.strip():
         try:
@@ -207,6 +210,10 @@ async def _submit(
     if idem is not None and (not idem.strip() or len(idem.strip()) > 255):
         raise ApiError(422, "invalid_idempotency_key", "the Idempotency-Key header must be 1 to 255 characters")
     assets: dict[str, Asset] = {}
+    try:  # a segment's audio: an audio asset of this key, never a server path
+        await anyio.to_thread.run_sync(check_segment_assets, store, parsed, key_id)
+    except SegmentAssetError as err:
+        raise ApiError(err.status, err.code, str(err), field=err.field) from None
     for name, (_, asset_id) in sources.items():  # ids first: a bad id costs no upload
         if asset_id is not None:
             assets[name] = await anyio.to_thread.run_sync(_lookup_asset, store, asset_id, f"{name}_asset_id", name, key_id)
@@ -396,6 +403,23 @@ async def create_asset(
     return JSONResponse(
         {"id": asset.id, "kind": asset.kind, "sha256": asset.sha256, "bytes": asset.bytes}, status_code=201
     )
+
+
+@api.get(
+    "/assets/{asset_id}/analysis",
+    summary="Faces, speaker timeline and thumbnails of an uploaded video (computed once, then cached)",
+    responses={503: {"model": schemas.ErrorResponse}},
+)
+async def analyze_asset(asset_id: str, store: StoreDep, key_id: KeyIdDep, analyzer: AnalyzerDep) -> dict[str, Any]:
+    """Pass 1 and active-speaker detection on a video asset of this key: the face tracks (``pin``
+    is the ``face`` option value that dubs that track), who speaks when, and ~8 JPEG thumbnails
+    (base64) with the faces' boxes. 422 if the video is longer than the analysis limit; 503 while
+    the server runs as many analyses as it allows."""
+    asset = await anyio.to_thread.run_sync(_lookup_asset, store, asset_id, "asset_id", "video", key_id)
+    try:
+        return await analyzer.analysis(asset)
+    except AnalysisRefused as err:
+        raise ApiError(err.status, err.code, err.message, headers=err.headers) from None
 
 
 @api.get("/jobs/{job_id}", response_model=schemas.JobOut, summary="A job's status, progress and result")

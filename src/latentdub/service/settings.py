@@ -97,6 +97,18 @@ class ServiceSettings(BaseSettings):
     visibility_timeout_s: float = Field(
         60.0, gt=0, description="Seconds after which a job whose worker died is delivered to another worker."
     )
+    analysis_max_s: float = Field(
+        180.0,
+        gt=0,
+        description="Longest video the face and speaker analysis (GET /api/v1/assets/{id}/analysis) runs on, "
+        "in seconds: it runs MediaPipe over every frame.",
+    )
+    analysis_concurrency: int = Field(
+        1, ge=1, description="Face and speaker analyses one serving process runs at once; more are answered 503."
+    )
+    analysis_workers: int = Field(
+        1, ge=0, description="Processes one face analysis uses; 0: one per CPU core (results are the same)."
+    )
     # A class, or its import path from the environment ("package.module.Class"), so separate
     # worker processes load the same model as the HTTP app.
     options_model: ImportString[type[DubOptions]] = Field(

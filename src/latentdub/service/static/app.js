@@ -147,7 +147,10 @@ function buildOptions(schema) {
   const box = $("options");
   for (const old of box.querySelectorAll("label[data-option]")) old.remove();
   for (const [name, raw] of Object.entries((schema && schema.properties) || {})) {
-    box.appendChild(optionControl(name, resolveSchema(raw, schema)));
+    const prop = resolveSchema(raw, schema);
+    // A list or an object (e.g. segments) has no one-input control: left to the API.
+    if (prop.type === "array" || prop.type === "object") continue;
+    box.appendChild(optionControl(name, prop));
   }
 }
 
@@ -161,6 +164,198 @@ function optionValues() {
   return out;
 }
 
+// -- faces and speakers of the chosen video, before the dub ----------------------------------
+// Picking a video uploads it once as an asset (the dub then names it by id) and asks the server
+// for its analysis: thumbnails with the face boxes, and who speaks when. The analysis names the
+// option that pins a face (analysis.pin), so no option name is written here.
+const TRACK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
+const NOBODY_COLOUR = "#bbbbbb";
+const BUSY_RETRIES = 60;
+let videoAsset = null; // {file, id: Promise<string>} of the video picked last
+let analysis = null; // the analysis shown (null: none)
+
+function setAnalysisState(state, text) {
+  $("analysis").hidden = false;
+  $("analysis").dataset.state = state;
+  $("analysis-status").textContent = text;
+  $("analysis-bar").hidden = state !== "uploading" && state !== "running";
+}
+
+function pinControl() {
+  if (!analysis || !analysis.pin) return null;
+  return $("options").querySelector(`[name="${CSS.escape(analysis.pin.option)}"]`);
+}
+
+// value: a track's pin ("track:N"), or null for the option's default (whoever speaks).
+function pinFace(value) {
+  const control = pinControl();
+  if (!control) return;
+  if (value === null) {
+    control.value = analysis.pin.default;
+    delete control.dataset.touched; // untouched: the server's default applies
+  } else {
+    control.value = value;
+    control.dataset.touched = "true";
+  }
+  markPinned();
+}
+
+function markPinned() {
+  const control = pinControl();
+  const value = control ? control.value.trim() : "";
+  for (const box of document.querySelectorAll("#face-strip .face-box")) {
+    box.classList.toggle("selected", box.dataset.pin === value);
+    box.setAttribute("aria-pressed", String(box.dataset.pin === value));
+  }
+  const auto = $("face-auto");
+  const isAuto = !control || value === "" || value === analysis.pin.default;
+  auto.classList.toggle("selected", isAuto);
+  auto.setAttribute("aria-pressed", String(isAuto));
+}
+
+function fmtS(s) { return `${s.toFixed(2)} s`; }
+
+function renderAnalysis(data) {
+  analysis = data;
+  const colour = new Map(data.tracks.map((t, i) => [t.id, TRACK_COLOURS[i % TRACK_COLOURS.length]]));
+  const tracks = new Map(data.tracks.map((t) => [t.id, t]));
+  const strip = $("face-strip");
+  for (const old of strip.querySelectorAll(".thumb")) old.remove();
+  const pinnable = Boolean(pinControl());
+  for (const frame of data.frames) {
+    const thumb = document.createElement("div");
+    thumb.className = "thumb";
+    thumb.dataset.frame = frame.index;
+    const img = document.createElement("img");
+    img.src = "data:image/jpeg;base64," + frame.jpeg;
+    img.alt = `frame ${frame.index} at ${fmtS(frame.time_s)}`;
+    const when = document.createElement("span");
+    when.className = "t";
+    when.textContent = fmtS(frame.time_s);
+    thumb.append(img, when);
+    for (const face of frame.faces) {
+      const t = tracks.get(face.track);
+      const [x0, y0, x1, y1] = face.box;
+      const box = document.createElement("button");
+      box.type = "button";
+      box.className = "face-box";
+      box.dataset.track = face.track;
+      box.dataset.pin = t ? t.pin : "";
+      box.style.left = `${(100 * x0) / data.video.width}%`;
+      box.style.top = `${(100 * y0) / data.video.height}%`;
+      box.style.width = `${(100 * (x1 - x0)) / data.video.width}%`;
+      box.style.height = `${(100 * (y1 - y0)) / data.video.height}%`;
+      box.style.borderColor = colour.get(face.track) || NOBODY_COLOUR;
+      box.title = t ? `track ${t.id}: ${fmtS(t.first_s)}–${fmtS(t.last_s)}, about ${Math.round(t.mean_size)} px`
+        + (pinnable ? "; click to dub only this face" : "") : `track ${face.track}`;
+      box.disabled = !pinnable;
+      box.addEventListener("click", () => pinFace(box.dataset.pin));
+      thumb.appendChild(box);
+    }
+    strip.appendChild(thumb);
+  }
+  $("face-auto").hidden = !pinnable;
+
+  const bar = $("speaker-bar");
+  bar.replaceChildren();
+  const legend = $("speaker-legend");
+  legend.replaceChildren();
+  const duration = data.video.duration_s || 1;
+  if (data.speakers) {
+    for (const seg of data.speakers.segments) {
+      const div = document.createElement("div");
+      div.className = "seg";
+      div.dataset.track = seg.track === null ? "none" : String(seg.track);
+      div.style.left = `${(100 * seg.start_s) / duration}%`;
+      div.style.width = `${(100 * (seg.end_s - seg.start_s)) / duration}%`;
+      div.style.background = seg.track === null ? NOBODY_COLOUR : colour.get(seg.track) || NOBODY_COLOUR;
+      const who = seg.track === null ? "nobody speaks" : `track ${seg.track} speaks`;
+      div.title = `${who}: ${fmtS(seg.start_s)}–${fmtS(seg.end_s)} (confidence ${seg.confidence.toFixed(2)})`;
+      bar.appendChild(div);
+    }
+    for (const t of data.tracks) {
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = colour.get(t.id);
+      legend.append(swatch, `track ${t.id}`);
+    }
+  } else {
+    legend.textContent = `no speaker timeline: ${data.speakers_error || "not available"}`;
+  }
+  $("analysis-result").hidden = false;
+  const faces = data.tracks.length;
+  setAnalysisState("ready", faces ? `${faces} face${faces === 1 ? "" : "s"} found` : "no face found");
+  markPinned();
+}
+
+function resetAnalysis() {
+  const had = analysis;
+  if (had && pinControl() && pinControl().value.trim().startsWith("track:")) pinFace(null);
+  analysis = null;
+  $("analysis-result").hidden = true;
+  showError("analysis-error", "");
+}
+
+async function fetchAnalysis(id, asset) {
+  for (let attempt = 0; ; attempt++) {
+    let r;
+    try {
+      r = await fetch(`/api/v1/assets/${encodeURIComponent(id)}/analysis`, { headers: authHeaders() });
+    } catch (err) {
+      throw new Error("the server cannot be reached: " + err.message);
+    }
+    const body = parseBody(await r.text());
+    if (asset !== videoAsset) return null; // another video was picked meanwhile
+    if (r.status === 503 && attempt < BUSY_RETRIES) {
+      setAnalysisState("running", "the server is busy with other analyses; waiting…");
+      await new Promise((done) => setTimeout(done, 1000 * (Number(r.headers.get("Retry-After")) || 5)));
+      continue;
+    }
+    if (!r.ok) throw new Error(errorText(r.status, body));
+    return body;
+  }
+}
+
+async function videoPicked() {
+  resetAnalysis();
+  const file = $("video").files[0];
+  if (!file) {
+    videoAsset = null;
+    $("analysis").hidden = true;
+    return;
+  }
+  const form = new FormData();
+  form.append("kind", "video");
+  form.append("file", file);
+  setAnalysisState("uploading", "uploading the video…");
+  $("analysis-bar").value = 0;
+  const id = upload("/api/v1/assets", form, (p) => { $("analysis-bar").value = p; }).then((a) => a.id);
+  const asset = { file, id };
+  videoAsset = asset;
+  try {
+    await id;
+    if (asset !== videoAsset) return;
+    setAnalysisState("running", "finding faces and who speaks…");
+    $("analysis-bar").removeAttribute("value"); // indeterminate: the server gives no progress
+    const data = await fetchAnalysis(await id, asset);
+    if (data) renderAnalysis(data);
+  } catch (err) {
+    if (asset !== videoAsset) return;
+    setAnalysisState("error", "");
+    showError("analysis-error", `faces and speakers cannot be shown (the dub can still go ahead): ${err.message}`);
+  }
+}
+
+// The id of the picked video's asset, or null when its upload failed (the dub then sends the file).
+async function videoAssetId(file) {
+  if (!videoAsset || videoAsset.file !== file) return null;
+  try {
+    return await videoAsset.id;
+  } catch (_) {
+    return null;
+  }
+}
+
 // -- dub ------------------------------------------------------------------------------------
 function fmtEta(s) {
   if (s === null || s === undefined) return "–";
@@ -172,7 +367,10 @@ async function submitDub(ev) {
   showError("dub-error", "");
   $("dub-result").hidden = true;
   const form = new FormData();
-  form.append("video", $("video").files[0]);
+  const video = $("video").files[0];
+  const videoId = await videoAssetId(video);
+  if (videoId) form.append("video_asset_id", videoId); // uploaded already when it was picked
+  else form.append("video", video);
   form.append("audio", $("audio").files[0]);
   form.append("consent", JSON.stringify({
     subject: $("consent-subject").value.trim(),
@@ -362,6 +560,9 @@ async function start() {
   key.addEventListener("input", () => localStorage.setItem(KEY_STORE, key.value.trim()));
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showTab(tab.dataset.tab));
   $("dub-form").addEventListener("submit", submitDub);
+  $("video").addEventListener("change", videoPicked);
+  $("face-auto").addEventListener("click", () => pinFace(null));
+  $("options").addEventListener("input", () => { if (analysis) markPinned(); });
   $("verify-form").addEventListener("submit", submitVerify);
   $("jobs-refresh").addEventListener("click", loadJobs);
   try {
