@@ -495,7 +495,6 @@ def two_faces(media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     that track) is darkened, then every frame is re-encoded. Returns (original, dub, left
     track id, x where the right face's half starts)."""
     from composite_media import side_by_side, write_frames
-
     from latentdub.face import analyze_video, blend_region_mask, select_face
 
     folder = tmp_path_factory.mktemp("two-faces")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -199,12 +200,12 @@ def test_faces_json_lists_who_speaks_when_on_a_real_two_face_composite(
     truth = np.where(times < SWITCH_S, "right", "left")
     judged = np.abs(times - SWITCH_S) > 0.4
     assert (said[judged] == truth[judged]).mean() >= 0.9
-    # The turns cover every frame once, in order; "silent" lists the nobody-turns.
+    # The turns cover every frame once, in order; "nobody" lists the nobody-turns.
     turns = sp["turns"]
     assert turns[0]["start_frame"] == 0 and turns[-1]["stop_frame"] == n
-    assert all(a["stop_frame"] == b["start_frame"] for a, b in zip(turns, turns[1:], strict=False))
+    assert all(a["stop_frame"] == b["start_frame"] for a, b in itertools.pairwise(turns))
     silent = [(t["start_frame"], t["stop_frame"]) for t in turns if t["track_id"] is None]
-    assert silent == [(s["start_frame"], s["stop_frame"]) for s in sp["silent"]]
+    assert silent == [(s["start_frame"], s["stop_frame"]) for s in sp["nobody"]]
 
 
 def test_faces_without_audio_says_so_and_marks_nobody(media_dir: Path) -> None:
@@ -213,7 +214,7 @@ def test_faces_without_audio_says_so_and_marks_nobody(media_dir: Path) -> None:
     sp = json.loads(result.stdout.strip().splitlines()[-1])["speakers"]
     assert sp["method"] == "none" and "no audio" in sp["note"]
     assert [t["intervals"] for t in sp["tracks"]] == [[]]
-    assert sp["silent"] == [{"start_frame": 0, "stop_frame": 20, "start_s": 0.0, "end_s": 0.8}]
+    assert sp["nobody"] == [{"start_frame": 0, "stop_frame": 20, "start_s": 0.0, "end_s": 0.8}]
     text = CliRunner().invoke(app, ["faces", str(media_dir / CLIP), "--max-frames", "20"])
     assert text.exit_code == 0 and "who speaks when" in text.stdout and "no audio" in text.stdout
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -261,15 +261,16 @@ def test_audio_length_without_a_stated_duration_decodes_only_what_is_needed(medi
 
 
 # -- resolution against pass 1 ------------------------------------------------------------------
-def test_points_resolve_to_the_track_under_them_and_frames_are_given() -> None:
+def test_points_resolve_to_the_track_under_them_and_frames_are_given(tmp_path: Path) -> None:
     a = _analysis()  # 4 s at 25 fps: track 0 (left) all along, track 1 (right) from frame 20
+    voice = _wav(tmp_path / "a.wav", 1.25)
     got = resolve_segments([
-        Segment(start=0, end=1, face="track:0", audio="/x/a.wav", offset=0.25),
+        Segment(start=0, end=1, face="track:0", audio=str(voice), offset=0.25),
         Segment(start=1, end=2, face="465,150@1.0"),
         Segment(start=0.5, end=3),
     ], a)
     assert got == [
-        ResolvedSegment(0, 0.0, 1.0, 0, 25, 0, Path("/x/a.wav"), 0.25, "track:0"),
+        ResolvedSegment(0, 0.0, 1.0, 0, 25, 0, voice, 0.25, "track:0"),
         ResolvedSegment(1, 1.0, 2.0, 25, 50, 1, None, 0.0, "465,150@1.0"),
         ResolvedSegment(2, 0.5, 3.0, 13, 75, None, None, 0.0, "auto"),
     ]
@@ -309,7 +310,7 @@ def test_the_option_takes_segments_round_trips_and_names_itself_in_errors(tmp_pa
     (tmp_path / "s.json").write_text('[{"start": 0, "end": 1, "audio": "v.wav"}]')
     read = read_option_files(DubOptions, {"segments": "s.json", "steps": 3}, base_dir=tmp_path)
     assert read["steps"] == 3 and read["segments"] == (Segment(start=0, end=1, audio=str(tmp_path / "v.wav")),)
-    with pytest.raises(OptionError, match="segments file .*nope.json: no such file"):
+    with pytest.raises(OptionError, match=r"segments file .*nope\.json: no such file"):
         read_option_files(DubOptions, {"segments": "nope.json"}, base_dir=tmp_path)
 
 
@@ -405,7 +406,7 @@ def test_good_segments_reach_the_dub_with_pass_1_made_once(
 
     class Pipe:
         device = __import__("torch").device("cpu")
-        model_info = {"random_weights": True}
+        model_info: ClassVar[dict[str, bool]] = {"random_weights": True}
         provenance = type("P", (), {"signing": None})()
 
         def dub(self, inputs: Any, options: DubOptions, **_: Any) -> Any:

@@ -266,3 +266,21 @@ def test_busy_answers_503_and_one_asset_runs_once(tmp_path: Path, clip: Path,
         # The slot is free again.
         assert c.get(f"/api/v1/assets/{b}/analysis", headers=_auth(key)).status_code == 200
         assert calls == [a, b]
+
+
+def test_a_video_without_audio_gets_faces_and_nobody_speaking(
+    service: tuple[TestClient, ServiceSettings, str, str], media_dir: Path
+) -> None:
+    c, _, mine, _ = service
+    asset = _upload(c, mine, media_dir / "liveportrait_d0_greenscreen_25fps_noaudio.mp4")  # 3.1 s, one face
+    r = c.get(f"/api/v1/assets/{asset}/analysis", headers=_auth(mine))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["tracks"]) == 1 and all(len(f["faces"]) == 1 for f in data["frames"])
+    speakers = data["speakers"]
+    # Either no timeline with the reason, or one where nobody speaks: never a made-up speaker.
+    if speakers is None:
+        assert data["speakers_error"]
+    else:
+        assert all(s["track"] is None for s in speakers["segments"])
+        assert speakers["segments"][-1]["stop_frame"] == data["video"]["frames"]

@@ -2,10 +2,11 @@
 target on a composite of two real talking heads whose audio switches between their own tracks.
 
 Synthetic signals have known answers (a lag put in by hand, a cut at a known frame, silence).
-The real composite is built here from ../shared/media; its ground truth is where this test
-switches the audio. The bench (bench/bench_speakers.py) runs ten such composites: the target
-(≥ 95 % outside ±0.3 s of a switch, switches within ±0.4 s) is met on some of them only, and
-this test uses one where it is met (face3 | d20), so a regression there fails it.
+The real composites are built here from ../shared/media; their ground truth is where this
+test switches the audio. The bench (bench/bench_speakers.py) runs ten such composites: the
+target (≥ 95 % outside ±0.3 s of a switch, switches within ±0.4 s) is met on some of them
+only, and these tests use two where it is met (face3 | d20, face2 | face5), so a regression
+there fails them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from latentdub.face.lips import MP_EYE_OUTER, MP_INNER_LIP_PAIRS, lip_aperture
 from latentdub.face.speakers import (
     analyze_speakers,
     detect_speakers,
+    speaker_timeline,
     speech_envelope,
     sync_scores,
     track_apertures,
@@ -55,12 +57,14 @@ def _audio_following(levels: np.ndarray, seed: int = 0) -> AudioClip:
     return AudioClip((rng.standard_normal(amp.size) * amp * 0.3).astype(np.float32), SR)
 
 
-def _analysis(n: int, lips: dict[int, tuple[range, np.ndarray]], cuts=()) -> FaceAnalysis:
+def _analysis(
+    n: int, lips: dict[int, tuple[range, np.ndarray]], cuts=(), has_audio: bool = True
+) -> FaceAnalysis:
     """A 640x360 25 fps analysis with one face per track id: frames and lip apertures."""
     info = VideoInfo(
         path=Path("synthetic.mp4"), width=640, height=360, coded_width=640, coded_height=360, rotation=0,
         fps=FPS, time_base=Fraction(1, 12800), num_frames=n, duration_s=n / FPS, is_vfr=False, codec="h264",
-        has_audio=True, audio_sample_rate=SR, start_pts=0,
+        has_audio=has_audio, audio_sample_rate=SR if has_audio else None, start_pts=0,
     )  # fmt: skip
     rows = []
     for tid, (frames, values) in lips.items():
@@ -160,11 +164,69 @@ def test_nobody_speaks_in_silence_and_segments_stop_at_cuts() -> None:
     assert all(not ivs for ivs in silent.intervals.values())
 
 
-def test_analysis_without_lips_is_refused() -> None:
+def test_analysis_without_lips_is_refused_but_the_entry_point_says_nobody() -> None:
     n = 60
     analysis = _analysis(n, {0: (range(n), np.full(n, np.nan))})
-    with pytest.raises(ValueError, match="keep_landmarks"):
+    with pytest.raises(ValueError, match="no lip apertures"):
         detect_speakers(analysis, _audio_following(np.ones(n)))
+    timeline = speaker_timeline(analysis, _audio_following(np.ones(n)))
+    assert timeline.method == "none"
+    assert (timeline.track == -1).all() and not timeline.speaking.any()
+
+
+def test_no_audio_means_nobody_speaks() -> None:
+    n = 80
+    a = _smooth_noise(n, 7)
+    silent_video = _analysis(n, {0: (range(n), a)}, has_audio=False)
+    timeline = speaker_timeline(silent_video)  # no audio track: no file is read
+    assert timeline.method == "none"
+    assert (timeline.track == -1).all()
+    assert timeline.to_dict()["silent"] == [
+        {"start_frame": 0, "stop_frame": n, "start_s": 0.0, "end_s": n / FPS}
+    ]
+    empty = AudioClip(np.zeros((0, 1), np.float32), SR)
+    assert speaker_timeline(_analysis(n, {0: (range(n), a)}), empty).method == "none"
+
+
+def test_speaking_array_intervals_and_silent_ranges() -> None:
+    n, quiet = 250, (100, 160)
+    a, b = _smooth_noise(n, 8), _smooth_noise(n, 9)
+    # Track 0 speaks, then a long silence, then track 0 again; track 1 never.
+    analysis = _analysis(n, {0: (range(n), a), 1: (range(n), b)})
+    levels = a / 0.4
+    levels[quiet[0] : quiet[1]] = 0
+    timeline = detect_speakers(analysis, _audio_following(levels))
+    assert timeline.speaking.shape == (n, 2) and timeline.speaking.dtype == bool
+    # Normally one speaker: the speaking array is exactly track == id.
+    assert np.array_equal(timeline.speaking[:, 0], timeline.track == 0)
+    assert np.array_equal(timeline.speaking[:, 1], timeline.track == 1)
+    assert not timeline.speaking[:, 1].any()
+    data = json.loads(json.dumps(timeline.to_dict()))
+    assert data["track_ids"] == [0, 1]
+    (silent,) = data["silent"]  # one silent range, around the quiet part (2 s windows blur it)
+    assert silent["start_frame"] <= quiet[0] + 25 and silent["stop_frame"] >= quiet[1] - 25
+    assert silent["start_s"] == pytest.approx(silent["start_frame"] / FPS)
+    assert (timeline.track[silent["start_frame"] : silent["stop_frame"]] == -1).all()
+    for iv in timeline.intervals[0]:  # intervals are exactly the speaking runs, with confidence
+        assert timeline.speaking[iv.start_frame : iv.stop_frame, 0].all()
+        assert 0.5 < iv.confidence <= 1.0 and iv.method == "landmarks"
+    covered = sum(iv.stop_frame - iv.start_frame for iv in timeline.intervals[0])
+    assert covered == int(timeline.speaking[:, 0].sum())
+
+
+def test_two_tracks_speaking_at_once_are_both_flagged() -> None:
+    n = 250
+    a, b = _smooth_noise(n, 3), _smooth_noise(n, 4)
+    analysis = _analysis(n, {0: (range(n), a), 1: (range(n), b)})
+    # Both voices at once: the mix's envelope follows both mouths about equally.
+    timeline = detect_speakers(analysis, _audio_following((a + b) / 0.8))
+    both = timeline.speaking.all(axis=1)
+    assert both.sum() >= n // 5
+    # Flags come in runs of at least the minimum segment (no single-frame flicker).
+    for j in range(2):
+        col = timeline.speaking[:, j].astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], col, [0]])))
+        assert (np.diff(edges)[::2] >= round(0.5 * FPS)).all()
 
 
 # -- the real composite ------------------------------------------------------------------------
@@ -178,18 +240,36 @@ def _bench():
     return module
 
 
-def test_real_composite_switch_detected(media_dir: Path, tmp_path: Path) -> None:
+def _runs_of(track: np.ndarray) -> np.ndarray:
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(track) != 0) + 1, [len(track)]])
+    return np.diff(edges)
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "first"),
+    [
+        ("retalking_face3_woman_25fps.mp4", "liveportrait_d20_man_25fps.mp4", 1),
+        ("retalking_face2_man_25fps.mp4", "retalking_face5_woman_glasses_25fps.mp4", 1),
+    ],
+)
+def test_real_composite_switch_detected(
+    media_dir: Path, tmp_path: Path, left: str, right: str, first: int
+) -> None:
     bench = _bench()
     comp = bench.build_composite(
-        media_dir / "retalking_face3_woman_25fps.mp4", media_dir / "liveportrait_d20_man_25fps.mp4",
-        tmp_path / "composite.mp4", every_s=2.5, height=360, first=1,
+        media_dir / left, media_dir / right, tmp_path / "composite.mp4", every_s=2.5,
+        height=360, first=first,
     )  # fmt: skip
+    # Default pass 1 (no landmarks kept): the lips are recorded anyway.
     analysis, timeline = analyze_speakers(comp.path, workers=1)
     assert len(timeline.track_ids) == 2
+    assert timeline.method == "landmarks"
     assert np.isfinite(track_apertures(analysis)[1]).mean() > 0.95  # lips on every frame
     accuracy, errors = bench.evaluate(comp, analysis, timeline)
     assert accuracy >= 0.95, accuracy
     assert max(errors) <= 0.4, errors
+    assert _runs_of(timeline.track).min() >= round(0.5 * analysis.fps)  # no flicker
+    assert np.array_equal(timeline.speaking.any(axis=1), timeline.track >= 0)
 
 
 def test_parallel_pass_keeps_the_same_lips(
@@ -215,9 +295,12 @@ def test_parallel_pass_keeps_the_same_lips(
 
     monkeypatch.setattr(parallel, "run", run)
     clip = media_dir / "infinitetalk_hdtf_man_25fps.mp4"
-    with MediaPipeBackend(keep_landmarks=True) as backend:
+    with MediaPipeBackend() as backend:  # the default backend: lips without kept landmarks
         ref = analyze_video_reference(clip, backend=backend, max_frames=100)
         fast = analyze_video(clip, backend=backend, max_frames=100, workers=2)
+    with MediaPipeBackend(keep_landmarks=True) as backend:
+        kept = analyze_video_reference(clip, backend=backend, max_frames=100)
+    assert np.array_equal(kept.obs_lip, ref.obs_lip)  # the same number either way
     assert ref.obs_lip is not None and fast.obs_lip is not None
     assert np.isfinite(ref.obs_lip).all() and ref.obs_lip.dtype == np.float32
     assert np.array_equal(fast.obs_lip, ref.obs_lip)

@@ -158,7 +158,8 @@ def speakers_summary(
     analysis: FaceAnalysis, timeline: SpeakerTimeline, note: str = ""
 ) -> dict[str, Any]:
     """The ``speakers`` object of ``faces --json``: per track its speaking intervals, the
-    stretches where nobody speaks, and all of it as one list of turns in time order."""
+    stretches where no face on screen speaks (``nobody``: silence, or a voice off screen), and
+    all of it as one list of ``turns`` in time order (``track_id`` null: nobody)."""
     times = np.asarray(timeline.times_s, dtype=np.float64)
     n = timeline.num_frames
 
@@ -183,19 +184,19 @@ def speakers_summary(
         for iv in timeline.intervals.get(tid, []):
             span = _span(iv.start_frame, iv.stop_frame, iv.start_s, iv.end_s)
             turns.append({"track_id": int(tid), **span, "confidence": round(float(iv.confidence), 4)})
-    silent = [
+    nobody = [
         _span(a, b, float(times[a]), end_of(b))
         for a, b, who in runs(np.asarray(timeline.track))
         if who < 0
     ]
-    turns += [{"track_id": None, **s, "confidence": None} for s in silent]
+    turns += [{"track_id": None, **s, "confidence": None} for s in nobody]
     turns.sort(key=lambda t: t["start_frame"])
     return {
         "method": timeline.method,
         "note": note,
         "frames": n,
         "tracks": tracks,
-        "silent": silent,
+        "nobody": nobody,
         "turns": turns,
     }
 
@@ -264,7 +265,7 @@ def _print_speakers(sp: dict[str, Any]) -> None:
     for col in ("frames", "time s", "speaker", "confidence"):
         table.add_column(col)
     for t in sp["turns"]:
-        who = f"track {t['track_id']}" if t["track_id"] is not None else "nobody"
+        who = f"track {t['track_id']}" if t["track_id"] is not None else "nobody on screen"
         conf = f"{t['confidence']:.2f}" if t["confidence"] is not None else ""
         table.add_row(
             f"{t['start_frame']}–{t['stop_frame'] - 1}",

@@ -64,6 +64,18 @@ Status of each frame, in the band and by a coloured border around the dub:
 * ``original ended``: the dub runs past the end of the original and its picture is none of
   the original's frames (replayed frames get one of the statuses above, see Timeline).
 
+Which face was dubbed: a multi-speaker dub (``face=auto``) changes different faces on different
+frames, and the review reads only the two videos. So every face track of the original gets the
+same check per frame, each on its own mouth region against the strip of its own upper face
+(:func:`~latentdub.compare.mouth.face_mouths`, the rule above). Measured on a real two-face
+composite re-encoded as a fake dub (test_compare): faces left alone have mouth/upper-face
+ratios of 0.93–1.31 (the upper face changes ≈ 2 grey levels, so the rule needs ≈ 2.0×); a mouth
+darkened by 6 % reaches 2.8×, by 15 % 5.9×. A frame is ``dubbed`` when the policy's face or any
+other face is; the mouth panels then follow a dubbed face if the policy's face was left alone.
+With several faces in the picture each dubbed face gets a DUBBED #N box on the dub's side (one
+face: the status chip says it). The summary's ``dubbed_tracks`` gives per track the dubbed frames,
+their runs and the median ratio.
+
 Memory: both inputs are decoded one frame at a time in lockstep
 (:class:`~latentdub.evaluation.lockstep.Lockstep` by time, the reader ``eval`` uses by index);
 the face pass keeps only per-frame numbers. The dub's audio is decoded whole, as a dub

@@ -262,7 +262,7 @@ class Decision:
 
 #: Landmarks: windowed Pearson correlations in [-1, 1] (0.46 ± 0.14 for the speaker on the bench).
 LANDMARK_DECISION = Decision(
-    none_threshold=0.1, switch_penalty=1.5, temperature=0.1, both_score=0.6, both_margin=0.05
+    none_threshold=0.1, switch_penalty=1.5, temperature=0.1, both_score=0.4, both_margin=0.1
 )
 #: SyncNet: per-window confidence (median − min distance over ±15 offsets), smoothed; the
 #: classic pipeline reads ~1-2 as "not in sync" and ≥ 3-5 as speaking. Not tuned here: it

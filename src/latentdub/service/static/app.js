@@ -279,6 +279,8 @@ function renderAnalysis(data) {
       swatch.style.background = colour.get(t.id);
       legend.append(swatch, `track ${t.id}`);
     }
+    // "none": the library could not judge (no audio, or no lips to read), not a silent video.
+    if (data.speakers.method === "none") legend.append(" (who speaks cannot be told for this video)");
   } else {
     legend.textContent = `no speaker timeline: ${data.speakers_error || "not available"}`;
   }
