@@ -276,3 +276,34 @@ def test_preview_marks_the_active_speaker_in_its_track_colour(
         assert np.abs(a - b).max() < 25, tid  # one colour per track, frame after frame
     (c0, _), (c1, _) = colours.values()
     assert np.abs(c0 - c1).max() > 80  # and the two tracks' colours differ
+
+
+def test_faces_uses_speaker_timeline_when_the_face_layer_has_it(
+    speaking_composite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one switch point: with ``speakers.speaker_timeline`` present, its timeline (here a
+    stand-in: track of the first face speaking on frames 5–14) is what the report shows."""
+    from latentdub.face import speakers
+
+    calls = []
+
+    def fake(analysis, audio=None):
+        calls.append(audio)
+        n, ids = analysis.num_frames, [t.id for t in analysis.tracks]
+        track = np.full(n, -1, np.int32)
+        track[5:15] = ids[0]
+        iv = speakers.SpeakingInterval(ids[0], 5, 15, 0.2, 0.6, 0.75, "syncnet")
+        return speakers.SpeakerTimeline(
+            track, np.full(n, 0.75, np.float32), analysis.times_s, n / 25, ids,
+            np.zeros((n, len(ids))), {ids[0]: [iv]}, "syncnet",
+        )  # fmt: skip
+
+    monkeypatch.setattr(speakers, "speaker_timeline", fake, raising=False)
+    result = CliRunner().invoke(app, ["faces", str(speaking_composite.path), "--json", "--max-frames", "20"])
+    assert result.exit_code == 0, result.output
+    sp = json.loads(result.stdout.strip().splitlines()[-1])["speakers"]
+    assert len(calls) == 1 and calls[0] is not None  # given the video's own audio
+    assert sp["method"] == "syncnet"
+    spoken = [(iv["start_frame"], iv["stop_frame"]) for t in sp["tracks"] for iv in t["intervals"]]
+    assert spoken == [(5, 15)]
+    assert [(s["start_frame"], s["stop_frame"]) for s in sp["nobody"]] == [(0, 5), (15, 20)]

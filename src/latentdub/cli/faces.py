@@ -131,9 +131,12 @@ def analyze_with_speakers(
         return analysis, _nobody_speaks(analysis), note
     if new_api is not None:
         analysis = analyze_video(video, info=info, **kwargs)
-        return analysis, new_api(analysis, clip), ""
-    analysis, timeline = speakers.analyze_speakers(video, audio=clip, info=info, **kwargs)
-    return analysis, timeline, ""
+        timeline = new_api(analysis, clip)
+    else:
+        analysis, timeline = speakers.analyze_speakers(video, audio=clip, info=info, **kwargs)
+    # The detector gives up (method none) on faces without lips to read, or an empty track.
+    note = "no face could be judged (no lips to read, or no sound)" if timeline.method == "none" else ""
+    return analysis, timeline, note
 
 
 def _nobody_speaks(analysis: FaceAnalysis) -> SpeakerTimeline:
@@ -160,6 +163,8 @@ def speakers_summary(
     """The ``speakers`` object of ``faces --json``: per track its speaking intervals, the
     stretches where no face on screen speaks (``nobody``: silence, or a voice off screen), and
     all of it as one list of ``turns`` in time order (``track_id`` null: nobody)."""
+    from latentdub.face.preview import timeline_speaking
+
     times = np.asarray(timeline.times_s, dtype=np.float64)
     n = timeline.num_frames
 
@@ -179,18 +184,26 @@ def speakers_summary(
             "mean_box": [round(float(v), 1) for v in box] if np.isfinite(box).all() else None,
             "intervals": [iv.to_dict() for iv in intervals],
         })  # fmt: skip
+    # Turns: runs of the main speaker (a partition of the frames, split at scene cuts, as the
+    # intervals are); a second face that speaks at the same time is listed with it.
+    main = np.asarray(timeline.track)
+    speaking = timeline_speaking(timeline)
+    shots = np.searchsorted(np.asarray(analysis.scene_cuts, dtype=np.int64), np.arange(n), side="right")
     turns: list[dict[str, Any]] = []
-    for tid in timeline.track_ids:
-        for iv in timeline.intervals.get(tid, []):
-            span = _span(iv.start_frame, iv.stop_frame, iv.start_s, iv.end_s)
-            turns.append({"track_id": int(tid), **span, "confidence": round(float(iv.confidence), 4)})
+    for a, b, who in runs(main, shots):
+        also = [
+            int(tid) for k, tid in enumerate(timeline.track_ids)
+            if tid != who and speaking[a:b, k].any()
+        ]  # fmt: skip
+        turns.append({
+            "track_id": int(who) if who >= 0 else None,
+            **_span(a, b, float(times[a]), end_of(b)),
+            "confidence": round(float(np.mean(timeline.confidence[a:b])), 4) if who >= 0 else None,
+            "also_speaking": also,
+        })  # fmt: skip
     nobody = [
-        _span(a, b, float(times[a]), end_of(b))
-        for a, b, who in runs(np.asarray(timeline.track))
-        if who < 0
+        _span(a, b, float(times[a]), end_of(b)) for a, b, who in runs(main) if who < 0
     ]
-    turns += [{"track_id": None, **s, "confidence": None} for s in nobody]
-    turns.sort(key=lambda t: t["start_frame"])
     return {
         "method": timeline.method,
         "note": note,
@@ -266,6 +279,8 @@ def _print_speakers(sp: dict[str, Any]) -> None:
         table.add_column(col)
     for t in sp["turns"]:
         who = f"track {t['track_id']}" if t["track_id"] is not None else "nobody on screen"
+        if t["also_speaking"]:
+            who += " (with " + ", ".join(f"track {o}" for o in t["also_speaking"]) + ")"
         conf = f"{t['confidence']:.2f}" if t["confidence"] is not None else ""
         table.add_row(
             f"{t['start_frame']}–{t['stop_frame'] - 1}",

@@ -60,9 +60,10 @@ def draw_overlay(
     analysis: FaceAnalysis,
     selection: FaceSelection,
     boxes: dict[int, np.ndarray],
-    speaking: int | None = None,
+    speaking: set[int] | None = None,
 ) -> np.ndarray:
-    """One annotated frame (a new array); ``speaking`` is the active speaker's track id."""
+    """One annotated frame (a new array); ``speaking``: the track ids speaking on it (None: no
+    speaker timeline)."""
     out = image.copy()
     h, w = out.shape[:2]
     scale = max(0.4, min(w, h) / 900)
@@ -80,7 +81,7 @@ def draw_overlay(
         colour = track_colour(tid)
         x0, y0, x1, y1 = (round(v) for v in box)
         label = f"#{tid}" + (" dub" if tid == chosen else "")
-        if tid == speaking:
+        if speaking and tid in speaking:
             # Thick enough to read at a glance and to survive H.264 chroma subsampling.
             thick = max(8, round(12 * scale))
             cv2.rectangle(out, (x0, y0), (x1, y1), colour, thick, cv2.LINE_AA)
@@ -90,7 +91,8 @@ def draw_overlay(
         _text(out, label, (x0, max(12, y0 - 4)), 0.5 * scale, colour)
     status = "DUB" if selection.valid[index] else "pass-through"
     if speaking is not None:
-        status += f"  speaking: #{speaking}" if speaking >= 0 else "  speaking: nobody"
+        who = ", ".join(f"#{t}" for t in sorted(speaking)) or "nobody"
+        status += f"  speaking: {who}"
     for r in selection.passthrough_ranges:
         if r.start_frame <= index < r.end_frame:
             status = f"pass-through: {r.reason}"
@@ -103,6 +105,15 @@ def draw_overlay(
         (255, 255, 255),
     )
     return out
+
+
+def timeline_speaking(timeline: SpeakerTimeline) -> np.ndarray:
+    """(N, K) bool: who speaks on each frame, in ``track_ids`` order (several faces at once
+    where the detector says so; else the main speaker only)."""
+    speaking = getattr(timeline, "speaking", None)
+    if speaking is not None:
+        return np.asarray(speaking, dtype=bool)
+    return np.asarray(timeline.track)[:, None] == np.asarray(timeline.track_ids)[None, :]
 
 
 def _chip(
@@ -145,6 +156,9 @@ def render_preview(
     track_ids = np.unique(analysis.obs_track)
     tracks = {int(t): analysis.track(int(t)) for t in track_ids}
     pts0 = int(analysis.pts[0])
+    who, ids = None, []
+    if speakers is not None:
+        who, ids = timeline_speaking(speakers), list(speakers.track_ids)
     with VideoWriter(
         output,
         width=analysis.width,
@@ -159,7 +173,7 @@ def render_preview(
             i = frame.index
             boxes = {tid: data.at(i) for tid, data in tracks.items() if data.is_present(i)}
             pts = max(int(analysis.pts[i]) - pts0, last_pts + 1)
-            speaking = int(speakers.track[i]) if speakers is not None else None
+            speaking = set(np.asarray(ids)[who[i]].tolist()) if who is not None else None
             image = draw_overlay(frame.image, i, analysis, selection, boxes, speaking)
             writer.write(image, pts=pts)
             last_pts = pts

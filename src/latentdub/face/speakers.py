@@ -19,7 +19,8 @@ same synchrony.
 Measured (bench/bench_speakers.py, 10 composites of two real 25 fps talking heads, BOTH
 mouths moving all the time, the audio switching between their own tracks at 2.5 s): per-frame
 accuracy outside ±0.3 s of a switch 86.5 % mean, ≥ 95 % on 4 of 10, 51.9 % worst; 7 of 11
-switches within 0.4 s, 1 missed; ~0.1 ms per frame after pass 1. The target (≥ 95 %
+switches within 0.4 s, 1 missed; the decision costs ~0.04 ms per frame (0.02 per
+frame·track) after pass 1 and the audio decode. The target (≥ 95 %
 everywhere) is NOT met by landmarks alone. What limits it, measured on these composites:
 
 * the signal: over a whole 2.5 s turn, the speaker's lip/envelope correlation at the right lag
