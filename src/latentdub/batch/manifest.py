@@ -19,7 +19,7 @@ from typing import Any
 
 from latentdub.errors import InputError
 from latentdub.files import OUTPUT_EXTENSIONS, check_input_file, check_output, check_writable_folder
-from latentdub.options import DubOptions, OptionError
+from latentdub.options import DubOptions, OptionError, read_option_files
 
 REQUIRED_COLUMNS = ("video", "audio", "output")
 CONSENT_COLUMN = "consent"
@@ -346,8 +346,9 @@ def _check_row(
     overrides = {k: v for k, v in values.items() if k in columns.options}
     options: DubOptions | None = None
     try:
-        options = base.replace(**overrides)
-    except OptionError as err:
+        # A file option (segments) is a path relative to the manifest.
+        options = base.replace(**read_option_files(type(base), overrides, base_dir=base_dir))
+    except InputError as err:  # OptionError, or a file option that cannot be read
         bad(f"option {err}")
 
     consent = _row_consent(values.get(CONSENT_COLUMN), base_dir, default_consent, consent_cache, bad)
