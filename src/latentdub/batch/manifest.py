@@ -19,7 +19,7 @@ from typing import Any
 
 from latentdub.errors import InputError
 from latentdub.files import OUTPUT_EXTENSIONS, check_input_file, check_output, check_writable_folder
-from latentdub.options import DubOptions, OptionError, read_option_files
+from latentdub.options import DubOptions, read_option_files
 
 REQUIRED_COLUMNS = ("video", "audio", "output")
 CONSENT_COLUMN = "consent"
