@@ -290,3 +290,33 @@ def test_a_one_face_clip_dubs_under_auto_exactly_as_under_largest(
     assert len(outputs["auto"]) == len(outputs["largest"]) == 20
     for a, b in zip(outputs["auto"], outputs["largest"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_segments_pick_the_face_and_the_audio_whoever_speaks(
+    pipe: LipSyncPipeline, composite: Composite, media_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit segment overrides the speaker decision: the right face is dubbed over the
+    first second (where the left one speaks in the original) with its own audio file."""
+    import soundfile as sf
+
+    audio = dub_audio(media_dir, tmp_path)
+    own = load_audio(media_dir / "audio_latentsync_demo1_16k.wav").to_mono_16k()[3 * SR : 5 * SR]
+    sf.write(str(tmp_path / "right.wav"), own, SR)
+    segments = [
+        {"start": 0.0, "end": 1.0, "face": f"track:{composite.right_track}", "audio": str(tmp_path / "right.wav")},
+        {"start": 2.0, "end": 2.4, "face": f"track:{composite.left_track}"},
+    ]
+    result, frames, stage = run_dub(pipe, composite, audio, tmp_path / "out.mp4", monkeypatch,
+                                    truth_track(composite), segments=segments, silence="generate")
+    orig = composite.frames
+    for k in range(0, 25):  # segment 1: the right face only, though the left one speaks there
+        assert changed(frames[k][:, 256:], orig[k][:, 256:]) and not changed(frames[k][:, :256], orig[k][:, :256])
+    for k in range(50, 60):  # segment 2: the left face only, though the right one speaks there
+        assert changed(frames[k][:, :256], orig[k][:, :256]) and not changed(frames[k][:, 256:], orig[k][:, 256:])
+    for k in range(27, 30):  # outside any segment: the speaker decision (left speaks)
+        assert changed(frames[k][:, :256], orig[k][:, :256]) and not changed(frames[k][:, 256:], orig[k][:, 256:])
+    assert len(stage.tokens) == 2  # the dub, and the segment's own file
+    lane = next(i for i, ln in enumerate(stage.job.lanes) if ln.audio is not None)
+    assert stage.job.lanes[lane].audio_at(0) == 1 and stage.job.lanes[lane].dub[:25].all()
+    by = {t["track"]: t["chosen_by"] for t in result.tracks}
+    assert by[composite.right_track].get("segment 1") == 25

@@ -91,13 +91,16 @@ def plan_lanes(
     original_audio: Any = None,
     speakers: Any = None,
     detector: Any = None,
+    segments: Any = None,
 ) -> LanePlan:
     """Decide the lanes of one dub (see the module doc).
 
     ``dub_wave``: the dub as 16 kHz mono on the output timeline. ``original_audio``: the
     video's own audio (an AudioClip) or None when it has none. ``speakers``: a precomputed
     :class:`~latentdub.face.speakers.SpeakerTimeline` (else made here for ``face=auto``).
-    ``detector``: the speech detector (default silero).
+    ``detector``: the speech detector (default silero). ``segments``: resolved explicit
+    segments (:func:`latentdub.segments.resolve_segments`): inside a segment its face is dubbed
+    with its audio (the dub's when it has none), and nothing else; outside, ``face`` decides.
     """
     n_in = analysis.num_frames
     src = np.asarray(timeline.source_index, dtype=np.int64)
@@ -125,47 +128,65 @@ def plan_lanes(
     elif auto:
         speaker_report = {"method": "single face", "tracks": {}}
 
+    # -- audio sources: the dub (0), then each segment file, placed on the output timeline -------
+    waves = [np.asarray(dub_wave, dtype=np.float32)]
+    seg_slots = _segment_slots(segments or [], timeline, assigned, src, n_in, waves)
+    covered = np.zeros(n_out, dtype=bool)
+    for slot in seg_slots:
+        covered |= slot.inside
+
     # -- silence ---------------------------------------------------------------------------
-    dub_speech = np.ones(n_out, dtype=bool)
+    speech = np.ones((len(waves), n_out), dtype=bool)  # per source: is someone speaking at frame k
     orig_speech = np.ones(n_in, dtype=bool)  # unknown counts as speaking: close the mouth, never babble
-    conditioning = np.asarray(dub_wave, dtype=np.float32)
+    conditioning = list(waves)
     silence_report: dict[str, Any] = {"mode": silence, "crossfade_frames": FADE_FRAMES}
     if silence == "auto":
         from latentdub.audio.activity import default_detector
 
         det = detector or default_detector()
-        dub_segments = det.detect(conditioning)
-        dub_speech = dub_segments.mask_at(timeline.times_s)
-        conditioning = _zero_outside(conditioning, dub_segments.intervals)
+        for i, wave in enumerate(waves):
+            found = det.detect(wave)
+            speech[i] = found.mask_at(timeline.times_s)
+            conditioning[i] = _zero_outside(wave, found.intervals)
         if original_audio is not None:
             video_start = float(analysis.pts[0] * analysis.time_base)
             orig_segments = det.detect(original_audio.to_mono_16k())
             orig_speech = orig_segments.mask_at(analysis.times_s + video_start - original_audio.start_s)
         silence_report["original_audio"] = original_audio is not None
-        silence_report["dub_silent_ranges"] = _ranges(~dub_speech, timeline)
+        silence_report["dub_silent_ranges"] = _ranges(~speech[0], timeline)
 
     # -- lanes -----------------------------------------------------------------------------
     lanes: list[Lane] = []
     reason = _base_reasons(base, src, n_out)
     breaks = np.zeros(n_out, dtype=bool)
     generated_silent = np.zeros(n_out, dtype=bool)
-    for slot in (assigned, secondary):
-        if not (slot >= 0).any():
+    how_out = how[src] if n_out else np.zeros(0, dtype=object)
+    slots = [_Slot(assigned, ~covered, np.zeros(n_out, np.int32)), _Slot(secondary, ~covered, np.zeros(n_out, np.int32))]
+    for slot in [*slots, *seg_slots]:
+        if not (slot.tracks >= 0).any():
             continue
-        matrices, boxes, usable = _slot_geometry(slot, base, geom)
-        face_out = usable[src]
-        dub = face_out & (dub_speech | orig_speech[src])
+        matrices, boxes, usable = _slot_geometry(slot.tracks, base, geom)
+        face_out = usable[src] & slot.inside
+        heard = speech[slot.audio, np.arange(n_out)]
+        dub = face_out & (heard | orig_speech[src])
         if not dub.any():
             continue
-        tracks_out = slot[src]
+        tracks_out = slot.tracks[src]
         switch = np.zeros(n_out, dtype=bool)
-        switch[1:] = (tracks_out[1:] != tracks_out[:-1]) & face_out[1:] & face_out[:-1]
-        breaks |= switch & dub
+        switch[1:] = ((tracks_out[1:] != tracks_out[:-1]) | (slot.audio[1:] != slot.audio[:-1])) & dub[1:] & dub[:-1]
+        breaks |= switch
         lanes.append(Lane(
-            matrices=matrices, boxes=boxes, dub=dub, tracks=np.where(usable, slot, -1).astype(np.int32),
-            fade=_fades(dub, face_out, tracks_out, shots[src]),
+            matrices=matrices, boxes=boxes, dub=dub, tracks=np.where(usable, slot.tracks, -1).astype(np.int32),
+            fade=_fades(dub, face_out, tracks_out, shots[src]), audio=slot.audio if slot.audio.any() else None,
         ))
-        generated_silent |= dub & ~dub_speech
+        generated_silent |= dub & ~heard
+    for slot in seg_slots:
+        how_out[slot.inside] = slot.label[slot.inside]
+    # Inside segments the dub is silent where none of their own audio speaks.
+    heard_in_segments = np.zeros(n_out, dtype=bool)
+    for slot in seg_slots:
+        heard_in_segments |= slot.inside & speech[slot.audio, np.arange(n_out)]
+    dub_speech = np.where(covered, heard_in_segments, speech[0])
     dubbed = np.zeros(n_out, dtype=bool)
     for lane in lanes:
         dubbed |= lane.dub
@@ -179,9 +200,9 @@ def plan_lanes(
     return LanePlan(
         lanes=lanes,
         breaks=breaks,
-        conditioning=[conditioning],
+        conditioning=conditioning,
         passthrough_reason=reason,
-        tracks=_track_report(lanes, how, src, timeline, speaker_report),
+        tracks=_track_report(lanes, how_out, src, timeline, speaker_report),
         silence=silence_report,
         speakers=speaker_report,
     )
@@ -230,6 +251,64 @@ def _auto_assign(
                 at &= geom(tid).valid
                 secondary[at] = tid
     return assigned, how, secondary
+
+
+@dataclass
+class _Slot:
+    """A lane before its geometry: the track per input frame, where it may dub (output frames)
+    and the audio source per output frame; ``label`` says how its frames were chosen."""
+
+    tracks: np.ndarray  # (N_in,) int32, -1 where none
+    inside: np.ndarray  # (N_out,) bool
+    audio: np.ndarray  # (N_out,) int32
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+
+
+def _segment_slots(
+    segments: list[Any], timeline: Timeline, assigned: np.ndarray, src: np.ndarray, n_in: int, waves: list[np.ndarray]
+) -> list[_Slot]:
+    """Explicit segments as slots: overlapping segments (different faces) go to different slots
+    (greedy interval colouring, so slots = the most segments at once). A segment's own audio is
+    added to ``waves`` (one source per file), placed from its offset at its start."""
+    if not segments:
+        return []
+    from latentdub.media.audio_io import load_audio
+
+    n_out = len(src)
+    times = timeline.times_s
+    rate = 16000
+    total = len(waves[0])
+    sources: dict[str, int] = {}
+    slots: list[_Slot] = []
+    ends: list[float] = []
+    for seg in sorted(segments, key=lambda s: (s.start_s, s.index)):
+        k = next((i for i, e in enumerate(ends) if e <= seg.start_s), None)
+        if k is None:
+            slots.append(_Slot(np.full(n_in, -1, np.int32), np.zeros(n_out, bool), np.zeros(n_out, np.int32),
+                               np.full(n_out, "", dtype=object)))
+            ends.append(seg.end_s)
+            k = len(slots) - 1
+        ends[k] = seg.end_s
+        slot = slots[k]
+        frames = (times >= seg.start_s) & (times < seg.end_s)
+        audio = 0
+        if seg.audio is not None:
+            key = str(seg.audio)
+            if key not in sources:
+                sources[key] = len(waves)
+                waves.append(np.zeros(total, np.float32))
+            audio = sources[key]
+            part = load_audio(seg.audio).sliced(seg.offset_s, seg.offset_s + seg.end_s - seg.start_s).to_mono_16k()
+            a = min(round(seg.start_s * rate), total)
+            waves[audio][a : a + len(part)] = part[: total - a]
+        track = np.full(n_out, seg.track_id if seg.track_id is not None else -1, np.int32)
+        if seg.track_id is None:  # auto: whoever the decision gave that frame
+            track = assigned[src]
+        slot.inside |= frames
+        slot.audio[frames] = audio
+        slot.tracks[src[frames]] = track[frames]
+        slot.label[frames] = f"segment {seg.index + 1}"
+    return slots
 
 
 def _nearest_in_shot(assigned: np.ndarray, shots: np.ndarray) -> np.ndarray:
@@ -316,7 +395,7 @@ def _ranges(mask: np.ndarray, timeline: Timeline) -> list[dict[str, Any]]:
 
 
 def _track_report(
-    lanes: list[Lane], how: np.ndarray, src: np.ndarray, timeline: Timeline, speakers: dict[str, Any] | None
+    lanes: list[Lane], how_out: np.ndarray, src: np.ndarray, timeline: Timeline, speakers: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
     """Per dubbed track: its dubbed output ranges and how its frames were chosen."""
     method = (speakers or {}).get("method")
@@ -330,7 +409,7 @@ def _track_report(
             entry = per.setdefault(int(tid), {"track": int(tid), "frames": 0, "dubbed_ranges": [], "chosen_by": {}})
             entry["frames"] += int(b - a)
             entry["dubbed_ranges"].append(_range(a, b, timeline))
-            for reason, count in zip(*np.unique(how[src[a:b]].astype(str), return_counts=True), strict=True):
+            for reason, count in zip(*np.unique(how_out[a:b].astype(str), return_counts=True), strict=True):
                 key = f"{reason} ({method})" if reason == BY_SPEAKER and method else reason
                 entry["chosen_by"][key] = entry["chosen_by"].get(key, 0) + int(count)
     return [per[t] for t in sorted(per)]

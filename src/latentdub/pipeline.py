@@ -467,13 +467,18 @@ class LipSyncPipeline:
     def plan_lanes(self, inputs: DubInputs, analysis: Any, timeline: Timeline, clip: Any, opts: DubOptions) -> LanePlan:
         """Who is dubbed where, and with what audio (:mod:`latentdub.lanes`)."""
         original = None
-        if inputs.info.has_audio and (opts.silence == "auto" or opts.face == "auto"):
+        if inputs.info.has_audio and (opts.silence == "auto" or opts.face == "auto" or opts.segments):
             from latentdub.media.audio_io import load_audio
 
             original = load_audio(inputs.video)
+        segments = None
+        if opts.segments:
+            from latentdub.segments import resolve_segments
+
+            segments = resolve_segments(opts.segments, analysis)  # named errors before any rendering
         return plan_lanes(
             analysis, timeline, face=opts.face, silence=opts.silence, dub_wave=clip.to_mono_16k(),
-            select=lambda policy: self.select_face(analysis, policy), original_audio=original,
+            select=lambda policy: self.select_face(analysis, policy), original_audio=original, segments=segments,
         )
 
     def plan_output(self, analysis: Any, audio_s: float, policy: str) -> Timeline:
