@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from latentdub.face.analysis import FaceAnalysis, analyze_video
-from latentdub.face.speakers import SpeakerTimeline, speaker_timeline
+from latentdub.face.speakers import SpeakerTimeline, detect_speakers, speaker_timeline
 from latentdub.media.audio_io import AudioClip, load_audio
 from latentdub.media.reader import iter_frames, probe_video
 from latentdub.media.writer import VideoWriter
@@ -132,12 +133,47 @@ def evaluate(
     return accuracy, errors
 
 
+def _pass1(
+    a: str, b: str, j: int, args: argparse.Namespace, tmp: Path
+) -> tuple[Composite, FaceAnalysis, AudioClip, float]:
+    """Build composite ``j`` and run pass 1 on it (or load both from ``--cache``)."""
+    key = f"{Path(a).stem}__{Path(b).stem}__{args.every}_{args.height}_{j % 2}"
+    cached = args.cache / f"{key}.pkl" if args.cache else None
+    if cached is not None and cached.exists():
+        with cached.open("rb") as fh:
+            return pickle.load(fh)  # type: ignore[no-any-return]
+    folder = args.cache or tmp
+    folder.mkdir(parents=True, exist_ok=True)
+    comp = build_composite(MEDIA / a, MEDIA / b, folder / f"{key}.mp4",
+                           every_s=args.every, height=args.height, first=j % 2)  # fmt: skip
+    t0 = time.perf_counter()
+    analysis = analyze_video(comp.path, workers=1)
+    audio = load_audio(comp.path)
+    result = (comp, analysis, audio, (time.perf_counter() - t0) * 1000 / comp.frames)
+    if cached is not None:
+        with cached.open("wb") as fh:
+            pickle.dump(result, fh)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--every", type=float, default=2.5, help="seconds between audio switches")
     ap.add_argument("--height", type=int, default=360)
     ap.add_argument("--hard", action="store_true", help=f"also pair {HARD_CLIP} with each clip")
+    ap.add_argument(
+        "--decision",
+        default=None,
+        choices=["turns", "windows"],
+        help="decision stage (default: speaker_timeline's own)",
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep composites and pass-1 results here (re-runs only time the decision)",
+    )
     args = ap.parse_args()
     pairs = list(itertools.combinations(CLIPS_25FPS, 2))[: args.pairs]
     if args.hard:
@@ -145,13 +181,12 @@ def main() -> None:
     accs, errs, costs, per_track = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for j, (a, b) in enumerate(pairs):
-            comp = build_composite(MEDIA / a, MEDIA / b, Path(tmp) / f"c{j}.mp4",
-                                   every_s=args.every, height=args.height, first=j % 2)  # fmt: skip
-            t0 = time.perf_counter()
-            analysis = analyze_video(comp.path, workers=1)
-            audio = load_audio(comp.path)
+            comp, analysis, audio, pass1_ms = _pass1(a, b, j, args, Path(tmp))
             t1 = time.perf_counter()
-            timeline = speaker_timeline(analysis, audio)
+            if args.decision is None:
+                timeline = speaker_timeline(analysis, audio)
+            else:
+                timeline = detect_speakers(analysis, audio, mode=args.decision)
             t2 = time.perf_counter()
             acc, err = evaluate(comp, analysis, timeline)
             k = max(1, len(timeline.track_ids))
@@ -164,7 +199,7 @@ def main() -> None:
                 f"{a[:24]:24s} | {b[:24]:24s} frames={comp.frames:3d} tracks={k} "
                 f"acc={acc * 100:5.1f}% switch_err_s={[round(e, 2) for e in err]} "
                 f"both={(timeline.speaking.sum(axis=1) > 1).mean() * 100:.0f}% "
-                f"pass1={(t1 - t0) * 1000 / comp.frames:5.1f} ms/frame "
+                f"pass1={pass1_ms:5.1f} ms/frame "
                 f"detect={ms:.3f} ms/frame ({ms / k:.3f} ms/frame/track)"
             )
     e = np.array(errs)

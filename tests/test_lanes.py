@@ -153,7 +153,7 @@ def run_dub(pipe: LipSyncPipeline, comp: Composite, audio: Path, out: Path, monk
     speakers = Truth(truth, [comp.left_track, comp.right_track])
     if speaking is not None:
         speakers.speaking = speaking  # type: ignore[attr-defined]
-    monkeypatch.setattr(lanes_module, "_speaker_timeline", lambda analysis, audio: speakers)
+    monkeypatch.setattr(lanes_module, "_speaker_timeline", lambda analysis, audio, syncnet=None: speakers)
     seen: list[np.ndarray] = []
 
     def keep(frame: np.ndarray, info: FrameInfo) -> np.ndarray:
@@ -320,3 +320,24 @@ def test_segments_pick_the_face_and_the_audio_whoever_speaks(
     assert stage.job.lanes[lane].audio_at(0) == 1 and stage.job.lanes[lane].dub[:25].all()
     by = {t["track"]: t["chosen_by"] for t in result.tracks}
     assert by[composite.right_track].get("segment 1") == 25
+
+
+def test_the_syncnet_path_is_plumbed_through_the_dub_and_a_random_one_is_not_picked(
+    pipe: LipSyncPipeline, composite: Composite, media_dir: Path, tmp_path: Path, tiny_weights: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a SyncNet set, who speaks is scored by it (method syncnet). The tiny one is random:
+    this proves the plumbing only; its accuracy needs the real syncnet_v2.model. A random file
+    found beside the weights is never used on its own (landmarks decide instead)."""
+    from latentdub.weights.syncnet import load_syncnet
+
+    assert (tiny_weights / "auxiliary" / "syncnet_v2.model").is_file()
+    assert pipe.speaker_syncnet_file is None  # the tiny folder's SyncNet is random
+    monkeypatch.setattr(pipe, "speaker_syncnet", load_syncnet(tiny_weights / "auxiliary" / "syncnet_v2.model"))
+    stages: list[PaintMouths] = []
+    monkeypatch.setattr(pipe, "diffusion_stage", lambda job, tokens, opts: stages.append(PaintMouths(job, tokens)) or stages[-1])
+    monkeypatch.setattr(pipe, "analyze_faces", lambda inputs, run: composite.analysis)
+    result = pipe(composite.video, dub_audio(media_dir, tmp_path), tmp_path / "out.mp4", consent=TEST_CONSENT,
+                  watermark=False)
+    assert result.speakers is not None and result.speakers["method"] == "syncnet"
+    assert result.frames == 75 and stages and stages[0].job.lanes

@@ -92,6 +92,7 @@ def plan_lanes(
     speakers: Any = None,
     detector: Any = None,
     segments: Any = None,
+    syncnet: Callable[[], Any] | None = None,
 ) -> LanePlan:
     """Decide the lanes of one dub (see the module doc).
 
@@ -101,6 +102,8 @@ def plan_lanes(
     ``detector``: the speech detector (default silero). ``segments``: resolved explicit
     segments (:func:`latentdub.segments.resolve_segments`): inside a segment its face is dubbed
     with its audio (the dub's when it has none), and nothing else; outside, ``face`` decides.
+    ``syncnet``: called only when speakers are needed; returns a SyncNet score function
+    (:func:`latentdub.evaluation.speakers.syncnet_scorer`) or None (landmarks decide).
     """
     n_in = analysis.num_frames
     src = np.asarray(timeline.source_index, dtype=np.int64)
@@ -122,7 +125,9 @@ def plan_lanes(
 
     speaker_report = None
     if auto and len(analysis.tracks) > 0 and _several_faces(analysis):
-        timeline_ = speakers if speakers is not None else _speaker_timeline(analysis, original_audio)
+        if speakers is None:
+            speakers = _speaker_timeline(analysis, original_audio, syncnet() if syncnet is not None else None)
+        timeline_ = speakers
         assigned, how, secondary = _auto_assign(analysis, base, timeline_, geom, shots)
         speaker_report = _speaker_summary(timeline_)
     elif auto:
@@ -214,10 +219,10 @@ def _several_faces(analysis: Any) -> bool:
     return bool((analysis.faces_per_frame() > 1).any())
 
 
-def _speaker_timeline(analysis: Any, original_audio: Any) -> Any:
+def _speaker_timeline(analysis: Any, original_audio: Any, syncnet: Any = None) -> Any:
     from latentdub.face import speakers
 
-    return speakers.speaker_timeline(analysis, original_audio)
+    return speakers.speaker_timeline(analysis, original_audio, syncnet=syncnet)
 
 
 def _auto_assign(

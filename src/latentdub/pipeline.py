@@ -226,6 +226,10 @@ class LipSyncPipeline:
             raise ValueError(f"mouth mask of {self.latent_mask.shape[-1]} latents does not fit {resolution} px")
         self._unet_steps: Any = None  # compiled step functions and CUDA graphs, kept across dubs
         self.acceleration = acceleration  # type: ignore[assignment]  # None → the optimized default
+        # Who speaks (face=auto): a SyncNet with real weights when one is found, else landmarks.
+        self.speaker_syncnet: Any = None  # a loaded SyncNet (models.syncnet), or None
+        self.speaker_syncnet_file: Path | None = None  # loaded on the first dub that needs it
+        self._syncnet_lock = threading.Lock()
 
     @property
     def acceleration(self) -> Any:
@@ -288,7 +292,7 @@ class LipSyncPipeline:
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
         }
-        return cls(
+        pipe = cls(
             unet=unet,
             vae=vae,
             audio_encoder=whisper,
@@ -299,6 +303,8 @@ class LipSyncPipeline:
             model_info=info,
             acceleration=acceleration,
         )
+        pipe.speaker_syncnet_file = _speaker_syncnet_file(files.version, version_or_dir)
+        return pipe
 
     # ------------------------------------------------------------------------------------------
     def __call__(
@@ -479,7 +485,21 @@ class LipSyncPipeline:
         return plan_lanes(
             analysis, timeline, face=opts.face, silence=opts.silence, dub_wave=clip.to_mono_16k(),
             select=lambda policy: self.select_face(analysis, policy), original_audio=original, segments=segments,
+            syncnet=self.speaker_scorer,
         )
+
+    def speaker_scorer(self) -> Any:
+        """The SyncNet scorer of who speaks (``face=auto`` with several faces), or None: landmarks."""
+        with self._syncnet_lock:
+            if self.speaker_syncnet is None and self.speaker_syncnet_file is not None:
+                from latentdub.weights.syncnet import load_syncnet
+
+                self.speaker_syncnet = load_syncnet(self.speaker_syncnet_file, device=self.device)
+            if self.speaker_syncnet is None:
+                return None
+        from latentdub.evaluation.speakers import syncnet_scorer
+
+        return syncnet_scorer(self.speaker_syncnet)
 
     def plan_output(self, analysis: Any, audio_s: float, policy: str) -> Timeline:
         pts = np.asarray(analysis.pts, dtype=np.int64)
@@ -591,6 +611,21 @@ class LipSyncPipeline:
     def _warn(warnings: list[str], message: str) -> None:
         warnings.append(message)
         log.warning(message)
+
+
+def _speaker_syncnet_file(version: str, version_or_dir: str | Path) -> Path | None:
+    """The SyncNet that eval uses (``auxiliary/syncnet_v2.model`` of the folder, else the hub
+    cache; never downloaded here) when its weights are real; None otherwise (a random one would
+    only add noise to who speaks, so landmarks decide)."""
+    from latentdub.errors import WeightsError
+    from latentdub.weights.resolve import resolve_syncnet
+
+    folder = Path(version_or_dir) if Path(version_or_dir).is_dir() else None
+    try:
+        found = resolve_syncnet(version, folder, download=False)
+    except WeightsError:
+        return None
+    return None if found.random_weights else found.path
 
 
 def _consent_record(consent: Any) -> Any:
