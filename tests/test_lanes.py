@@ -319,7 +319,8 @@ def test_segments_pick_the_face_and_the_audio_whoever_speaks(
     lane = next(i for i, ln in enumerate(stage.job.lanes) if ln.audio is not None)
     assert stage.job.lanes[lane].audio_at(0) == 1 and stage.job.lanes[lane].dub[:25].all()
     by = {t["track"]: t["chosen_by"] for t in result.tracks}
-    assert by[composite.right_track].get("segment 1") == 25
+    assert by[composite.right_track].get("segment 1") == 25 and by[composite.left_track].get("segment 2") == 10
+    assert "segment 1" not in by[composite.left_track]
 
 
 def test_the_syncnet_path_is_plumbed_through_the_dub_and_a_random_one_is_not_picked(

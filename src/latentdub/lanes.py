@@ -166,7 +166,9 @@ def plan_lanes(
     breaks = np.zeros(n_out, dtype=bool)
     generated_silent = np.zeros(n_out, dtype=bool)
     how_out = how[src] if n_out else np.zeros(0, dtype=object)
-    slots = [_Slot(assigned, ~covered, np.zeros(n_out, np.int32)), _Slot(secondary, ~covered, np.zeros(n_out, np.int32))]
+    slots = [_Slot(assigned, ~covered, np.zeros(n_out, np.int32), how_out),
+             _Slot(secondary, ~covered, np.zeros(n_out, np.int32), how_out)]
+    lane_how: list[np.ndarray] = []  # per lane: how each output frame's face was chosen
     for slot in [*slots, *seg_slots]:
         if not (slot.tracks >= 0).any():
             continue
@@ -184,9 +186,8 @@ def plan_lanes(
             matrices=matrices, boxes=boxes, dub=dub, tracks=np.where(usable, slot.tracks, -1).astype(np.int32),
             fade=_fades(dub, face_out, tracks_out, shots[src]), audio=slot.audio if slot.audio.any() else None,
         ))
+        lane_how.append(slot.label)
         generated_silent |= dub & ~heard
-    for slot in seg_slots:
-        how_out[slot.inside] = slot.label[slot.inside]
     # Inside segments the dub is silent where none of their own audio speaks.
     heard_in_segments = np.zeros(n_out, dtype=bool)
     for slot in seg_slots:
@@ -207,7 +208,7 @@ def plan_lanes(
         breaks=breaks,
         conditioning=conditioning,
         passthrough_reason=reason,
-        tracks=_track_report(lanes, how_out, src, timeline, speaker_report),
+        tracks=_track_report(lanes, lane_how, src, timeline, speaker_report),
         silence=silence_report,
         speakers=speaker_report,
     )
@@ -400,12 +401,12 @@ def _ranges(mask: np.ndarray, timeline: Timeline) -> list[dict[str, Any]]:
 
 
 def _track_report(
-    lanes: list[Lane], how_out: np.ndarray, src: np.ndarray, timeline: Timeline, speakers: dict[str, Any] | None
+    lanes: list[Lane], lane_how: list[np.ndarray], src: np.ndarray, timeline: Timeline, speakers: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
     """Per dubbed track: its dubbed output ranges and how its frames were chosen."""
     method = (speakers or {}).get("method")
     per: dict[int, dict[str, Any]] = {}
-    for lane in lanes:
+    for lane, how_out in zip(lanes, lane_how, strict=True):
         assert lane.tracks is not None
         tracks_out = np.where(lane.dub, lane.tracks[src], -2)
         for a, b, tid in runs(tracks_out):
