@@ -23,6 +23,7 @@ Audio only: this module does not know about faces (``latentdub.face.speakers`` u
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -181,7 +182,7 @@ def speaker_turns(
     for a, b in spans:
         inner = [c for c in changes if a < c < b]
         edges = [a, *inner, b]
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for lo, hi in itertools.pairwise(edges):
             turns.append((lo, hi))
     # A change inside a pause: the turns end/start at the speech on either side.
     turns = [_trim(lo, hi, speech) for lo, hi in turns]
