@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from latentdub.audio.turns import SpeakerTurns
 from latentdub.face.analysis import FaceAnalysis, analyze_video
 from latentdub.face.speakers import SpeakerTimeline, detect_speakers, speaker_timeline
 from latentdub.media.audio_io import AudioClip, load_audio
@@ -156,6 +157,14 @@ def _pass1(
     return result
 
 
+def true_turns(comp: Composite) -> SpeakerTurns:
+    """The composite's own turns (where the audio switches), no silences: an oracle diarizer."""
+    edges = [0.0, *comp.switch_s, comp.frames / comp.fps]
+    return SpeakerTurns(
+        tuple(itertools.pairwise(edges)), (), tuple(comp.switch_s), comp.frames / comp.fps
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--pairs", type=int, default=10)
@@ -165,7 +174,7 @@ def main() -> None:
     ap.add_argument(
         "--decision",
         default=None,
-        choices=["turns", "windows"],
+        choices=["turns", "windows", "true-turns"],
         help="decision stage (default: speaker_timeline's own)",
     )
     ap.add_argument(
@@ -185,6 +194,8 @@ def main() -> None:
             t1 = time.perf_counter()
             if args.decision is None:
                 timeline = speaker_timeline(analysis, audio)
+            elif args.decision == "true-turns":  # the association alone: turns from the truth
+                timeline = detect_speakers(analysis, audio, turns=true_turns(comp))
             else:
                 timeline = detect_speakers(analysis, audio, mode=args.decision)
             t2 = time.perf_counter()

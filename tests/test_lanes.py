@@ -318,6 +318,13 @@ def test_segments_pick_the_face_and_the_audio_whoever_speaks(
     assert len(stage.tokens) == 2  # the dub, and the segment's own file
     lane = next(i for i, ln in enumerate(stage.job.lanes) if ln.audio is not None)
     assert stage.job.lanes[lane].audio_at(0) == 1 and stage.job.lanes[lane].dub[:25].all()
+    # The segment's own speech is heard in the output: mixed in over its second only.
+    assert any("mixed into the output" in w for w in result.warnings)
+    heard = load_audio(tmp_path / "out.mp4").to_mono_16k()
+    given = load_audio(audio).to_mono_16k()
+    inside = np.abs(heard[2000:14000] - given[2000:14000]).mean()
+    outside = np.abs(heard[20000:40000] - given[20000:40000]).mean()
+    assert inside > 5 * outside, (inside, outside)
     by = {t["track"]: t["chosen_by"] for t in result.tracks}
     assert by[composite.right_track].get("segment 1") == 25 and by[composite.left_track].get("segment 2") == 10
     assert "segment 1" not in by[composite.left_track]

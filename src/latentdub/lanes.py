@@ -47,6 +47,7 @@ BY_SPEAKER = "speaker"  # the active speaker of the original (method: syncnet / 
 BY_NEAREST = "nearest speaker"  # nobody spoke there: the nearest speaker in time on the shot
 BY_FALLBACK = "largest"  # no speaker found on the shot: the face largest picks
 BY_POLICY = "policy"  # an explicit face option (largest, X,Y@T, track:N)
+BY_ONLY_FACE = "only face"  # face=auto on a clip that never shows two faces at once
 
 
 @dataclass
@@ -60,6 +61,9 @@ class LanePlan:
     tracks: list[dict[str, Any]] = field(default_factory=list)  # per dubbed track: ranges, how chosen
     silence: dict[str, Any] | None = None
     speakers: dict[str, Any] | None = None
+    # The segments' own audio placed on the output timeline (16 kHz mono), to mix into the
+    # output's sound; None when no segment brings its own audio.
+    segment_mix: np.ndarray | None = None
 
     @property
     def dubbed(self) -> np.ndarray:
@@ -132,6 +136,7 @@ def plan_lanes(
         speaker_report = _speaker_summary(timeline_)
     elif auto:
         speaker_report = {"method": "single face", "tracks": {}}
+        how[:] = BY_ONLY_FACE
 
     # -- audio sources: the dub (0), then each segment file, placed on the output timeline -------
     waves = [np.asarray(dub_wave, dtype=np.float32)]
@@ -207,6 +212,7 @@ def plan_lanes(
         lanes=lanes,
         breaks=breaks,
         conditioning=conditioning,
+        segment_mix=np.sum(waves[1:], axis=0) if len(waves) > 1 else None,
         passthrough_reason=reason,
         tracks=_track_report(lanes, lane_how, src, timeline, speaker_report),
         silence=silence_report,

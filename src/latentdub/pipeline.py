@@ -389,6 +389,9 @@ class LipSyncPipeline:
         clip = clip.with_length(round(timeline.duration_s * clip.sample_rate))
         with timer("plan_lanes"):
             plan = self.plan_lanes(inputs, analysis, timeline, clip, opts)
+        if plan.segment_mix is not None:  # segments with their own speech: heard in the output too
+            clip = _mix_in(clip, plan.segment_mix)
+            self._warn(warnings, "the segments' own audio files were mixed into the output's audio track")
         with run.stage("audio_features"), timer("audio_features"):
             tokens = [self.encode_audio(wave, timeline) for wave in plan.conditioning]
         job = self.plan_render(inputs, analysis, plan, timeline)
@@ -611,6 +614,18 @@ class LipSyncPipeline:
     def _warn(warnings: list[str], message: str) -> None:
         warnings.append(message)
         log.warning(message)
+
+
+def _mix_in(clip: Any, extra_16k: np.ndarray) -> Any:
+    """``clip`` with 16 kHz mono ``extra`` added to every channel at the clip's rate (clipped)."""
+    from latentdub.media.audio_io import AudioClip
+
+    extra = AudioClip(extra_16k[:, None].astype(np.float32), 16000).resampled(clip.sample_rate).samples[:, 0]
+    n = clip.num_samples
+    add = np.zeros(n, dtype=np.float32)
+    add[: min(n, len(extra))] = extra[:n]
+    mixed = np.clip(clip.samples + add[:, None], -1.0, 1.0).astype(np.float32)
+    return AudioClip(mixed, clip.sample_rate, clip.start_s, clip.warnings)
 
 
 def _speaker_syncnet_file(version: str, version_or_dir: str | Path) -> Path | None:

@@ -60,9 +60,7 @@ class SpeakerTurns:
 
 def _mel_filterbank(n_mels: int, n_fft: int, sr: int, fmin: float, fmax: float) -> np.ndarray:
     """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the HTK mel scale."""
-    mel = np.linspace(
-        2595 * np.log10(1 + fmin / 700), 2595 * np.log10(1 + fmax / 700), n_mels + 2
-    )
+    mel = np.linspace(2595 * np.log10(1 + fmin / 700), 2595 * np.log10(1 + fmax / 700), n_mels + 2)
     hz = 700 * (10 ** (mel / 2595) - 1)
     bins = np.fft.rfftfreq(n_fft, 1 / sr)
     lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
@@ -89,9 +87,9 @@ def mfcc(wave16k: np.ndarray) -> np.ndarray:
     return dct(logmel, type=2, norm="ortho", axis=1)[:, 1 : 1 + N_CEPS].astype(np.float32)
 
 
-def bic_curve(features: np.ndarray, window: int, *, step: int = 5, min_side: int = 0) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def bic_curve(
+    features: np.ndarray, window: int, *, step: int = 5, min_side: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(candidate rows, ΔBIC) of a change at each ``step``-th row of ``features`` (T, d).
 
     Each side is the ``window`` rows before / after the candidate (fewer near the ends, but at
@@ -187,8 +185,10 @@ def speaker_turns(
     # A change inside a pause: the turns end/start at the speech on either side.
     turns = [_trim(lo, hi, speech) for lo, hi in turns]
     turns = [(lo, hi) for lo, hi in turns if hi > lo]
-    silences = SpeechSegments.from_intervals(turns, duration).silences() if turns else (
-        ((0.0, duration),) if duration > 0 else ()
+    silences = (
+        SpeechSegments.from_intervals(turns, duration).silences()
+        if turns
+        else (((0.0, duration),) if duration > 0 else ())
     )
     kept = tuple(c for c in changes if any(lo <= c <= hi for lo, hi in spans))
     return SpeakerTurns(tuple(turns), silences, kept, duration)

@@ -64,6 +64,11 @@ def _print(s: dict[str, Any]) -> None:
     head.add_row("status", ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "none")
     if s.get("frames_replayed"):
         head.add_row("replayed", f"{s['frames_replayed']} frames show an original frame again (length policy)")
+    for t in s.get("dubbed_tracks") or []:  # which face was dubbed, found from the pixels
+        if t["frames_dubbed"]:
+            spans = ", ".join(f"{r['start_s']:.2f}–{r['end_s']:.2f} s" for r in t["ranges"][:6])
+            more = f" (+{len(t['ranges']) - 6} more)" if len(t["ranges"]) > 6 else ""
+            head.add_row(f"face #{t['track_id']}", f"dubbed on {t['frames_dubbed']} frames: {spans}{more}")
     names = {
         "dubbed_median": "mouth, dubbed frames",
         "passthrough_median": "mouth, pass-through frames",

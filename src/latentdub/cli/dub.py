@@ -224,6 +224,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("frames", f"{summary['frames']} ({summary['dubbed_frames']} dubbed) at {summary['fps']} fps")
     table.add_row("duration", f"{summary['duration_s']:.2f} s")
     table.add_row("size", f"{summary['width']}x{summary['height']}")
+    for t in summary.get("tracks") or []:
+        spans = ", ".join(f"{r['start_s']:.2f}–{r['end_s']:.2f}" for r in t["dubbed_ranges"][:6])
+        more = f" (+{len(t['dubbed_ranges']) - 6} more)" if len(t["dubbed_ranges"]) > 6 else ""
+        how = ", ".join(f"{k} {v}" for k, v in t["chosen_by"].items())
+        table.add_row(f"face #{t['track']}", f"dubbed {t['frames']} frames: {spans} s{more} ({how})")
     for r in summary["passthrough_ranges"]:
         table.add_row("untouched", f"{r['start_s']:.2f}–{r['end_s']:.2f} s (frames {r['start_frame']}–{r['end_frame'] - 1}): {r['reason']}")
     if summary.get("fit"):
