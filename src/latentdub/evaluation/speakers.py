@@ -58,14 +58,6 @@ TICK_RATE = 25
 SMOOTH_WINDOWS = 9  # syncnet_python's median filter over per-window confidences
 
 
-def _device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    try:
-        p = next(iter(model.parameters()))
-        return p.device, p.dtype
-    except (AttributeError, StopIteration):
-        return torch.device("cpu"), torch.float32
-
-
 def _audio_at_video_time(analysis: FaceAnalysis, audio: AudioClip) -> np.ndarray:
     """Mono 16 kHz samples with sample 0 at the video's first frame (zero-padded before)."""
     wave = audio.to_mono_16k()
@@ -185,7 +177,7 @@ def syncnet_scores(
     )
     if audio_windows < 1:
         return out
-    device, dtype = _device_dtype(model)
+    device, dtype = model_device_dtype(model)
     size = int(getattr(getattr(model, "dims", None), "image_size", 224))
     audio_emb = _audio_embeddings(cc, audio_windows, model, batch_size, device, dtype)
 

@@ -185,7 +185,7 @@ def audio_levels(audio: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ embeddings
 
 
-def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     try:
         p = next(iter(model.parameters()))
         return p.device, p.dtype
@@ -236,7 +236,7 @@ def window_embeddings(
             f"(0.24 s at {FPS} fps) of both are needed"
         )
     cc = mfcc(levels)
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     dims = getattr(model, "dims", None)
     size = int(getattr(dims, "image_size", bgr.shape[1]))
     video, audio = [], []
@@ -368,7 +368,7 @@ class StreamingSyncScorer:
         self.vshift = vshift
         self.batch_size = batch_size
         self._cc = mfcc(levels)
-        self._device, self._dtype = _model_device_dtype(model)
+        self._device, self._dtype = model_device_dtype(model)
         self._size: int | None = getattr(getattr(model, "dims", None), "image_size", None)
         self._frames: list[np.ndarray] = []  # BGR crops not yet consumed by a window batch
         self._next = 0  # first video window not yet embedded
