@@ -44,6 +44,7 @@ from latentdub.evaluation.syncnet import (
     WINDOW_STEPS,
     audio_levels,
     mfcc,
+    model_device_dtype,
 )
 from latentdub.face.speakers import ScoreFn, SpeakerTimeline, speaker_timeline
 from latentdub.runs import runs
