@@ -332,3 +332,16 @@ def test_warnings_follow_derived_clips() -> None:
     derived[0].warnings.append("extra")
     assert clip.warnings == ["note about the file"]
     assert AudioClip(np.zeros(10, np.float32), 8000).warnings == []
+
+
+def test_mono_16k_while_decoding_matches_decoding_then_resampling(media_dir: Path) -> None:
+    """The cheap path (for analysing long originals) hears the same sound as the exact one."""
+    video = media_dir / "latentsync_demo1_portrait_hevc_25fps.mp4"  # 44.1 kHz stereo AAC
+    exact = load_audio(video)
+    cheap = load_audio(video, mono_16k=True)
+    assert exact.sample_rate != 16000 and exact.num_channels == 2
+    assert cheap.sample_rate == 16000 and cheap.num_channels == 1 and cheap.start_s == exact.start_s
+    ref = exact.to_mono_16k()
+    assert abs(cheap.num_samples - len(ref)) <= 1
+    n = min(cheap.num_samples, len(ref))
+    assert np.corrcoef(ref[:n], cheap.samples[:n, 0])[0, 1] > 0.999

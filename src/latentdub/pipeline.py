@@ -479,7 +479,7 @@ class LipSyncPipeline:
         if inputs.info.has_audio and (opts.silence == "auto" or opts.face == "auto" or opts.segments):
             from latentdub.media.audio_io import load_audio
 
-            original = load_audio(inputs.video)
+            original = load_audio(inputs.video, mono_16k=True)  # analysis only: 16 kHz mono is enough
         segments = None
         if opts.segments:
             from latentdub.segments import resolve_segments

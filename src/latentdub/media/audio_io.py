@@ -228,11 +228,14 @@ def load_audio(
     *,
     stream_index: int | None = None,
     min_duration_s: float = 0.0,
+    mono_16k: bool = False,
 ) -> AudioClip:
     """Decode an audio file, or the audio stream of a video, to float32 at its native rate.
 
     ``stream_index`` picks a stream by its container index (default: FFmpeg's best audio
     stream). ``min_duration_s`` rejects clips shorter than that with a clear message.
+    ``mono_16k``: downmix and resample while decoding (FFmpeg's resampler), for analysis of
+    long tracks: an hour of 48 kHz stereo is 230 MB instead of 1.4 GB.
     Raises :class:`~latentdub.errors.InputError` for anything the user can fix.
     """
     path = Path(path)
@@ -240,7 +243,7 @@ def load_audio(
     container = _open(path)
     try:
         stream = _pick_stream(container, path, stream_index)
-        clip = _decode(container, stream, path)
+        clip = _decode(container, stream, path, mono_16k=mono_16k)
         stated_s = _stated_duration_s(container, stream, path)
     finally:
         container.close()
@@ -344,12 +347,18 @@ def _fmt_s(seconds: float) -> str:
 
 
 def _decode(
-    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, path: Path
+    container: av.container.InputContainer,
+    stream: av.audio.stream.AudioStream,
+    path: Path,
+    *,
+    mono_16k: bool = False,
 ) -> AudioClip:
     rate = int(stream.rate or stream.codec_context.sample_rate or 0)
     channels = int(stream.codec_context.channels or 0)
     if rate <= 0:
         raise InputError(f"{path}: the audio stream has no sample rate; the file is damaged.")
+    if mono_16k:
+        rate, channels = WHISPER_SAMPLE_RATE, 1
 
     chunks: list[np.ndarray] = []
     written = 0  # samples placed so far
@@ -381,9 +390,12 @@ def _decode(
         if resampler is None:
             if frame is None:
                 return []
-            channels = frame.layout.nb_channels if frame.layout else channels
-            # Same layout and rate: only the sample format changes (to planar float32).
-            resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.rate)
+            if mono_16k:
+                resampler = av.AudioResampler(format="fltp", layout="mono", rate=WHISPER_SAMPLE_RATE)
+            else:
+                channels = frame.layout.nb_channels if frame.layout else channels
+                # Same layout and rate: only the sample format changes (to planar float32).
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.rate)
         out = []
         for f in resampler.resample(frame):
             pts_s = float(f.pts * f.time_base) if f.pts is not None and f.time_base else None
