@@ -310,7 +310,7 @@ def _segment_slots(
                 sources[key] = len(waves)
                 waves.append(np.zeros(total, np.float32))
             audio = sources[key]
-            part = load_audio(seg.audio).sliced(seg.offset_s, seg.offset_s + seg.end_s - seg.start_s).to_mono_16k()
+            part = load_audio(seg.audio, mono_16k=True).sliced(seg.offset_s, seg.offset_s + seg.end_s - seg.start_s).to_mono_16k()
             a = min(round(seg.start_s * rate), total)
             waves[audio][a : a + len(part)] = part[: total - a]
         track = np.full(n_out, seg.track_id if seg.track_id is not None else -1, np.int32)

@@ -121,7 +121,7 @@ def analyze_with_speakers(
     clip, note = None, NO_AUDIO_NOTE
     if info.has_audio:
         try:
-            clip = load_audio(video)  # before pass 1: a broken track must not waste it
+            clip = load_audio(video, mono_16k=True)  # before pass 1: a broken track must not waste it
         except InputError as err:
             note = f"the audio track cannot be used ({err}): nobody is marked as speaking"
     kwargs: dict[str, Any] = {"every_n": every_n, "max_frames": max_frames, "progress": progress}
