@@ -15,7 +15,7 @@ import pytest
 from scipy.signal import butter, sosfilt
 
 from latentdub.audio.activity import SpeechSegments
-from latentdub.audio.turns import mfcc, speaker_turns
+from latentdub.audio.turns import cluster_voices, mfcc, speaker_turns
 from latentdub.media.audio_io import load_audio
 
 SR = 16000
@@ -92,3 +92,44 @@ def test_changes_inside_one_voice_are_candidates_min_turn_apart(media_dir: Path)
     changes = np.array(turns.changes_s)
     assert (np.diff(changes) >= 0.99).all()
     assert all(any(a <= c <= b for a, b in turns.turns) for c in changes)
+
+
+def test_clustering_labels_two_real_voices_apart(media_dir: Path) -> None:
+    """Man, woman, man, woman (3, 2, 3, 2 s): every turn's voice id follows who speaks there,
+    and the turns are joined so that each true segment is one voice."""
+    man, woman = _voices(media_dir)
+    edges = [0.0, 3.0, 5.0, 8.0, 10.0]
+    wave = np.concatenate([man[: 3 * SR], woman[: 2 * SR], man[3 * SR : 6 * SR],
+                           woman[2 * SR : 4 * SR]])  # fmt: skip
+    turns = speaker_turns(wave, cluster=True)
+    assert len(turns.voices) == len(turns.turns) and set(turns.voices) == {0, 1}
+    truth = [0, 1, 0, 1]
+    for (lo, hi), v in zip(turns.turns, turns.voices, strict=True):
+        mid = (lo + hi) / 2
+        seg = int(np.searchsorted(edges, mid, side="right")) - 1
+        assert v == truth[seg], (turns.turns, turns.voices)
+    # Each voice change lies within 0.3 s of a true junction.
+    assert all(min(abs(c - e) for e in edges[1:4]) <= 0.3 for c in turns.changes_s)
+    assert len(turns.changes_s) == 3
+
+
+def test_clustering_keeps_one_real_voice_one_voice(media_dir: Path) -> None:
+    man, woman = _voices(media_dir)
+    for wave in (woman[: 5 * SR], man[: round(4.5 * SR)]):
+        turns = speaker_turns(wave, cluster=True)
+        assert turns.voices and set(turns.voices) == {0}, (turns.turns, turns.voices)
+        assert turns.changes_s == ()
+        # Joined: neighbouring turns are separated by a long pause, never by a change.
+        assert all(b[0] - a[1] >= 0.5 for a, b in itertools.pairwise(turns.turns))
+
+
+def test_cluster_voices_on_synthetic_pieces() -> None:
+    """Two spectra, pieces alternating: two labels in order of first appearance; a short
+    piece joins the cluster it fits; without clustering no voices are reported."""
+    a = [mfcc(_coloured(1.0, (200, 1500), s)) for s in (10, 11, 12)]
+    b = [mfcc(_coloured(1.0, (1500, 6000), s)) for s in (13, 14)]
+    short = mfcc(_coloured(0.2, (1500, 6000), 15))
+    labels = cluster_voices([a[0], b[0], a[1], b[1], a[2], short], tau=10.0)
+    assert labels == [0, 1, 0, 1, 0, 1]
+    assert speaker_turns(_coloured(2.0, (200, 1500), 16),
+                         speech=SpeechSegments(((0.0, 2.0),), 2.0)).voices == ()  # fmt: skip

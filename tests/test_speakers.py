@@ -353,3 +353,40 @@ def test_parallel_pass_keeps_the_same_lips(
     assert np.array_equal(fast.obs_lip, ref.obs_lip)
     assert np.array_equal(fast.obs_frame, ref.obs_frame)
     assert ran == [True]  # the worker path ran (no fallback to one process)
+
+
+def test_voice_decision_matches_each_voice_to_its_lips() -> None:
+    """Given voice-labelled turns (as a diarizer gives them): a voice gets the face whose lips
+    follow ALL of its turns, a long silence is nobody's, and the voices come back alternating."""
+    n = 300
+    a, b = _smooth_noise(n, 21), _smooth_noise(n, 22)
+    analysis = _analysis(n, {0: (range(n), a), 1: (range(n), b)})
+    s = 1 / FPS
+    # Voice 0 (track 0's lips) on 0-80 and 170-240, voice 1 (track 1's) on 80-150; silence after.
+    levels = np.zeros(n)
+    levels[:80], levels[80:150], levels[170:240] = a[:80], b[80:150], a[170:240]
+    turns = SpeakerTurns(((0.0, 80 * s), (80 * s, 150 * s), (170 * s, 240 * s)),
+                         ((150 * s, 170 * s), (240 * s, n * s)), (80 * s,), n * s,
+                         (0, 1, 0))  # fmt: skip
+    timeline = detect_speakers(analysis, _audio_following(levels / 0.4), turns=turns, mode="voices")
+    assert set(timeline.track[:78]) == {0} and set(timeline.track[82:148]) == {1}
+    assert set(timeline.track[172:238]) == {0}
+    assert (timeline.track[152:168] == -1).all() and (timeline.track[242:] == -1).all()
+    assert timeline.confidence[:78].mean() > 0.8
+    assert timeline.method == "landmarks" and timeline.speaking.shape == (n, 2)
+
+
+def test_real_composite_voice_decision(media_dir: Path, tmp_path: Path) -> None:
+    """Diarize-then-associate on a real composite (a woman | a man): ≥ 95 % of frames right
+    and the switch within 0.4 s. (On the bench it is NOT ≥ 95 % everywhere; see the module.)"""
+    bench = _bench()
+    comp = bench.build_composite(
+        media_dir / "retalking_face3_woman_25fps.mp4",
+        media_dir / "infinitetalk_hdtf_man_25fps.mp4", tmp_path / "composite.mp4", every_s=2.5,
+        height=360, first=0,
+    )  # fmt: skip
+    analysis, _ = analyze_speakers(comp.path, workers=1)
+    timeline = detect_speakers(analysis, mode="voices")
+    accuracy, errors = bench.evaluate(comp, analysis, timeline)
+    assert accuracy >= 0.95, accuracy
+    assert max(errors) <= 0.4, errors
