@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument(
         "--decision",
         default=None,
-        choices=["voices", "turns", "windows", "true-turns"],
+        choices=["hybrid", "voices", "turns", "windows", "true-turns"],
         help="decision stage (default: speaker_timeline's own)",
     )
     ap.add_argument(

@@ -540,6 +540,11 @@ def detect_speakers(
 
             audio = load_audio(analysis.path, mono_16k=True)  # analysis only
         mode = mode or ("turns" if turns is not None else "windows")
+        if mode == "hybrid":
+            return decide_hybrid(
+                analysis, audio, turns=turns, window_s=window_s, max_lag_s=max_lag_s, lag_spread=lag_spread,
+                floor_db=floor_db, min_segment_s=min_segment_s, refine_window_s=refine_window_s,
+            )  # fmt: skip
         if mode == "voices":
             return decide_by_voices(
                 analysis, audio, turns=turns, max_lag_s=max_lag_s, lag_spread=lag_spread,
@@ -551,7 +556,7 @@ def detect_speakers(
                 floor_db=floor_db, min_segment_s=min_segment_s,
             )  # fmt: skip
         if mode != "windows":
-            raise ValueError(f"mode must be 'voices', 'turns' or 'windows', got {mode!r}")
+            raise ValueError(f"mode must be 'hybrid', 'voices', 'turns' or 'windows', got {mode!r}")
         scores, short = landmark_scores(
             analysis, audio, window_s=window_s, max_lag_s=max_lag_s, lag_spread=lag_spread,
             floor_db=floor_db, reference_s=reference_s, refine_window_s=refine_window_s,
@@ -912,6 +917,58 @@ def decide_by_voices(
     return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
 
 
+def decide_hybrid(
+    analysis: FaceAnalysis,
+    audio: AudioClip,
+    *,
+    turns: SpeakerTurns | None = None,
+    window_s: float = 2.0,
+    max_lag_s: float = 0.32,
+    lag_spread: int = 1,
+    floor_db: float = 20.0,
+    min_segment_s: float = 0.5,
+    refine_window_s: float = 1.0,
+) -> SpeakerTimeline:
+    """Per shot: by voice (:func:`decide_by_voices`) where the audio holds at least two voices
+    there, by sliding window (the default decision) where it holds one.
+
+    Why: one voice per voice-matched shot can only ever give one face, so a clustering that
+    merged two people (short shots, similar voices) would dub one face for both; the windows
+    can still follow the lips there. Shots with one face or no speech are the same either way.
+    """
+    from latentdub.audio.turns import speaker_turns
+
+    if turns is None or len(turns.voices) != len(turns.turns):
+        turns = speaker_turns(audio.to_mono_16k(), cluster=True)
+    by_voice = decide_by_voices(
+        analysis, audio, turns=turns, max_lag_s=max_lag_s, lag_spread=lag_spread, floor_db=floor_db,
+        min_segment_s=min_segment_s,
+    )  # fmt: skip
+    by_window = detect_speakers(
+        analysis, audio, mode="windows", window_s=window_s, max_lag_s=max_lag_s, lag_spread=lag_spread,
+        floor_db=floor_db, min_segment_s=min_segment_s, refine_window_s=refine_window_s,
+    )  # fmt: skip
+    n = analysis.num_frames
+    ids = by_voice.track_ids
+    frame_t = np.asarray(analysis.times_s, dtype=np.float64) + float(analysis.pts[0] * analysis.time_base) - audio.start_s
+    voice = np.full(n, -1, dtype=np.int64)
+    for (lo, hi), v in zip(turns.turns, turns.voices, strict=True):
+        voice[(frame_t >= lo) & (frame_t < hi)] = v
+    track = by_voice.track.copy()
+    confidence = by_voice.confidence.copy()
+    scores = np.asarray(by_voice.scores, dtype=np.float64).copy()
+    speaking = np.asarray(by_voice.speaking, dtype=bool).copy()
+    for a, b in itertools.pairwise(_shot_bounds(analysis)):
+        voices_here = {int(v) for v in voice[a:b] if v >= 0}
+        if b > a and len(voices_here) < 2:
+            track[a:b] = by_window.track[a:b]
+            confidence[a:b] = by_window.confidence[a:b]
+            scores[a:b] = by_window.scores[a:b]
+            speaking[a:b] = np.asarray(by_window.speaking, dtype=bool)[a:b]
+    track_conf = np.where(speaking, confidence[:, None], 0.0).astype(np.float32)
+    return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
+
+
 def _presence(analysis: FaceAnalysis, ids: list[int]) -> np.ndarray:
     """(N, K) bool: the track is on screen (pass 1 found it, or bridged a short drop-out)."""
     out = np.zeros((analysis.num_frames, len(ids)), dtype=bool)
@@ -1036,7 +1093,10 @@ def speaker_timeline(
     lips = analysis.obs_lip
     if lips is None or not np.isfinite(lips).any():
         return nobody_speaks(analysis)
-    return detect_speakers(analysis, audio)
+    # By voice where the audio holds several voices in a shot, by window elsewhere: on the
+    # bench 92.3 % mean / 63.2 % worst, 11/11 switches within 0.4 s (windows alone: 86.5 % /
+    # 51.9 %, 7/11; voices alone: 82.1 % / 48.1 %, 9/11).
+    return detect_speakers(analysis, audio, mode="hybrid")
 
 
 def analyze_speakers(
