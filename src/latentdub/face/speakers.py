@@ -16,12 +16,17 @@ active-speaker baselines do (Hershey & Movellan, "Audio Vision", NIPS 1999; Cutl
 "Look who's talking", ICME 2000); SyncNet (Chung & Zisserman, ACCV 2016 workshops) learns the
 same synchrony.
 
+The default decision (``mode="hybrid"``, :func:`decide_hybrid`): per shot, by VOICE where the
+audio holds two or more voices there (:func:`decide_by_voices`: each clustered voice gets the
+face whose lips follow all of its speech best), by sliding window where it holds one.
 Measured (bench/bench_speakers.py, 10 composites of two real 25 fps talking heads, BOTH
 mouths moving all the time, the audio switching between their own tracks at 2.5 s): per-frame
-accuracy outside ±0.3 s of a switch 86.5 % mean, ≥ 95 % on 4 of 10, 51.9 % worst; 7 of 11
-switches within 0.4 s, 1 missed; the decision costs ~0.04 ms per frame (0.02 per
-frame·track) after pass 1 and the audio decode. The target (≥ 95 %
-everywhere) is NOT met by landmarks alone. What limits it, measured on these composites:
+accuracy outside ±0.3 s of a switch 92.3 % mean, ≥ 95 % on 7 of 10, 63.2 % worst; 11 of 11
+switches within 0.4 s (median 0.26 s); ~0.7 ms per frame (0.35 per frame·track) after pass 1,
+most of it the voice activity and MFCCs. ``--hard`` (15): 80.3 % mean, 13 of 18 switches.
+The target (≥ 95 % everywhere) is NOT met without a learned model. The sliding windows alone
+(``mode="windows"``) score 86.5 % mean, 51.9 % worst, 7 of 11 switches; what limits them,
+measured on these composites:
 
 * the signal: over a whole 2.5 s turn, the speaker's lip/envelope correlation at the right lag
   (0.46 ± 0.14) beats the other moving mouth's (0.12 ± 0.16) in 20 of 20 turns, but by 0.02 in
