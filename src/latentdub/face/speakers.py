@@ -797,25 +797,7 @@ def decide_by_turns(
                 reward[lo:hi, :k] = np.where(present[lo:hi], r, -np.inf)
                 reward[lo:hi, k] = tau
                 path[lo:hi] = label
-    min_len = max(1, round(min_segment_s * fps))
-    pause = reward[:, k] == 1.0
-    _bridge_pauses(path, pause, bounds, min_len)
-    # A bridged pause is scored like the turn it joined (for the confidence and the merge).
-    for t in np.flatnonzero(pause & (path < k)):
-        near = np.flatnonzero(~pause & (path == path[t]))
-        if near.size:
-            reward[t] = reward[int(near[np.argmin(np.abs(near - t))])]
-    for a0, b0 in itertools.pairwise(bounds):
-        if b0 > a0:
-            path[a0:b0] = _merge_short(path[a0:b0], reward[a0:b0], min_len)
-    chosen = np.take_along_axis(reward, path[:, None], axis=1)[:, 0]
-    others = reward.copy()
-    others[np.arange(n), path] = -np.inf
-    confidence = _logistic(chosen - others.max(axis=1), decision.temperature)
-    track = np.array([ids[p] if p < k else -1 for p in path], dtype=np.int32)
-    speaking, track_conf = _speaking(track, ids, np.where(np.isfinite(scores), scores, -np.inf),
-                                     chosen, confidence, decision, bounds, min_len)  # fmt: skip
-    return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
+    return _finish_segments(analysis, ids, reward, scores, path, bounds, decision, min_segment_s)
 
 
 def _masked_stats(
@@ -901,25 +883,7 @@ def decide_by_voices(
             reward[mask, :k] = np.where(present[mask], r, -np.inf)
             reward[mask, k] = tau
             path[mask] = label
-    min_len = max(1, round(min_segment_s * fps))
-    pause = reward[:, k] == 1.0
-    _bridge_pauses(path, pause, bounds, min_len)
-    # A bridged pause is scored like the speech it joined (for the confidence and the merge).
-    for t in np.flatnonzero(pause & (path < k)):
-        near = np.flatnonzero(~pause & (path == path[t]))
-        if near.size:
-            reward[t] = reward[int(near[np.argmin(np.abs(near - t))])]
-    for a0, b0 in itertools.pairwise(bounds):
-        if b0 > a0:
-            path[a0:b0] = _merge_short(path[a0:b0], reward[a0:b0], min_len)
-    chosen = np.take_along_axis(reward, path[:, None], axis=1)[:, 0]
-    others = reward.copy()
-    others[np.arange(n), path] = -np.inf
-    confidence = _logistic(chosen - others.max(axis=1), decision.temperature)
-    track = np.array([ids[p] if p < k else -1 for p in path], dtype=np.int32)
-    speaking, track_conf = _speaking(track, ids, np.where(np.isfinite(scores), scores, -np.inf),
-                                     chosen, confidence, decision, bounds, min_len)  # fmt: skip
-    return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
+    return _finish_segments(analysis, ids, reward, scores, path, bounds, decision, min_segment_s)
 
 
 def decide_hybrid(
@@ -971,6 +935,41 @@ def decide_hybrid(
             scores[a:b] = by_window.scores[a:b]
             speaking[a:b] = np.asarray(by_window.speaking, dtype=bool)[a:b]
     track_conf = np.where(speaking, confidence[:, None], 0.0).astype(np.float32)
+    return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
+
+
+def _finish_segments(
+    analysis: FaceAnalysis,
+    ids: list[int],
+    reward: np.ndarray,
+    scores: np.ndarray,
+    path: np.ndarray,
+    bounds: list[int],
+    decision: Decision,
+    min_segment_s: float,
+) -> SpeakerTimeline:
+    """The common end of the per-turn and per-voice decisions: short pauses bridged (``reward``
+    of exactly 1 for "nobody" marks a pause), short runs merged per shot, confidences from the
+    margin over the runner-up, and the timeline."""
+    n, k = len(path), len(ids)
+    min_len = max(1, round(min_segment_s * analysis.fps))
+    pause = reward[:, k] == 1.0
+    _bridge_pauses(path, pause, bounds, min_len)
+    # A bridged pause is scored like the speech it joined (for the confidence and the merge).
+    for t in np.flatnonzero(pause & (path < k)):
+        near = np.flatnonzero(~pause & (path == path[t]))
+        if near.size:
+            reward[t] = reward[int(near[np.argmin(np.abs(near - t))])]
+    for a0, b0 in itertools.pairwise(bounds):
+        if b0 > a0:
+            path[a0:b0] = _merge_short(path[a0:b0], reward[a0:b0], min_len)
+    chosen = np.take_along_axis(reward, path[:, None], axis=1)[:, 0]
+    others = reward.copy()
+    others[np.arange(n), path] = -np.inf
+    confidence = _logistic(chosen - others.max(axis=1), decision.temperature)
+    track = np.array([ids[p] if p < k else -1 for p in path], dtype=np.int32)
+    speaking, track_conf = _speaking(track, ids, np.where(np.isfinite(scores), scores, -np.inf),
+                                     chosen, confidence, decision, bounds, min_len)  # fmt: skip
     return _timeline(analysis, track, confidence, ids, scores, speaking, track_conf, "landmarks")
 
 
