@@ -77,7 +77,10 @@ def test_verify_rejects_tampering_wrong_secret_and_stale() -> None:
 
 def test_check_webhook_url() -> None:
     assert check_webhook_url(" https://example.org/hook ") == "https://example.org/hook"
-    for bad in ("ftp://example.org/x", "file:///etc/passwd", "/relative", "http://", "https://u:p@example.org/"):
+    bad_urls = ("ftp://example.org/x", "file:///etc/passwd", "/relative", "http://",
+                "https://u:p@example.org/", "https://u@example.org/",
+                "http://[::1/", "http://example.org:x/", "http://example.org:70000/")
+    for bad in bad_urls:
         with pytest.raises(InputError):
             check_webhook_url(bad)
 
@@ -139,6 +142,7 @@ def test_deliver_retries_after_503_and_records_attempts(db: Any) -> None:
             "job.succeeded",
             payload,
             SECRET,
+            allow_private=True,  # the receiver is on 127.0.0.1
             retries=3,
             backoff_s=0.01,
             log=JobStore(db).webhook_delivery_log(),
@@ -166,7 +170,8 @@ def test_deliver_retries_after_503_and_records_attempts(db: Any) -> None:
 
 def test_deliver_gives_up_on_4xx_without_retry() -> None:
     with Receiver([410]) as receiver:
-        result = deliver(receiver.url, "job.failed", {}, SECRET, retries=5, backoff_s=0.01, sleep=lambda s: None)
+        result = deliver(receiver.url, "job.failed", {}, SECRET, allow_private=True, retries=5,
+                         backoff_s=0.01, sleep=lambda s: None)
     assert not result.delivered and result.attempts == 1 and result.status == 410
     assert result.error == "HTTP 410"
 
@@ -175,7 +180,8 @@ def test_deliver_exhausts_retries_with_exponential_backoff(db: Any) -> None:
     sleeps: list[float] = []
     with Receiver([500, 502, 503, 504]) as receiver:
         result = deliver(
-            receiver.url, "job.cancelled", {}, SECRET, retries=2, backoff_s=0.5,
+            receiver.url, "job.cancelled", {}, SECRET, allow_private=True, retries=2,
+            backoff_s=0.5,
             log=JobStore(db).webhook_delivery_log(), sleep=sleeps.append,
         )
     assert not result.delivered and result.attempts == 3 and result.status == 503
@@ -193,7 +199,8 @@ def test_deliver_retries_network_errors() -> None:
         port = s.getsockname()[1]
     sleeps: list[float] = []
     result = deliver(
-        f"http://127.0.0.1:{port}/hook", "job.failed", {}, SECRET, retries=2, backoff_s=0.1,
+        f"http://127.0.0.1:{port}/hook", "job.failed", {}, SECRET, allow_private=True, retries=2,
+        backoff_s=0.1,
         timeout_s=2, sleep=sleeps.append,
     )
     assert not result.delivered and result.attempts == 3 and result.status is None
@@ -219,7 +226,8 @@ def test_deliver_records_every_attempt_in_its_log() -> None:
     with Receiver([503, 429]) as receiver:
         before = dt.datetime.now(dt.UTC)
         result = deliver(
-            receiver.url, "job.failed", {"x": 1}, SECRET, retries=3, backoff_s=7.0, log=log,
+            receiver.url, "job.failed", {"x": 1}, SECRET, allow_private=True, retries=3,
+            backoff_s=7.0, log=log,
             job_id="job-1", sleep=lambda s: None,
         )
         after = dt.datetime.now(dt.UTC)
@@ -248,8 +256,8 @@ def test_deliver_crash_mid_way_leaves_an_accurate_record(db: Any) -> None:
         raise RuntimeError("the server stops")
 
     with Receiver([503]) as receiver, pytest.raises(RuntimeError):
-        deliver(receiver.url, "job.succeeded", {}, SECRET, retries=3, backoff_s=5.0,
-                log=store.webhook_delivery_log(), job_id=job.id, sleep=crash)
+        deliver(receiver.url, "job.succeeded", {}, SECRET, allow_private=True, retries=3,
+                backoff_s=5.0, log=store.webhook_delivery_log(), job_id=job.id, sleep=crash)
     with session_factory(db)() as session:
         row = session.scalars(select(WebhookDelivery)).one()
     assert row.attempts == 1 and row.last_status == 503 and row.last_error == "HTTP 503"
@@ -261,8 +269,8 @@ def test_redelivery_keeps_the_webhook_id_and_counts_on(db: Any) -> None:
     store = JobStore(db)
     job, _ = store.create(options={})
     with Receiver([500, 502]) as receiver:
-        first = deliver(receiver.url, "job.succeeded", {"n": 1}, SECRET, retries=1, backoff_s=0.01,
-                        log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None)
+        first = deliver(receiver.url, "job.succeeded", {"n": 1}, SECRET, allow_private=True, retries=1,
+                        backoff_s=0.01, log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None)
         assert not first.delivered and first.attempts == 2
         found = store.webhook_to_redeliver(first.webhook_id)
         assert found is not None
@@ -271,8 +279,8 @@ def test_redelivery_keeps_the_webhook_id_and_counts_on(db: Any) -> None:
             first.webhook_id, job.id, "job.succeeded", receiver.url, 2
         )
         assert snapshot.id == job.id
-        again = deliver(pending.url, pending.event, {"n": 1}, SECRET, retries=3, backoff_s=0.01,
-                        log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None,
+        again = deliver(pending.url, pending.event, {"n": 1}, SECRET, allow_private=True, retries=3,
+                        backoff_s=0.01, log=store.webhook_delivery_log(), job_id=job.id, sleep=lambda s: None,
                         webhook_id=pending.id, created_at=pending.created_at, attempts_before=pending.attempts)
     assert again.delivered and again.attempts == 1 and again.webhook_id == first.webhook_id
     assert [r["headers"]["Webhook-Id"] for r in receiver.requests] == [first.webhook_id] * 3
@@ -294,11 +302,12 @@ def test_redeliver_webhooks_sends_what_failed(db: Any, tmp_path: Path) -> None:
     store = JobStore(db)
     job, _ = store.create(options={})
     settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=2,
-                               webhook_backoff_s=0.01)
+                               webhook_backoff_s=0.01, allow_private_webhooks=True)
     with Receiver([503]) as receiver:
-        first = deliver(receiver.url, "job.succeeded", {}, SECRET, retries=0,
+        first = deliver(receiver.url, "job.succeeded", {}, SECRET, allow_private=True, retries=0,
                         log=store.webhook_delivery_log(), job_id=job.id)
-        orphan = deliver(receiver.url, "job.failed", {}, SECRET, retries=0, log=store.webhook_delivery_log())
+        orphan = deliver(receiver.url, "job.failed", {}, SECRET, allow_private=True, retries=0,
+                         log=store.webhook_delivery_log())
         assert not first.delivered and orphan.delivered  # the second answer is a 200
         with session_factory(db)() as session:  # as if a retry of the orphan were still planned
             row = session.get(WebhookDelivery, orphan.webhook_id)

@@ -153,7 +153,7 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
     same output are removed here.
     """
     from latentdub.files import check_output
-    from latentdub.media.audio_io import load_audio
+    from latentdub.media.audio_io import MAX_AUDIO_S, load_audio
     from latentdub.media.reader import check_video, probe_video
     from latentdub.media.writer import remove_stale_partials
 
@@ -162,7 +162,7 @@ def read_inputs(video: str | Path, audio: str | Path, output: str | Path) -> Dub
     check_output(output, video, audio)
     info = probe_video(video)
     check_video(info, video)
-    clip = load_audio(audio, min_duration_s=MIN_AUDIO_S)
+    clip = load_audio(audio, min_duration_s=MIN_AUDIO_S, max_duration_s=MAX_AUDIO_S)  # a bound: no audio bomb
     video_sha256, audio_sha256 = sha256_file(video), sha256_file(audio)  # for the credentials and audit
     removed = remove_stale_partials(output)
     if removed:

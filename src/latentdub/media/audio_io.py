@@ -11,6 +11,12 @@ overlaps dropped), and the result is trimmed to the stream's stated duration whe
 container states one. That removes AAC/MP3 encoder padding: the MP4/MP3 demuxers already
 drop the priming samples (edit list / LAME header), but the last decoded frame is always a
 full 1024/1152 samples, so without the trim every AAC track would come out up to ~23 ms long.
+
+Bounds: a few KB of compressed silence (or a timestamp jump) can stand for hours of float32.
+``max_duration_s`` is checked against the duration the file declares before decoding, then
+against what has been decoded before each allocation, so a file over it is refused without
+decoding or allocating the rest; silence for timestamp gaps has its own budget, so memory goes
+to audio the file holds, not to gaps it claims.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Rate the Whisper front end works at.
 WHISPER_SAMPLE_RATE = 16000
+#: Longest audio :func:`load_audio` decodes unless told otherwise (6 hours): far above any dub,
+#: but a bound, so no small file can make it allocate without end (6 h of 48 kHz mono: 4 GB).
+MAX_AUDIO_S = 6 * 3600.0
 
 # A stated duration is trusted for trimming only when it is this close to what was decoded;
 # a larger disagreement means the header is wrong (e.g. a truncated download), not padding.
@@ -47,6 +56,13 @@ _MISMATCH_FRACTION = 0.05
 _DECLARED_DURATION_FORMATS = ("mov", "mp4", "matroska", "webm", "flac", "ogg", "aiff", "caf")
 # WAV data-size values that mean "unknown" (streamed/piped writers leave these).
 _WAV_UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
+# Silence filled into timestamp gaps may take this much memory in all, or as much as the audio
+# decoded so far, whichever is more: real dropouts are short, while a crafted file's jumps are
+# silence it does not hold (a 24 KB file with a 10^6 s jump once asked for 179 GiB).
+_GAP_FILL_FREE_BYTES = 256 << 20
+# Audio decoded (placed or dropped as overlap) may be this many times the limit: real overlaps
+# are milliseconds, so past that the rest of the file is not worth its decoding time.
+_MAX_DECODED_FACTOR = 1.25
 # FFmpeg "formats" that accept nearly any bytes (ANSI art, raw text); a file that only
 # opens as one of these is not media.
 _NON_MEDIA_FORMATS = frozenset({"tty", "txt"})
@@ -157,6 +173,19 @@ class AudioClip:
         )
 
 
+class AudioTooLongError(InputError):
+    """The audio is (or declares, or its timestamps reach) more than ``max_duration_s``.
+
+    Raised before the rest is decoded; ``limit_s`` is the limit, ``duration_s`` how long it is
+    known to be at least (the declared duration, or where decoding stopped).
+    """
+
+    def __init__(self, message: str, *, limit_s: float, duration_s: float) -> None:
+        super().__init__(message)
+        self.limit_s = limit_s
+        self.duration_s = duration_s
+
+
 # --- loading ------------------------------------------------------------------------------
 def _check_file(path: Path) -> None:
     check_input_file(path, "audio or video")
@@ -228,22 +257,31 @@ def load_audio(
     *,
     stream_index: int | None = None,
     min_duration_s: float = 0.0,
+    max_duration_s: float | None = MAX_AUDIO_S,
     mono_16k: bool = False,
 ) -> AudioClip:
     """Decode an audio file, or the audio stream of a video, to float32 at its native rate.
 
     ``stream_index`` picks a stream by its container index (default: FFmpeg's best audio
     stream). ``min_duration_s`` rejects clips shorter than that with a clear message.
-    ``mono_16k``: downmix and resample while decoding (FFmpeg's resampler), for analysis of
-    long tracks: an hour of 48 kHz stereo is 230 MB instead of 1.4 GB.
+    ``max_duration_s`` rejects longer ones with :class:`AudioTooLongError` before the rest is
+    decoded: first by the duration the file declares, then while decoding (timestamp jumps
+    included), so the memory spent is bounded by the limit, not by what the file claims; None
+    lifts it (gap silence stays bounded either way). ``mono_16k``: downmix and resample while
+    decoding (FFmpeg's resampler), for analysis of long tracks: an hour of 48 kHz stereo is
+    230 MB instead of 1.4 GB.
     Raises :class:`~latentdub.errors.InputError` for anything the user can fix.
     """
     path = Path(path)
+    if max_duration_s is not None and not max_duration_s > 0:
+        raise ValueError(f"max_duration_s must be positive or None, got {max_duration_s}")
     _check_file(path)
     container = _open(path)
     try:
         stream = _pick_stream(container, path, stream_index)
-        clip = _decode(container, stream, path, mono_16k=mono_16k)
+        if max_duration_s is not None:
+            _check_declared(container, stream, path, max_duration_s)
+        clip = _decode(container, stream, path, mono_16k=mono_16k, max_duration_s=max_duration_s)
         stated_s = _stated_duration_s(container, stream, path)
     finally:
         container.close()
@@ -255,11 +293,48 @@ def load_audio(
             f"{path}: the audio is only {clip.duration_s:.2f} s long; at least "
             f"{min_duration_s:.2f} s is needed. Give a longer recording."
         )
+    if max_duration_s is not None and clip.duration_s > max_duration_s:
+        raise AudioTooLongError(
+            f"{path}: the audio is {_fmt_s(clip.duration_s)} long; the limit is "
+            f"{_fmt_s(max_duration_s)}. Give a shorter recording.",
+            limit_s=max_duration_s,
+            duration_s=clip.duration_s,
+        )
     warning = _duration_mismatch(path, stated_s, clip.duration_s)
     if warning:
         log.warning("%s", warning)
         clip.warnings.append(warning)
     return clip
+
+
+def _check_declared(
+    container: av.container.InputContainer,
+    stream: av.audio.stream.AudioStream,
+    path: Path,
+    max_duration_s: float,
+) -> None:
+    """Refuse a file that declares more than ``max_duration_s`` before decoding any of it.
+
+    Only durations the file declares count (and WAV's, which FFmpeg clamps to the file size):
+    FFmpeg estimates an MP3's from its bitrate, up to 3x off for VBR, and that must not refuse
+    a good file; the decoding loop bounds every file anyway.
+    """
+    names = container.format.name.split(",")
+    if "wav" not in names and not any(name in _DECLARED_DURATION_FORMATS for name in names):
+        return
+    declared: float | None = None
+    if stream.duration is not None and stream.duration > 0 and stream.time_base:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None and container.duration > 0:
+        declared = container.duration / av.time_base
+    # The slack of the end trim: a file that fits once its codec padding is cut is not refused.
+    if declared is not None and declared > max_duration_s + _MAX_TRIM_S:
+        raise AudioTooLongError(
+            f"{path}: the file declares {_fmt_s(declared)} of audio; the limit is "
+            f"{_fmt_s(max_duration_s)}. Give a shorter recording.",
+            limit_s=max_duration_s,
+            duration_s=declared,
+        )
 
 
 def _count_nonfinite(samples: np.ndarray, block: int = 1 << 20) -> int:
@@ -352,6 +427,7 @@ def _decode(
     path: Path,
     *,
     mono_16k: bool = False,
+    max_duration_s: float | None = None,
 ) -> AudioClip:
     rate = int(stream.rate or stream.codec_context.sample_rate or 0)
     channels = int(stream.codec_context.channels or 0)
@@ -362,14 +438,55 @@ def _decode(
 
     chunks: list[np.ndarray] = []
     written = 0  # samples placed so far
+    filled = 0  # of which silence put into timestamp gaps
+    decoded = 0  # samples out of the decoder, placed or not
     first_pts_s: float | None = None
     resampler: av.AudioResampler | None = None
     bad_packets = 0
     good_frames = 0
+    # Samples allowed before the trim to the stated end (the same slack as that trim), so a
+    # file that fits once its codec padding is cut is not stopped early.
+    max_n = None if max_duration_s is None else round((max_duration_s + _MAX_TRIM_S) * rate)
+
+    def too_long(what: str, at_least_s: float) -> AudioTooLongError:
+        return AudioTooLongError(
+            f"{path}: {what}. Give a shorter recording.",
+            limit_s=float(max_duration_s or 0.0),
+            duration_s=at_least_s,
+        )
+
+    def check_gap(gap: int, num_channels: int) -> None:
+        # Every check comes before the silence is allocated.
+        at = f"after {_fmt_s(written / rate)} of audio"
+        if max_duration_s is not None and gap > max_duration_s * rate:
+            limit = _fmt_s(max_duration_s)
+            jump = _fmt_s(gap / rate)
+            what = f"the audio's timestamps jump by {jump} {at}, over the limit of {limit}"
+            raise too_long(what, (written + gap) / rate)
+        if max_duration_s is not None and max_n is not None and written + gap > max_n:
+            what = f"the audio's timestamps jump past the limit of {_fmt_s(max_duration_s)} {at}"
+            raise too_long(what, (written + gap) / rate)
+        allowed = max(_GAP_FILL_FREE_BYTES // (4 * num_channels), written - filled)
+        if filled + gap > allowed:
+            raise InputError(
+                f"{path}: the audio's timestamps jump by {_fmt_s((filled + gap) / rate)} in all, "
+                f"while it holds only {_fmt_s((written - filled) / rate)} of sound; gaps that long "
+                "are not a recording (the file is damaged or crafted)."
+            )
 
     def place(planar: np.ndarray, pts_s: float | None) -> None:
-        nonlocal written, first_pts_s
+        nonlocal written, filled, decoded, first_pts_s
         data = planar.T  # (n, ch)
+        decoded += len(data)
+        # Audio whose timestamps overlap is dropped, so it costs no memory, but decoding it
+        # costs time: a file holding much more than the limit is not decoded to its end either.
+        if max_n is not None and decoded > _MAX_DECODED_FACTOR * max_n:
+            limit = _fmt_s(max_duration_s or 0.0)
+            what = (
+                f"the audio's timestamps overlap: over {_fmt_s(decoded / rate)} decoded, "
+                f"and the limit is {limit}"
+            )
+            raise too_long(f"{what} (decoding stopped there)", max_n / rate)
         if first_pts_s is None:
             first_pts_s = pts_s if pts_s is not None else 0.0
         elif pts_s is not None:
@@ -377,10 +494,17 @@ def _decode(
             drift = pts_s - expected
             if drift > _GAP_TOLERANCE_S:  # a hole in the stream: keep timing with silence
                 gap = round(drift * rate)
+                check_gap(gap, data.shape[1])
                 chunks.append(np.zeros((gap, data.shape[1]), np.float32))
                 written += gap
+                filled += gap
             elif drift < -_GAP_TOLERANCE_S:  # overlap: drop what was already covered
-                data = data[min(len(data), round(-drift * rate)) :]
+                # A copy: a view of the tail would keep the whole decoded frame alive (a file of
+                # overlapping frames held 1.4 GB for 60 s of sound).
+                data = data[min(len(data), round(-drift * rate)) :].copy()
+        if max_n is not None and written + len(data) > max_n:
+            what = f"the audio goes on past the limit of {_fmt_s(max_duration_s or 0.0)}"
+            raise too_long(f"{what} (decoding stopped there)", max_n / rate)
         if len(data):
             chunks.append(np.ascontiguousarray(data, np.float32))
             written += len(data)
@@ -391,7 +515,9 @@ def _decode(
             if frame is None:
                 return []
             if mono_16k:
-                resampler = av.AudioResampler(format="fltp", layout="mono", rate=WHISPER_SAMPLE_RATE)
+                resampler = av.AudioResampler(
+                    format="fltp", layout="mono", rate=WHISPER_SAMPLE_RATE
+                )
             else:
                 channels = frame.layout.nb_channels if frame.layout else channels
                 # Same layout and rate: only the sample format changes (to planar float32).
@@ -443,4 +569,5 @@ def _decode(
         stated_n = round((stated_end - start_s) * rate)
         if 0 < stated_n < len(samples) and len(samples) - stated_n <= _MAX_TRIM_S * rate:
             samples = samples[:stated_n]
-    return AudioClip(np.clip(samples, -1.0, 1.0), rate, start_s)
+    # In place: a second full copy of a long track is memory the caller never sees.
+    return AudioClip(np.clip(samples, -1.0, 1.0, out=samples), rate, start_s)

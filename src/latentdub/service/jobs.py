@@ -296,6 +296,7 @@ def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
             timeout_s=settings.webhook_timeout_s,
             log=store.webhook_delivery_log(),
             job_id=job.id,
+            allow_private=settings.allow_private_webhooks,
         )
         if not outcome.delivered:
             log.warning("webhook of job %s was not delivered: %s", job.id, outcome.error)
@@ -329,6 +330,7 @@ def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
                 retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
                 timeout_s=settings.webhook_timeout_s, log=store.webhook_delivery_log(), job_id=job.id,
                 webhook_id=pending.id, created_at=pending.created_at, attempts_before=pending.attempts,
+                allow_private=settings.allow_private_webhooks,
             )
             if outcome.delivered:
                 delivered.append(delivery_id)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -227,6 +228,21 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class KeyUsage(Base):
+    """How many jobs an API key submitted on one UTC day: the daily quota's counter.
+
+    Written in the same transaction that creates the job, and never decreased: deleting or
+    cancelling jobs does not give the day's quota back.
+    """
+
+    __tablename__ = "key_usage"
+    __table_args__ = (CheckConstraint("jobs >= 0", name="jobs"),)
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

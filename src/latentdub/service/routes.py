@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import inspect
 import json
 import time
@@ -41,7 +40,7 @@ from latentdub.service.jobs import SegmentAssetError, check_segment_assets
 from latentdub.service.models import Asset, Job
 from latentdub.service.runner import Runner
 from latentdub.service.settings import ServiceSettings
-from latentdub.service.store import Conflict, JobStore, request_hash
+from latentdub.service.store import Conflict, JobStore, KeyLimits, LimitReached, request_hash
 from latentdub.service.uploads import save_upload
 
 CONSENT_HELP = (
@@ -126,17 +125,11 @@ def _parse_consent(text: str | None) -> dict[str, Any]:
 
 
 def _check_quota(store: JobStore, settings: ServiceSettings, key_id: str | None) -> None:
-    if key_id is None:
-        return
-    if settings.key_concurrency and store.count_active(key_id) >= settings.key_concurrency:
-        raise ApiError(
-            429, "concurrency_limit",
-            f"this API key already has {settings.key_concurrency} job(s) queued or running; wait for one to end",
-        )
-    if settings.key_daily_quota:
-        day = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        if store.count_since(key_id, day) >= settings.key_daily_quota:
-            raise ApiError(429, "daily_quota", f"this API key used its {settings.key_daily_quota} jobs for today")
+    """An early 429 before uploads are stored; the store decides again when it creates the job."""
+    try:
+        store.check_limits(key_id, KeyLimits(settings.key_concurrency, settings.key_daily_quota))
+    except LimitReached as err:
+        raise ApiError(429, err.code, str(err)) from None
 
 
 def _lookup_asset(store: JobStore, asset_id: str, field: str, kind: str, key_id: str | None) -> Asset:
@@ -237,13 +230,15 @@ async def _submit(
     }
 
     def create() -> tuple[Job, bool]:
-        if idem and not store.has_idempotency_key(key_id, idem):  # a replay is not a new job: no quota
-            _check_quota(store, settings, key_id)
-        return store.create(
-            options=opts, consent=consent_record, video_asset_id=assets["video"].id,
-            audio_asset_id=assets["audio"].id, webhook_url=hook, api_key_id=key_id, idempotency_key=idem,
-            request_hash=request_hash(body),
-        )
+        try:  # limits counted and job inserted in one locked transaction; a replay is no new job
+            return store.create(
+                options=opts, consent=consent_record, video_asset_id=assets["video"].id,
+                audio_asset_id=assets["audio"].id, webhook_url=hook, api_key_id=key_id, idempotency_key=idem,
+                request_hash=request_hash(body),
+                limits=KeyLimits(settings.key_concurrency, settings.key_daily_quota),
+            )
+        except LimitReached as err:
+            raise ApiError(429, err.code, str(err)) from None
 
     try:
         job, created = await anyio.to_thread.run_sync(create)

@@ -14,6 +14,11 @@ UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite), so two processes never b
 same job, and an impossible move raises :class:`InvalidTransition`. Objects returned are
 detached snapshots: read them freely, change jobs only through the store.
 
+Per-key limits (:class:`KeyLimits`) are decided in the transaction that inserts the job: it locks
+the key's row first (``SELECT … FOR NO KEY UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE``
+already holds the write lock), so simultaneous submissions of one key are counted one after the
+other. The daily quota counts :class:`~.models.KeyUsage`, which deleting jobs does not change.
+
 The uploaded assets jobs are made from are recorded here too (:meth:`JobStore.add_asset`,
 :meth:`JobStore.remove_unused_assets`), and so are the webhook deliveries
 (:meth:`JobStore.webhook_delivery_log`, :meth:`JobStore.webhook_to_redeliver`), so that the
@@ -43,8 +48,10 @@ from latentdub.service.db import read_session, write_session
 from latentdub.service.models import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
+    ApiKey,
     Asset,
     Job,
+    KeyUsage,
     WebhookDelivery,
     new_id,
     utcnow,
@@ -105,6 +112,30 @@ class InvalidTransition(JobStoreError):
         super().__init__(f"cannot {action} job {job_id}: it is {status}")
 
 
+class LimitReached(JobStoreError):
+    """The API key is at its concurrency limit or has used its daily quota (HTTP 429).
+
+    ``code``: ``"concurrency_limit"`` or ``"daily_quota"``; ``limit``: the number it reached.
+    """
+
+    def __init__(self, code: str, limit: int) -> None:
+        self.code = code
+        self.limit = limit
+        if code == "concurrency_limit":
+            message = f"this API key already has {limit} job(s) queued or running; wait for one to end"
+        else:
+            message = f"this API key used its {limit} jobs for today"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What one API key may submit; 0: no limit."""
+
+    concurrency: int = 0  # jobs queued or running at once
+    daily_quota: int = 0  # jobs created per UTC day (deleted ones included)
+
+
 def request_hash(body: Mapping[str, Any]) -> str:
     """A stable SHA-256 of a request body (canonical JSON: sorted keys, no whitespace)."""
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -138,11 +169,16 @@ class JobStore:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         output_path: str | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job, or the earlier job of the same ``idempotency_key``: ``(job, created)``.
 
         The key is scoped to ``api_key_id``. Reusing it with the same ``request_hash`` returns the
         first job (``created`` False); with a different hash it raises :class:`Conflict`.
+
+        A job of an API key is counted in the key's usage of the day, and ``limits`` are checked
+        in the same locked transaction that inserts it: :class:`LimitReached` if the key is at
+        one. A repeat of an earlier request (same idempotency key) is not a new job and passes.
         """
         if idempotency_key is not None:
             idempotency_key = idempotency_key.strip()
@@ -173,6 +209,10 @@ class JobStore:
         )
         try:
             with write_session(self.engine) as session:
+                if api_key_id is not None:
+                    earlier = self._admit(session, job, limits or KeyLimits())
+                    if earlier is not None:
+                        return earlier, False
                 session.add(job)
         except IntegrityError:
             # Another request with the same key won the race; answer as if we had come second.
@@ -183,6 +223,60 @@ class JobStore:
                 raise
             return earlier, False
         return job, True
+
+    def _admit(self, session: Session, job: Job, limits: KeyLimits) -> Job | None:
+        """Lock ``job``'s API key, then: its earlier job of the same idempotency key (returned: no
+        new job), or :class:`LimitReached`, or the job counted in the key's usage of its day."""
+        key_id = job.api_key_id
+        # Every submission of this key waits here for the one before to commit, so the counts
+        # below include it. NO KEY UPDATE (``key_share``) still lets other inserts that refer to
+        # the key (assets) take their foreign-key share lock; SQLite renders no clause (its
+        # write_session began with BEGIN IMMEDIATE, which serializes every writer).
+        session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
+        if job.idempotency_key:
+            earlier = session.scalars(
+                select(Job).where(
+                    Job.idempotency_scope == job.idempotency_scope, Job.idempotency_key == job.idempotency_key
+                )
+            ).one_or_none()
+            if earlier is not None:
+                if earlier.request_hash != job.request_hash:
+                    raise Conflict(job.idempotency_key, earlier.id)
+                return earlier
+        if limits.concurrency:
+            active = session.scalar(
+                select(func.count()).select_from(Job).where(
+                    Job.api_key_id == key_id, Job.status.in_(ACTIVE_STATUSES)
+                )
+            )
+            if int(active or 0) >= limits.concurrency:
+                raise LimitReached("concurrency_limit", limits.concurrency)
+        day = job.created_at.astimezone(dt.UTC).date()
+        usage = session.get(KeyUsage, (key_id, day))
+        if limits.daily_quota and usage is not None and usage.jobs >= limits.daily_quota:
+            raise LimitReached("daily_quota", limits.daily_quota)
+        if usage is None:
+            session.add(KeyUsage(api_key_id=key_id, day=day, jobs=1))
+        else:
+            usage.jobs += 1
+        return None
+
+    def check_limits(self, api_key_id: str | None, limits: KeyLimits) -> None:
+        """:class:`LimitReached` if a new job of this key would be refused now. Only an early answer
+        (before uploads are stored): :meth:`create` decides, under the key's lock."""
+        if api_key_id is None:
+            return
+        if limits.concurrency and self.count_active(api_key_id) >= limits.concurrency:
+            raise LimitReached("concurrency_limit", limits.concurrency)
+        if limits.daily_quota and self.usage(api_key_id) >= limits.daily_quota:
+            raise LimitReached("daily_quota", limits.daily_quota)
+
+    def usage(self, api_key_id: str, day: dt.date | None = None) -> int:
+        """Jobs this key created on the UTC ``day`` (default: today), deleted ones included."""
+        day = day or utcnow().date()
+        with read_session(self.engine) as session:
+            found = session.get(KeyUsage, (api_key_id, day))
+            return 0 if found is None else int(found.jobs)
 
     def _by_idempotency(self, scope: str | None, key: str, body_hash: str | None) -> Job | None:
         with read_session(self.engine) as session:

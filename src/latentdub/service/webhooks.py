@@ -27,10 +27,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Protocol
 
 from latentdub.errors import InputError
+from latentdub.service import addresses
+
+if TYPE_CHECKING:
+    import httpx
 
 SIGNATURE_HEADER = "Webhook-Signature"
 ID_HEADER = "Webhook-Id"
@@ -91,47 +94,54 @@ def verify(
     return found
 
 
-def check_webhook_url(url: str) -> str:
-    """``url`` if it is an absolute http(s) URL with a host, else :class:`InputError`."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+def _parse(url: str) -> httpx.URL:
+    """``url`` parsed by httpx, the parser of the client that sends it (one parser: no disagreement
+    between the host checked and the host connected to); :class:`InputError` when malformed."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url.strip())
+        port = parsed.port
+        host = parsed.host
+    except (httpx.InvalidURL, ValueError, TypeError) as err:  # e.g. "http://[::1/": a clean 422
+        raise InputError(f"webhook_url is not a valid URL ({err}): {url!r}") from None
+    if parsed.scheme not in ("http", "https") or not host:
         raise InputError(f"webhook_url must be an absolute http:// or https:// URL, got {url!r}")
-    if parts.username or parts.password:
+    if parsed.userinfo:
         raise InputError("webhook_url must not contain a user name or password")
+    if port is not None and not 0 < port < 65536:
+        raise InputError(f"webhook_url has an invalid port {port}")
+    return parsed
+
+
+def _host_port(target: httpx.URL) -> tuple[str, int]:
+    """The host as the resolver takes it (IDNA-encoded; an IPv6 literal without brackets) and the port."""
+    return target.raw_host.decode("ascii"), target.port or (443 if target.scheme == "https" else 80)
+
+
+def check_webhook_url(url: str) -> str:
+    """``url`` (stripped) if it is an absolute http(s) URL with a host, else :class:`InputError`."""
+    _parse(url)
     return url.strip()
 
 
 def check_webhook_target(url: str) -> str:
     """``url`` if every address its host resolves to is public, else :class:`InputError`.
 
-    Loopback, private, link-local, multicast, reserved and unspecified addresses are refused
-    (the server must not be made to POST into its own network). The host is resolved here, once;
-    a name that does not resolve is refused too.
+    The submit-time check, for fast feedback: the rules are :mod:`latentdub.service.addresses`'.
+    It protects nothing by itself (the name may resolve elsewhere later): :func:`deliver` resolves
+    and checks again on every attempt, and connects to the address it checked.
     """
-    import ipaddress
-    import socket
-
-    parts = urlsplit(url.strip())
-    host = parts.hostname or ""
+    host, port = _host_port(_parse(url))
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InputError("webhook_url has an invalid port") from None
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError) as err:
-        raise InputError(f"webhook_url: the host {host!r} does not resolve ({err})") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        mapped = getattr(address, "ipv4_mapped", None)
-        if mapped is not None:
-            address = mapped
-        if not address.is_global or address.is_multicast:
-            raise InputError(
-                f"webhook_url: the host {host!r} resolves to {address}, a loopback, private or link-local "
-                "address; webhooks go to public addresses only (the server setting allow_private_webhooks "
-                "allows others)"
-            )
+        addresses.public_addresses(host, port)
+    except addresses.NonPublicAddress as err:
+        raise InputError(
+            f"webhook_url: {err}; webhooks go to public addresses only (the server setting "
+            "allow_private_webhooks allows others)"
+        ) from None
+    except addresses.UnresolvableHost as err:
+        raise InputError(f"webhook_url: {err}") from None
     return url.strip()
 
 
@@ -174,6 +184,41 @@ def encode_event(event: str, payload: Mapping[str, Any], webhook_id: str, create
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _post_pinned(
+    http: httpx.Client,
+    target: httpx.URL,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    timeout_s: float,
+    allow_private: bool,
+) -> httpx.Response:
+    """POST ``body`` to ``target`` through an address resolved and checked now, not by the client.
+
+    The URL given to the client names that address, so the client connects where the check looked
+    (no second resolution to rebind); the ``Host`` header keeps the name, and for https the TLS
+    server name (SNI and the certificate check) is the name too, through httpcore's
+    ``sni_hostname`` request extension. The addresses are tried in the resolver's order while
+    connecting fails (nothing has been sent then), as ``socket.create_connection`` would.
+    """
+    import httpx
+
+    host, port = _host_port(target)
+    found = addresses.resolve(host, port) if allow_private else addresses.public_addresses(host, port)
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    headers = {**headers, "Host": target.netloc.decode("ascii")}
+    for i, address in enumerate(found):
+        try:
+            return http.post(
+                target.copy_with(host=str(address)), content=body, headers=headers, timeout=timeout_s,
+                follow_redirects=False, extensions=extensions,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if i == len(found) - 1:
+                raise
+    raise AssertionError("unreachable: resolve() returns at least one address")
+
+
 def deliver(
     url: str,
     event: str,
@@ -190,15 +235,27 @@ def deliver(
     webhook_id: str | None = None,
     created_at: dt.datetime | None = None,
     attempts_before: int = 0,
+    allow_private: bool = False,
 ) -> DeliveryResult:
     """POST the event to ``url``, signed, retrying up to ``retries`` times.
 
     The delay before retry ``n`` (1-based) is ``backoff_s * 2**(n-1)`` (at most 10 minutes).
-    Redirects are not followed. With a ``log``, the delivery is recorded there: ``started`` once
+    Redirects are not followed.
+
+    Every attempt resolves the host again, refuses it if any of its addresses is not public
+    (:mod:`latentdub.service.addresses`; ``allow_private`` skips that check, the server setting
+    ``allow_private_webhooks``) and connects to an address it checked, so a name that resolved to a
+    public address when the job was submitted cannot be turned to an internal one later (DNS
+    rebinding). A refused attempt is recorded as failed (``error`` starts with ``"refused:"``) and
+    is not retried; a name that does not resolve is retried like a network error.
+
+    With a ``log``, the delivery is recorded there: ``started`` once
     for a new delivery, then ``attempted`` after every attempt (the attempts, the last status or
     error, the delivery time, the next attempt time), so a crash mid-way leaves an accurate
-    record. ``client``: an ``httpx.Client`` to use (tests, connection reuse); one is made
-    otherwise.
+    record. ``client``: an ``httpx.Client`` to use (tests); one is made otherwise, without
+    environment proxies (a proxy would resolve the name itself, and its TLS tunnel would check the
+    certificate against the address). A client shared between hosts could reuse a TLS connection
+    made for one name for another name on the same address: give each delivery its own.
 
     To send an undelivered event again (after a restart), pass its ``webhook_id`` (it stays the
     ``Webhook-Id``), its ``created_at`` (the envelope's creation time) and ``attempts_before``,
@@ -206,7 +263,8 @@ def deliver(
     """
     import httpx
 
-    url = check_webhook_url(url)
+    target = _parse(url)
+    url = url.strip()
     if webhook_id is not None:  # a redelivery: the same Webhook-Id and creation time
         created = int((created_at or dt.datetime.now(dt.UTC)).timestamp())
     else:
@@ -218,7 +276,9 @@ def deliver(
     body = encode_event(event, payload, webhook_id, created)
 
     own_client = client is None
-    http = client if client is not None else httpx.Client(timeout=timeout_s, follow_redirects=False)
+    http = client if client is not None else httpx.Client(
+        timeout=timeout_s, follow_redirects=False, trust_env=False
+    )
     attempts, status, error = 0, None, None
     try:
         for attempt in range(max(0, int(retries)) + 1):
@@ -233,7 +293,13 @@ def deliver(
             }
             retry = False
             try:
-                response = http.post(url, content=body, headers=headers, timeout=timeout_s)
+                response = _post_pinned(
+                    http, target, body, headers, timeout_s=timeout_s, allow_private=allow_private
+                )
+            except addresses.NonPublicAddress as err:  # never sent; retrying soon will not change it
+                status, error, retry = None, f"refused: {err}", False
+            except addresses.UnresolvableHost as err:  # DNS trouble can be temporary
+                status, error, retry = None, f"UnresolvableHost: {err}", True
             except httpx.HTTPError as err:
                 status, error, retry = None, f"{type(err).__name__}: {err}", True
             else:
