@@ -15,6 +15,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -160,25 +161,32 @@ def test_migration_counts_the_jobs_already_made(db_url: str) -> None:
     engine = create_engine_for(db_url)
     try:
         migrate(engine, "0001_initial")
-        _, key = create_key(engine, "k")
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        key = SimpleNamespace(id=new_id())  # the 0001 schema's row, by SQL: the models are the head's
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO api_keys (id, name, prefix, key_hash, created_at) VALUES (:id, 'k', 'p0001', 'h', :c)"
+            ), {"id": key.id, "c": now})
         with engine.begin() as conn:  # two jobs today, one two days ago, one without a key
             for created, key_id in ((now, key.id), (now, key.id), (now - dt.timedelta(days=2), key.id), (now, None)):
                 conn.execute(text(
                     "INSERT INTO jobs (id, status, created_at, updated_at, options, progress, api_key_id, "
                     "cancel_requested, attempts) VALUES (:id, 'succeeded', :c, :c, '{}', 1.0, :k, false, 1)"
                 ), {"id": new_id(), "c": created, "k": key_id})
-        migrate(engine)
+        migrate(engine, "0002_key_usage")
         assert current_revision(engine) == "0002_key_usage"
         store = JobStore(engine)
         assert store.usage(key.id) == 2
         assert store.usage(key.id, (now - dt.timedelta(days=2)).date()) == 1
+        migrate(engine)  # on to the head: 0003 adds columns the store now uses
+        assert store.usage(key.id) == 2  # and keeps the counts (no table copy that cascades)
         assert _create(store, key.id, KeyLimits(daily_quota=2)) == "daily_quota"
         with engine.connect() as conn:  # the migration and the models describe one schema
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(ctx, Base.metadata) == []
         migrate_down(engine, "0001_initial")
         assert "key_usage" not in inspect(engine).get_table_names()
+        assert "dispatched_at" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
     finally:
         engine.dispose()
 

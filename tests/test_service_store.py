@@ -168,7 +168,7 @@ def test_migrate_creates_tables_and_is_idempotent(empty_engine: Engine) -> None:
     migrate(empty_engine)
     assert set(inspect(empty_engine).get_table_names()) >= TABLES
     head = current_revision(empty_engine)
-    assert head == "0002_key_usage"
+    assert head == "0003_hardening"
     migrate(empty_engine)  # a second run changes nothing
     assert current_revision(empty_engine) == head
     # The migration and the ORM models describe the same schema.

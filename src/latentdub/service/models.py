@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -88,6 +89,8 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # May this key's jobs turn the invisible watermark off? (`keys create --allow-no-watermark`)
+    allow_no_watermark: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     @property
     def revoked(self) -> bool:
@@ -144,6 +147,7 @@ class Job(Base):
         UniqueConstraint("idempotency_scope", "idempotency_key"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_dispatched_at", "status", "dispatched_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -182,6 +186,10 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The outbox: when the broker accepted the job's message (None: not yet, to be re-published).
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # When the storage sweep removed the result file (the job's row stays).
+    expired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     @property
     def is_final(self) -> bool:
@@ -225,7 +233,7 @@ class WebhookDelivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
-    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None, index=True)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
