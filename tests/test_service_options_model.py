@@ -119,12 +119,13 @@ def test_an_added_field_is_accepted_validated_and_reaches_the_pipeline(
 
 
 def test_the_stock_model_does_not_take_the_field(tmp_path: Path, media_dir: Path) -> None:
-    # A form field that is no option is not read at all (as for any other unknown form field).
+    # A form field that is no option of this server's model is refused, naming it (as any other
+    # unknown form field), rather than silently dropped.
     with TestClient(create_app(ServiceSettings(data_dir=tmp_path / "stock", auth_enabled=False))) as client:
         r = client.post("/api/v1/jobs", data={"consent": json.dumps(CONSENT), "lip_gain": "1.5"},
                         files=_files(media_dir, tmp_path))
-        assert r.status_code == 202, r.text
-        assert r.json()["options"] == DubOptions().to_dict()
+        err = assert_error(r, 422, "lip_gain", field="lip_gain")
+        assert err["code"] == "unknown_field"
 
 
 def test_the_page_builds_a_control_for_the_added_field(tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_the_page_shows_and_sends_the_added_field_in_chromium(tmp_path: Path, me
             for field, value in CONSENT.items():
                 page.fill(f"#consent-{field.replace('_', '-')}", value)
             page.click("#dub-submit")
-            page.wait_for_function("document.getElementById('job-status').dataset.status === 'succeeded'"
+            page.wait_for_function("() => document.getElementById('job-status').dataset.status === 'succeeded'"
                                    " || !document.getElementById('dub-error').hidden", timeout=60_000)
             assert not errors, errors
         finally:

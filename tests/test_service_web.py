@@ -158,8 +158,10 @@ def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str
             page.fill("#consent-evidence", "doc-1")
             page.click("#dub-submit")
 
+            # Functions, not expressions: the page's CSP (no 'unsafe-eval') blocks playwright's eval
+            # of an expression string once it has to poll.
             page.wait_for_function(
-                "['succeeded','failed','cancelled','error'].includes(document.getElementById('job-status').dataset.status)",
+                "() => ['succeeded','failed','cancelled','error'].includes(document.getElementById('job-status').dataset.status)",
                 timeout=120_000,
             )
             assert page.text_content("#job-status") == "done", page.text_content("#dub-error")
@@ -168,7 +170,7 @@ def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str
             assert page.eval_on_selector("#job-bar", "e => e.value") == 1
 
             # The preview: metadata loaded (readyState ≥ HAVE_METADATA) with the dub's duration.
-            page.wait_for_function("document.getElementById('result-video').readyState >= 1", timeout=30_000)
+            page.wait_for_function("() => document.getElementById('result-video').readyState >= 1", timeout=30_000)
             duration = page.eval_on_selector("#result-video", "v => v.duration")
             assert abs(duration - 1.0) < 0.15, duration
             page.screenshot(path=str(shots / "dub-done.png"), full_page=True)
@@ -310,7 +312,7 @@ def test_face_strip_pins_a_face_and_shows_who_speaks_in_chromium(live_server: tu
                 page.fill(f"#consent-{field}", "Test Person")
             page.click("#dub-submit")
             page.wait_for_function(
-                "['succeeded','failed','cancelled','error'].includes(document.getElementById('job-status').dataset.status)",
+                "() => ['succeeded','failed','cancelled','error'].includes(document.getElementById('job-status').dataset.status)",
                 timeout=120_000,
             )
             assert page.text_content("#job-status") == "done", page.text_content("#dub-error")

@@ -303,20 +303,24 @@ def test_redeliver_webhooks_sends_what_failed(db: Any, tmp_path: Path) -> None:
     job, _ = store.create(options={})
     settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=2,
                                webhook_backoff_s=0.01, allow_private_webhooks=True)
-    with Receiver([503]) as receiver:
-        first = deliver(receiver.url, "job.succeeded", {}, SECRET, allow_private=True, retries=0,
-                        log=store.webhook_delivery_log(), job_id=job.id)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    with Receiver([503, 200, 410]) as receiver:
+        first = deliver(receiver.url, "job.succeeded", {}, SECRET, allow_private=True, retries=0, backoff_s=0,
+                        log=store.webhook_delivery_log(), job_id=job.id, retry_until=later)
         orphan = deliver(receiver.url, "job.failed", {}, SECRET, allow_private=True, retries=0,
                          log=store.webhook_delivery_log())
-        assert not first.delivered and orphan.delivered  # the second answer is a 200
+        final = deliver(receiver.url, "job.failed", {}, SECRET, allow_private=True, retries=0, backoff_s=0,
+                        log=store.webhook_delivery_log(), job_id=job.id, retry_until=later)
+        assert not first.delivered and orphan.delivered and not final.delivered  # 503, 200, 410
+        assert first.next_attempt_at is not None and final.next_attempt_at is None  # 410 is final
         with session_factory(db)() as session:  # as if a retry of the orphan were still planned
             row = session.get(WebhookDelivery, orphan.webhook_id)
             row.delivered_at, row.next_attempt_at = None, dt.datetime.now(dt.UTC)
             session.commit()
         sent = redeliver_webhooks(store, settings)
-    assert sent == [first.webhook_id]  # the delivery without a job is closed, not sent
+    assert sent == [first.webhook_id]  # the delivery without a job is closed, the 410 not sent again
     assert [r["headers"]["Webhook-Id"] for r in receiver.requests] == [
-        first.webhook_id, orphan.webhook_id, first.webhook_id
+        first.webhook_id, orphan.webhook_id, final.webhook_id, first.webhook_id
     ]
     assert verify(receiver.requests[-1]["headers"]["Webhook-Signature"], receiver.requests[-1]["body"],
                   settings.webhook_signing_secret())

@@ -91,6 +91,14 @@ def _service_engine(data_dir: Path | None):  # -> sqlalchemy Engine
 @keys_app.command("create")
 def create_cmd(
     name: Annotated[str, typer.Option("--name", help="A label for the key (who or what uses it).")] = "",
+    allow_no_watermark: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-watermark",
+            help="Let this key's jobs turn the invisible watermark off (watermark=false). Without it they "
+            "cannot: the C2PA credentials alone are stripped by a remux.",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Make an API key for the service. It is printed once, as the last line; only its hash is kept."""
@@ -98,12 +106,13 @@ def create_cmd(
 
     engine = _service_engine(data_dir)
     try:
-        plaintext, key = create_key(engine, name)
+        plaintext, key = create_key(engine, name, allow_no_watermark=allow_no_watermark)
     finally:
         engine.dispose()
     label = f" {key.name!r}" if key.name else ""
+    may = " Its jobs may turn the watermark off." if key.allow_no_watermark else ""
     console_err.print(
-        f"created API key{label} (id {key.id}, prefix {key.prefix}). Store it now: it cannot be shown again.",
+        f"created API key{label} (id {key.id}, prefix {key.prefix}).{may} Store it now: it cannot be shown again.",
         highlight=False,
         soft_wrap=True,
     )
@@ -115,7 +124,7 @@ def list_cmd(
     data_dir: DataDirOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
 ) -> None:
-    """List the service's API keys (prefix, name, created, revoked; never the key itself)."""
+    """List the service's API keys (prefix, name, created, revoked, may turn the watermark off; never the key)."""
     from latentdub.service.auth import list_keys
 
     engine = _service_engine(data_dir)
@@ -129,11 +138,11 @@ def list_cmd(
     if not rows:
         console.print("no API keys (make one with `latentdub keys create`)", highlight=False)
         return
-    console.print(f"{'prefix':<10}{'name':<24}{'created':<22}{'revoked':<22}id", highlight=False)
+    console.print(f"{'prefix':<10}{'name':<24}{'created':<22}{'revoked':<22}{'no-watermark':<14}id", highlight=False)
     for row in rows:
         console.print(
             f"{row['prefix']:<10}{(row['name'] or '-')[:23]:<24}{row['created_at'][:19]:<22}"
-            f"{(row['revoked_at'] or '-')[:19]:<22}{row['id']}",
+            f"{(row['revoked_at'] or '-')[:19]:<22}{'allowed' if row['allow_no_watermark'] else '-':<14}{row['id']}",
             highlight=False,
             markup=False,
             soft_wrap=True,

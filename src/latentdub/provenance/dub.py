@@ -5,7 +5,9 @@
 * signed content credentials (C2PA), a finalizer that runs after the caller's finalizers (the
   signature covers the final bytes);
 * an entry in the hash-chained audit log, written once the signed file is complete and before
-  it is renamed into place, so no output exists without its audit entry.
+  it is renamed into place, so no output exists without its audit entry. A dub given a
+  ``job_id`` (the service's jobs) is logged once per job: a re-run after a crash does not add
+  a second, unrelated entry (see :meth:`~latentdub.provenance.audit.AuditLog.append_job`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from latentdub.files import sha256_file
-from latentdub.provenance.audit import AuditLog, dub_entry
+from latentdub.provenance.audit import AuditLog, chain_path, chain_paths, dub_entry
 from latentdub.provenance.c2pa import ProvenanceClaims, c2pa_finalizer
 from latentdub.provenance.keys import SigningKeys, default_signing
 
@@ -34,6 +36,17 @@ class ProvenanceSettings:
 
     signing: SigningKeys | None = None  # None: the user's keys in the data folder, made on first use
     audit_log: Path | None = None  # None: ``audit.jsonl`` in the data folder
+    # A folder of per-machine chains (the service's ``audit/``): this machine appends to
+    # ``<audit_dir>/<host>.jsonl`` and a job's earlier entry is looked up in every chain there.
+    # Wins over ``audit_log``.
+    audit_dir: Path | None = None
+
+    def audit_paths(self) -> tuple[Path | None, list[Path]]:
+        """The log this process appends to (None: the default) and the other chains beside it."""
+        if self.audit_dir is None:
+            return self.audit_log, []
+        mine = chain_path(self.audit_dir)
+        return mine, [p for p in chain_paths(self.audit_dir) if p.name != mine.name]
 
     def keys(self) -> SigningKeys:
         if self.signing is not None:
@@ -66,6 +79,7 @@ class DubProvenance:
     ) -> None:
         self.settings = settings or ProvenanceSettings()
         self.job_id = job_id or uuid.uuid4().hex
+        self._given_job_id = job_id is not None  # only a caller's job can have been logged before
         self.consent = consent
         self.options = dict(options)
         self.model = dict(model)
@@ -114,9 +128,16 @@ class DubProvenance:
             job_id=self.job_id,
             watermark_id=self.watermark_id,
         )
-        audit_log = AuditLog(self.settings.audit_log)
-        written = audit_log.append(entry)
-        return {"audit": {"seq": written.get("seq"), "hash": written.get("hash"), "log": str(audit_log.path)}}
+        path, peers = self.settings.audit_paths()
+        audit_log = AuditLog(path)
+        if self._given_job_id:  # a re-run of a job (crash before it was marked done): one entry per job
+            written, _ = audit_log.append_job(entry, peers=peers)
+        else:
+            written = audit_log.append(entry)
+        info = {"seq": written.get("seq"), "hash": written.get("hash"), "log": str(audit_log.path)}
+        if isinstance(written.get("supersedes"), dict):
+            info["supersedes"] = written["supersedes"]
+        return {"audit": info}
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -223,6 +223,18 @@ def write_cached(settings: ServiceSettings, asset: Asset, data: dict[str, Any]) 
     atomic_write(path, json.dumps(data, separators=(",", ":")), fsync=False)  # a cache: loss costs a rerun
 
 
+def remove_cached(settings: ServiceSettings, asset_id: str) -> int:
+    """Delete the asset's cached analysis (gone with its asset); the bytes freed, 0 if none.
+    One written after this (an analysis that was running) is left to the orphan sweep."""
+    try:
+        path = cache_file(settings, asset_id)
+        size = path.stat().st_size
+        path.unlink()
+    except (OSError, ValueError):
+        return 0
+    return size
+
+
 def _check_length(path: Path, settings: ServiceSettings) -> None:
     from latentdub.media.reader import probe_video
 

@@ -8,20 +8,31 @@
   upload is limited to ``max_upload_bytes`` as it is stored.
 * The option fields of ``/jobs`` and ``/sync``, the options schema of ``/api/v1/info`` and so the
   web page's option controls all come from ``settings.options_model``.
+* Every response, errors included, carries the security headers :data:`SECURITY_HEADERS`: a
+  Content-Security-Policy that loads nothing from other origins (``default-src 'self'``) and
+  lets no page frame ours (``frame-ancestors 'none'``), ``nosniff`` and ``Referrer-Policy``.
+* ``/docs`` (Swagger UI) is served with its files from the ``fastapi-offline`` package under
+  ``/docs/static/``: no CDN, so it works on a machine with no internet. There is no ``/redoc``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import Engine
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +49,28 @@ log = logging.getLogger(__name__)
 
 BODY_SLACK = 1 << 20  # multipart headers and the text fields, on top of two uploads
 DEFAULT_SYNC_TIMEOUT_S = 600.0
+
+# Nothing from other origins. The web page has no inline script or style (its JS sets styles
+# through the DOM, which CSP allows); its face thumbnails are data: URLs and the result video
+# plays from a blob: URL.
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",  # frame-ancestors, for browsers without CSP 2
+}
+DOCS_STATIC = "/docs/static"
+# The Swagger UI files /docs loads, from the fastapi-offline package (a fixed list: no path is
+# made from the request).
+DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon.png": "image/png",
+}
 
 
 class BodyTooLarge(Exception):
@@ -104,6 +137,29 @@ class GateMiddleware:
         await response(scope, receive, send)
 
 
+class SecurityHeadersMiddleware:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response; a header the response set itself
+    (``/docs``' CSP, which names its one inline script by hash) is kept."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_secured)
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     runner: Runner | None = None,
@@ -114,10 +170,12 @@ def create_app(
 ) -> FastAPI:
     """The app. ``runner``: any :class:`~.runner.Runner`; default: an
     :class:`~.runner.InProcessRunner` made from ``settings`` and ``pipe_factory``. The runner is
-    started (and its jobs recovered) with the app's lifespan. The per-dub options are
+    started (and its jobs recovered) with the app's lifespan, and so is the storage
+    :class:`~.storage.Sweeper`. The per-dub options are
     ``settings.options_model``'s fields (give a :class:`~latentdub.options.DubOptions` subclass to
     add some); the runner should read stored options with the same settings."""
     from latentdub.service.runner import InProcessRunner
+    from latentdub.service.storage import Sweeper
 
     settings = settings or ServiceSettings()
     settings.ensure_data_dir()
@@ -129,9 +187,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.start(preload=preload)
         await anyio.to_thread.run_sync(runner.recover)
+        sweeper = Sweeper(store, settings)  # storage expiry and orphans: now, then every sweep_interval_s
+        sweeper.start()
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(sweeper.stop)
             await anyio.to_thread.run_sync(runner.stop)
 
     app = FastAPI(
@@ -139,6 +200,8 @@ def create_app(
         summary="Lip-sync dubbing: video + new speech in, the same video with a new mouth out.",
         version=_version(),
         lifespan=lifespan,
+        docs_url=None,  # served by _install_docs, from the package instead of a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runner = runner
@@ -148,7 +211,9 @@ def create_app(
     app.include_router(api)
     app.include_router(probes)
     app.include_router(web)
+    _install_docs(app)
     app.add_middleware(GateMiddleware, settings=settings, engine=store.engine)
+    app.add_middleware(SecurityHeadersMiddleware)  # added last: outermost, so it sees the gate's 401/413 too
     _install_error_handlers(app)
     return app
 
@@ -160,6 +225,36 @@ def _version() -> str:
         return version("latentdub")
     except Exception:
         return "0"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI with its files from the ``fastapi-offline`` package."""
+    import fastapi_offline
+
+    folder = Path(fastapi_offline.__file__).parent / "static"
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API docs",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # else the UI may ask validator.swagger.io
+        )
+        # The page starts Swagger UI with one inline script: allowed by its hash, nothing else is.
+        hashes = " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()}'"
+            for code in re.findall(r"<script>(.*?)</script>", bytes(page.body).decode(), re.S)
+        )
+        csp = CSP.replace("default-src 'self';", f"default-src 'self'; script-src 'self' {hashes};")
+        page.headers["content-security-policy"] = csp
+        return page
+
+    @app.get(f"{DOCS_STATIC}/{{name}}", include_in_schema=False)
+    async def docs_file(name: str) -> FileResponse:
+        if name not in DOCS_FILES:
+            raise ApiError(404, "not_found", "no such file")
+        return FileResponse(folder / name, media_type=DOCS_FILES[name])
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -214,4 +309,5 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception) -> JSONResponse:
         log.exception("internal error", exc_info=err)
-        return _json(500, "internal", "internal server error; see the server log")
+        # Answered outside the middleware stack (Starlette's ServerErrorMiddleware): its own headers.
+        return _json(500, "internal", "internal server error; see the server log", headers=dict(SECURITY_HEADERS))

@@ -4,6 +4,11 @@ The secret is 32 random bytes (``secrets.token_urlsafe(32)``), so a plain SHA-25
 there is nothing to brute-force that a slow password hash would protect. ``prefix`` (8 hex
 characters) is stored in clear to find the key's row and to name the key in lists; it is not
 secret. Hashes are compared with :func:`hmac.compare_digest`.
+
+Turning the invisible watermark off is a permission, not an option anyone may set: without it
+only the C2PA manifest marks the output, and a remux strips that. A key may do it only when it
+was made with ``allow_no_watermark`` (``keys create --allow-no-watermark``); without auth, the
+server setting ``allow_no_watermark`` decides. See :func:`watermark_opt_out_refusal`.
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ def parse_key(plaintext: str) -> tuple[str, str] | None:
     return prefix, secret
 
 
-def create_key(engine: Engine, name: str = "") -> tuple[str, ApiKey]:
-    """Make a key: ``(plaintext, row)``. The plaintext exists only in the return value."""
+def create_key(engine: Engine, name: str = "", *, allow_no_watermark: bool = False) -> tuple[str, ApiKey]:
+    """Make a key: ``(plaintext, row)``. The plaintext exists only in the return value.
+
+    ``allow_no_watermark``: the key's jobs may turn the invisible watermark off.
+    """
     name = name.strip()
     if len(name) > 200:
         raise InputError("an API key name must be at most 200 characters")
@@ -53,7 +61,8 @@ def create_key(engine: Engine, name: str = "") -> tuple[str, ApiKey]:
         prefix = secrets.token_hex(4)
         plaintext = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
         key = ApiKey(
-            id=new_id(), name=name, prefix=prefix, key_hash=hash_key(plaintext), created_at=utcnow()
+            id=new_id(), name=name, prefix=prefix, key_hash=hash_key(plaintext), created_at=utcnow(),
+            allow_no_watermark=bool(allow_no_watermark),
         )
         try:
             with write_session(engine) as session:
@@ -112,3 +121,22 @@ def revoke_key(engine: Engine, id_or_prefix: str) -> ApiKey:
         if key.revoked_at is None:
             key.revoked_at = utcnow()
     return key
+
+
+def watermark_opt_out_refusal(engine: Engine, key_id: str | None, *, server_allows: bool) -> str | None:
+    """Why a job of ``key_id`` may not turn the watermark off, or None if it may.
+
+    Without auth (``key_id`` None) the server setting decides; with auth only the key's own
+    permission does (read again here: it is not in the request).
+    """
+    if key_id is None:
+        if server_allows:
+            return None
+        return ("this server does not allow turning the invisible watermark off (watermark=false); "
+                "its operator can allow it with LATENTDUB_ALLOW_NO_WATERMARK=true")  # fmt: skip
+    with read_session(engine) as session:
+        key = session.get(ApiKey, key_id)
+    if key is not None and key.allow_no_watermark and key.revoked_at is None:
+        return None
+    return ("this API key may not turn the invisible watermark off (watermark=false); only keys made with "
+            "`latentdub keys create --allow-no-watermark` may")  # fmt: skip

@@ -11,6 +11,16 @@ at-least-once and safe:
   a redelivered message never runs a finished job twice;
 * cancel goes through the job store, which the running job polls.
 
+Submitting never depends on the broker being up (an outbox): the job is committed as queued
+first, then its message is published by the serving process's publisher thread, which records
+``dispatched_at`` once the broker accepted it. While the broker is down a submit still answers
+202 with the queued job; every ``outbox_interval_s`` the publisher publishes again the queued jobs
+never dispatched (claimed in the database, so several serving processes do not all send them), and
+they run once the broker is back, without a restart. A duplicate message is skipped by the lease.
+Publishing gives up after about 2 s (``OUTBOX_CONNECT_TIMEOUT_S``), never blocking a request.
+The serving process also runs the webhook loop (:class:`~latentdub.service.runner.WebhookLoop`);
+a worker makes each webhook's first attempt when its job ends.
+
 :class:`CeleryRunner` is a :class:`~latentdub.service.runner.Runner`. Workers read stored
 options with their own settings' ``options_model`` (``LATENTDUB_OPTIONS_MODEL``, an import path,
 when it is not :class:`~latentdub.options.DubOptions`), which must match the HTTP app's.
@@ -18,6 +28,7 @@ when it is not :class:`~latentdub.options.DubOptions`), which must match the HTT
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -35,6 +46,10 @@ log = logging.getLogger(__name__)
 
 QUEUE = "latentdub"
 TASK = "latentdub.run_job"
+# Connecting to a broker that is down fails after about twice this (redis-py tries again once).
+OUTBOX_CONNECT_TIMEOUT_S = 1.0
+# The outbox round leaves jobs younger than this to their own submit's publish.
+OUTBOX_GRACE_S = 3.0
 
 
 def make_celery(settings: ServiceSettings) -> Any:
@@ -51,7 +66,9 @@ def make_celery(settings: ServiceSettings) -> Any:
         worker_prefetch_multiplier=1,  # a GPU runs one job; do not hoard the queue
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_timeout=OUTBOX_CONNECT_TIMEOUT_S,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "socket_connect_timeout": OUTBOX_CONNECT_TIMEOUT_S},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -71,24 +88,98 @@ class CeleryRunner:
     """The :class:`~latentdub.service.runner.Runner` that hands jobs to Celery workers."""
 
     def __init__(self, settings: ServiceSettings) -> None:
+        from latentdub.service.runner import Periodic, WebhookLoop
+
         self.settings = settings
         self.app = make_celery(settings)
         self.store: JobStore = _store(settings)
+        self._lock = threading.Lock()
+        self._to_publish: list[str] = []
+        self._last_round = 0.0
+        # One thread publishes: submit hands it the job (a request never waits for the broker),
+        # and every outbox_interval_s it publishes again what the broker did not accept.
+        self._publisher = Periodic("latentdub-outbox", settings.outbox_interval_s, self._publish_round)
+        self._webhooks = WebhookLoop(self.store, settings)
 
-    def start(self, *, preload: bool = False) -> None:  # workers load the models themselves
-        return None
+    def start(self, *, preload: bool = False) -> None:
+        """Start the publisher and the webhook loop (the workers load the models themselves)."""
+        self._publisher.start()
+        self._webhooks.start()
+
+    def stop(self) -> None:
+        self._publisher.stop()
+        self._webhooks.stop()
 
     def submit(self, job_id: str) -> None:
-        self.app.send_task(TASK, args=[job_id], queue=QUEUE)
+        """Publish the job's message, in the publisher thread once :meth:`start` ran (here before).
+        Never raises: a message the broker did not take is published again by the outbox round."""
+        if not self._publisher.alive():
+            self.publish(job_id)
+            return
+        with self._lock:
+            self._to_publish.append(job_id)
+        self._publisher.wake()
+
+    def publish(self, job_id: str) -> bool:
+        """Send the job's message now and record it dispatched; False if the broker did not take it."""
+        try:
+            self._send(job_id)
+        except Exception as err:
+            log.warning("job %s stays queued until the broker takes it: %s: %s", job_id, type(err).__name__, err)
+            return False
+        try:
+            self.store.mark_dispatched(job_id)
+        except Exception:  # the outbox round may send it again: a duplicate is skipped
+            log.warning("could not mark job %s dispatched", job_id, exc_info=True)
+        return True
+
+    def _send(self, job_id: str) -> None:
+        # retry=False: a broker that is down fails within the connect timeout, not after retries
+        self.app.send_task(TASK, args=[job_id], queue=QUEUE, retry=False)
+
+    def _publish_round(self) -> None:
+        """The publisher's work: the jobs just submitted, then (every outbox_interval_s) the outbox."""
+        import time
+
+        from latentdub.service.models import utcnow
+
+        with self._lock:
+            todo, self._to_publish = self._to_publish, []
+        for i, job_id in enumerate(todo):
+            if not self.publish(job_id):  # the broker is down: the outbox round sends the rest later
+                log.warning("%d more job(s) wait for the broker", len(todo) - i - 1)
+                break
+        if time.monotonic() - self._last_round < self.settings.outbox_interval_s * 0.9:
+            return
+        self._last_round = time.monotonic()
+        if self.store.outbox_pending() == 0 or not self._broker_up():  # no lock held while it is down
+            return
+        sent = self.store.dispatch_outbox(
+            self._send, older_than=utcnow() - dt.timedelta(seconds=OUTBOX_GRACE_S)
+        )
+        if sent:
+            log.info("outbox: published %d queued job(s) again", len(sent))
+
+    def _broker_up(self) -> bool:
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=OUTBOX_CONNECT_TIMEOUT_S)
+        except Exception:
+            return False
+        return True
 
     def cancel(self, job_id: str) -> Job:
-        return self.store.request_cancel(job_id)  # the running job polls the store
+        """A queued job is cancelled at once (and its webhook sent); a running one polls the store."""
+        from latentdub.service.runner import cancel_job
+
+        return cancel_job(self.store, self.settings, job_id)
 
     def queue_depth(self) -> int:
         return int(self.store.counts_by_status().get("queued", 0))
 
     def recover(self) -> list[str]:
-        """Jobs queued when the server stopped are sent again (a duplicate message is skipped)."""
+        """Jobs queued when the server stopped are sent again (a duplicate message is skipped); with
+        the broker down they wait in the outbox."""
         jobs = self.store.recover(stale_only=True)
         for job in jobs:
             self.submit(job.id)
@@ -104,9 +195,6 @@ class CeleryRunner:
         alive = bool(replies)
         return {"ready": alive, "weights_loaded": alive, "worker_alive": alive, "workers": len(replies),
                 "reasons": [] if alive else ["no `latentdub worker` answered on the broker"]}
-
-    def stop(self) -> None:
-        return None
 
 
 def run_worker(settings: ServiceSettings, *, hostname: str | None = None) -> None:
@@ -152,13 +240,16 @@ def _store_for(database_url: str) -> JobStore:
 
 def _run_here(settings: ServiceSettings, job_id: str) -> float | None:
     """Run the job unless it ended or another worker holds it; returns seconds to wait in that case."""
-    from latentdub.service.jobs import run_job, worker_name
+    from latentdub.service.jobs import run_job, send_webhook, worker_name
     from latentdub.service.models import utcnow
 
     store = _store(settings)
     job = store.get(job_id)
     if job.status in ("succeeded", "failed", "cancelled"):
         log.info("job %s already %s: redelivered message skipped", job_id, job.status)
+        # A worker that died between ending the job and recording its webhook: record and send it
+        # now (a no-op when the event was recorded, as it almost always was).
+        send_webhook(job, store, settings)
         return None
     if job.status == "running" and job.worker_id != worker_name() and job.lease_expires_at is not None:
         left = (job.lease_expires_at - utcnow()).total_seconds()

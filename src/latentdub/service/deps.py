@@ -45,6 +45,13 @@ def get_options_model(settings: Annotated[ServiceSettings, Depends(get_settings)
     return settings.options_model
 
 
+async def form_field_names(request: Request) -> tuple[str, ...]:
+    """The names of the form fields the request sent (FastAPI parsed the form already: this is
+    its cached copy), so a route can refuse a field it does not declare instead of dropping it."""
+    form = await request.form()
+    return tuple(dict.fromkeys(form.keys()))
+
+
 def current_api_key(request: Request) -> ApiKey | None:
     """The caller's key (None when auth is off)."""
     return getattr(request.state, "api_key", None)
@@ -62,9 +69,18 @@ async def owned_job(
 ) -> Job:
     """The job ``job_id`` of the caller's key; another key's job is a 404, as if it did not exist."""
     job = await anyio.to_thread.run_sync(store.get, job_id)  # JobNotFound → 404
-    if key_id is not None and job.api_key_id not in (None, key_id):
+    if not visible_to(key_id, job.api_key_id):
         raise JobNotFound(job_id)
     return job
+
+
+def visible_to(key_id: str | None, owner_id: str | None) -> bool:
+    """May the caller ``key_id`` (None: auth is off) see a job or asset owned by ``owner_id``?
+
+    With auth on, only its own: an owner-less row (made while the server ran ``--no-auth``, or
+    whose key was deleted) belongs to no key, so no key may read, use or delete it.
+    """
+    return key_id is None or owner_id == key_id
 
 
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
@@ -75,3 +91,4 @@ ApiKeyDep = Annotated[ApiKey | None, Depends(current_api_key)]
 KeyIdDep = Annotated[str | None, Depends(current_key_id)]
 SyncTimeoutDep = Annotated[float, Depends(get_sync_timeout)]
 JobDep = Annotated[Job, Depends(owned_job)]
+FormFieldsDep = Annotated[tuple[str, ...], Depends(form_field_names)]

@@ -13,6 +13,13 @@ Segments (``options.segments``): in the API a segment's ``audio`` is never a pat
 an audio asset of the same API key; :func:`check_segment_assets` refuses anything else when the
 job is submitted, and :func:`with_segment_files` puts the stored files in place of the ids just
 before the dub (the job keeps the ids, so no server path is ever shown).
+
+Webhooks: :func:`send_webhook` records a job's event (once per job and event, so every attempt
+carries one ``Webhook-Id``) and makes its first attempt right away; :func:`redeliver_webhooks`, a
+round of each serving process's webhook loop, makes the attempts due later. The schedule is
+:func:`~.webhooks.deliver`'s: a network error, a 5xx or a 429 is tried again with backoff until the
+event is :data:`REDELIVER_MAX_AGE_S` old; a 2xx, any other answer, or an address refused as not
+public ends it.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from latentdub.errors import Cancelled, HookError, InputError, LatentdubError, W
 from latentdub.progress import ProgressEvent
 from latentdub.service.models import Job
 from latentdub.service.settings import ServiceSettings
-from latentdub.service.store import InvalidTransition, JobStore
+from latentdub.service.store import InvalidTransition, JobStore, PendingWebhook
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
+AUDIT_DIR = "audit"  # one hash chain per machine: <data_dir>/audit/<host>.jsonl
 # How often the cancel token asks the database (the in-memory event is checked on every call).
 CANCEL_POLL_S = 0.5
 # How often a running job's lease is renewed (also from the cancel token's polling).
@@ -48,6 +56,11 @@ def worker_name(kind: str = "inproc") -> str:
 def result_path(settings: ServiceSettings, job_id: str) -> Path:
     """Where a job's result lives (the job id is a UUID the service made)."""
     return settings.data_dir / RESULTS_DIR / f"{job_id}.mp4"
+
+
+def audit_dir(settings: ServiceSettings) -> Path:
+    """The folder of the service's audit chains (flock does not hold across hosts: one per host)."""
+    return settings.data_dir / AUDIT_DIR
 
 
 def error_code(err: BaseException) -> str:
@@ -242,6 +255,9 @@ def run_job(
         video = _asset_path(store, job.video_asset_id, "video")
         audio = _asset_path(store, job.audio_asset_id, "audio")
         output.parent.mkdir(parents=True, exist_ok=True)
+        provenance = getattr(pipe, "provenance", None)  # the service's chains, unless set explicitly
+        if provenance is not None and getattr(provenance, "audit_log", None) is None:
+            provenance.audit_dir = audit_dir(settings)
         result = pipe(video, audio, output, opts, consent=consent, progress=on_progress, cancel=token, job_id=job.id)
         final = store.finish(job.id, result.to_dict(), output_path=str(output))
     except Cancelled:
@@ -254,13 +270,8 @@ def run_job(
     except Exception as err:
         log.exception("job %s failed with an internal error", job.id)
         final = _safely(store.fail, job.id, "internal", f"internal error ({type(err).__name__}); see the server log")
-    if final is not None and final.webhook_url and final.status in WEBHOOK_EVENTS:
-        if webhook_in_background:
-            threading.Thread(
-                target=send_webhook, args=(final, store, settings), name=f"webhook-{job.id}", daemon=True
-            ).start()
-        else:
-            send_webhook(final, store, settings)
+    if final is not None and final.status in WEBHOOK_EVENTS:
+        send_webhook(final, store, settings, background=webhook_in_background)
 
 
 def _cancel_requested(store: JobStore, job_id: str) -> bool:
@@ -279,63 +290,91 @@ def _safely(move: Any, *args: Any) -> Job | None:
         return None
 
 
-def send_webhook(job: Job, store: JobStore, settings: ServiceSettings) -> None:
-    """POST the job's final state to its ``webhook_url``, signed; the delivery is recorded."""
-    from latentdub.service import webhooks
-
+def send_webhook(job: Job, store: JobStore, settings: ServiceSettings, *, background: bool = False) -> None:
+    """Record the job's webhook for its status and make the first attempt (``background``: in a
+    thread of its own, so the caller does not wait for the receiver). Nothing happens if the job
+    has no ``webhook_url`` or this event was recorded already (each event is sent once, with one
+    ``Webhook-Id``). A failed attempt is retried by :func:`redeliver_webhooks`, in the serving
+    process's webhook loop; so is a delivery whose sender died before it recorded an attempt."""
     if not job.webhook_url:
         return
-    try:
-        outcome = webhooks.deliver(
-            job.webhook_url,
-            WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
-            job.to_dict(),
-            settings.webhook_signing_secret(),
-            retries=settings.webhook_retries,
-            backoff_s=settings.webhook_backoff_s,
-            timeout_s=settings.webhook_timeout_s,
-            log=store.webhook_delivery_log(),
-            job_id=job.id,
-            allow_private=settings.allow_private_webhooks,
-        )
-        if not outcome.delivered:
-            log.warning("webhook of job %s was not delivered: %s", job.id, outcome.error)
+    try:  # recorded now, before the job can be deleted: the attempt then still goes out
+        pending = store.start_webhook(job.id, WEBHOOK_EVENTS.get(job.status, f"job.{job.status}"),
+                                      job.webhook_url, claim_s=webhook_claim_s(settings))
     except Exception:
-        log.exception("webhook of job %s failed", job.id)
+        log.exception("could not record the webhook of job %s", job.id)
+        return
+    if pending is None:
+        return
+    if background:
+        threading.Thread(target=_attempt, args=(pending, job, store, settings), name=f"webhook-{job.id}",
+                         daemon=True).start()
+    else:
+        _attempt(pending, job, store, settings)
 
 
-# Undelivered webhooks older than this are not sent again at start.
+# Undelivered webhooks are retried until they are this old, then given up.
 REDELIVER_MAX_AGE_S = 3 * 24 * 3600.0
+# Deliveries one redelivery round sends at once (each in its own thread).
+REDELIVER_BATCH = 8
 
 
-def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
-    """Send again the webhooks not delivered yet: those that failed all their retries and those
-    still pending when the server stopped (with the same ``Webhook-Id``). Returns the ids of the
-    deliveries that got through now."""
+def webhook_claim_s(settings: ServiceSettings) -> float:
+    """How long a sender owns a delivery it claimed: longer than one attempt can take (resolving,
+    connecting and reading, each within ``webhook_timeout_s``), so no one else sends it meanwhile."""
+    return 3 * settings.webhook_timeout_s + 5.0
+
+
+def _attempt(pending: PendingWebhook, job: Job, store: JobStore, settings: ServiceSettings) -> bool:
+    """One attempt at ``pending`` with ``job``'s state, recorded; :func:`~.webhooks.deliver` sets the
+    next attempt (backoff) or none (delivered; a final answer; too old). True: delivered."""
     import datetime as dt
 
     from latentdub.service import webhooks
+
+    try:
+        outcome = webhooks.deliver(
+            pending.url, pending.event, job.to_dict(), settings.webhook_signing_secret(), retries=0,
+            backoff_s=settings.webhook_backoff_s, timeout_s=settings.webhook_timeout_s,
+            log=store.webhook_delivery_log(), job_id=job.id, webhook_id=pending.id,
+            created_at=pending.created_at, attempts_before=pending.attempts,
+            allow_private=settings.allow_private_webhooks,
+            retry_until=pending.created_at + dt.timedelta(seconds=REDELIVER_MAX_AGE_S),
+        )
+    except Exception:  # the claim runs out and the loop tries again
+        log.exception("webhook %s of job %s failed", pending.id, job.id)
+        return False
+    if not outcome.delivered:
+        later = f"; next attempt at {outcome.next_attempt_at:%H:%M:%S}" if outcome.next_attempt_at else "; given up"
+        log.warning("webhook %s of job %s not delivered: %s%s", pending.id, job.id, outcome.error, later)
+    return outcome.delivered
+
+
+def redeliver_webhooks(store: JobStore, settings: ServiceSettings) -> list[str]:
+    """One round of the webhook loop: send every webhook whose next attempt is due (a retry, or a
+    delivery whose sender died), one attempt each with the same ``Webhook-Id``, up to
+    :data:`REDELIVER_BATCH` at once. Each is claimed first (:meth:`~.store.JobStore.claim_webhooks`),
+    so serving processes running this together never send one twice. Returns the ids delivered."""
+    import datetime as dt
+    from concurrent.futures import ThreadPoolExecutor
+
     from latentdub.service.models import utcnow
 
-    ids = store.undelivered_webhooks(utcnow() - dt.timedelta(seconds=REDELIVER_MAX_AGE_S))
     delivered: list[str] = []
-    for delivery_id in ids:
-        try:
-            found = store.webhook_to_redeliver(delivery_id)
-            if found is None:
-                continue
-            pending, job = found
-            outcome = webhooks.deliver(
-                pending.url, pending.event, job.to_dict(), settings.webhook_signing_secret(),
-                retries=settings.webhook_retries, backoff_s=settings.webhook_backoff_s,
-                timeout_s=settings.webhook_timeout_s, log=store.webhook_delivery_log(), job_id=job.id,
-                webhook_id=pending.id, created_at=pending.created_at, attempts_before=pending.attempts,
-                allow_private=settings.allow_private_webhooks,
-            )
-            if outcome.delivered:
-                delivered.append(delivery_id)
-            else:
-                log.warning("webhook %s of job %s still not delivered: %s", delivery_id, job.id, outcome.error)
-        except Exception:
-            log.exception("redelivery of webhook %s failed", delivery_id)
-    return delivered
+    with ThreadPoolExecutor(REDELIVER_BATCH, thread_name_prefix="webhook-redelivery") as pool:
+        while True:
+            ids = store.claim_webhooks(since=utcnow() - dt.timedelta(seconds=REDELIVER_MAX_AGE_S),
+                                       claim_s=webhook_claim_s(settings), limit=REDELIVER_BATCH)
+            sent = list(pool.map(lambda delivery_id: _redeliver(store, settings, delivery_id), ids))
+            delivered += [delivery_id for delivery_id, ok in zip(ids, sent, strict=True) if ok]
+            if len(ids) < REDELIVER_BATCH:
+                return delivered
+
+
+def _redeliver(store: JobStore, settings: ServiceSettings, delivery_id: str) -> bool:
+    try:
+        found = store.webhook_to_redeliver(delivery_id)  # None: delivered meanwhile, or its job is gone
+    except Exception:
+        log.exception("redelivery of webhook %s failed", delivery_id)
+        return False
+    return found is not None and _attempt(*found, store, settings)

@@ -105,6 +105,7 @@ class ApiKey(Base):
             "created_at": _iso(self.created_at),
             "revoked_at": _iso(self.revoked_at),
             "last_used_at": _iso(self.last_used_at),
+            "allow_no_watermark": bool(self.allow_no_watermark),
         }
 
 
@@ -196,7 +197,11 @@ class Job(Base):
         return self.status in FINAL_STATUSES
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the API shows it (no worker internals, no idempotency hash)."""
+        """The job as a client sees it, in the API and in webhooks: no worker internals, no
+        idempotency hash, no server path (the result through the allow-list of
+        :func:`~.schemas.public_result`, the error message without paths)."""
+        from latentdub.service.schemas import public_result, public_text
+
         return {
             "id": self.id,
             "status": self.status,
@@ -213,8 +218,8 @@ class Job(Base):
             "audio_asset_id": self.audio_asset_id,
             "error": None
             if self.error_code is None
-            else {"code": self.error_code, "message": self.error_message or ""},
-            "result": self.result,
+            else {"code": self.error_code, "message": public_text(self.error_message) or ""},
+            "result": public_result(self.result, self.options),
             "webhook_url": self.webhook_url,
         }
 

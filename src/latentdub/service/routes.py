@@ -3,7 +3,10 @@
 The option form fields are made from the app's options model (``settings.options_model``,
 :class:`~latentdub.options.DubOptions` by default: names and descriptions), so the API, the
 library and the CLI share one schema. Values arrive as text and are turned into options once,
-by :func:`parse_options`; an error names the field. Routes get the store, the runner, the
+by :func:`parse_options`; an error names the field. A form field that is neither one of the
+route's fields nor an option is refused (422 ``unknown_field``), not dropped; JSON text (consent,
+segments) is bounded in size and nesting before it is parsed; a face point (``X,Y@T``) must lie
+in the video's picture and length. Routes get the store, the runner, the
 settings and the caller's key from :mod:`.deps`; jobs and assets change only through the store.
 """
 
@@ -13,6 +16,8 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,25 +28,48 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
 
 from latentdub.errors import InputError
 from latentdub.options import DubOptions, OptionError
 from latentdub.service import schemas
-from latentdub.service.analysis import AnalysisRefused, AnalyzerDep
+from latentdub.service.analysis import AnalysisRefused, AnalyzerDep, remove_cached
+from latentdub.service.auth import watermark_opt_out_refusal
 from latentdub.service.deps import (
+    FormFieldsDep,
     JobDep,
     KeyIdDep,
     RunnerDep,
     SettingsDep,
     StoreDep,
     SyncTimeoutDep,
+    visible_to,
 )
 from latentdub.service.jobs import SegmentAssetError, check_segment_assets
 from latentdub.service.models import Asset, Job
 from latentdub.service.runner import Runner
 from latentdub.service.settings import ServiceSettings
-from latentdub.service.store import Conflict, JobStore, KeyLimits, LimitReached, request_hash
+from latentdub.service.storage import asset_json, storage_bytes
+from latentdub.service.store import (
+    AssetInUse,
+    AssetNotFound,
+    Conflict,
+    JobStore,
+    KeyLimits,
+    LimitReached,
+    request_hash,
+)
 from latentdub.service.uploads import save_upload
+
+# JSON given as form text (consent, segments): json.loads recurses once per nesting level, so
+# text nested 100,000 deep would raise RecursionError; its size and depth are checked first.
+MAX_JSON_TEXT = 256 * 1024
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+# The form fields of POST /jobs and /sync besides the options (sync also takes timeout_s).
+SUBMIT_FIELDS = ("video", "audio", "consent", "webhook_url", "video_asset_id", "audio_asset_id")
 
 CONSENT_HELP = (
     "The consent record of the person in the video, as a JSON object in text: subject, granted_by, "
@@ -93,6 +121,8 @@ def option_form(options_model: type[DubOptions]) -> Callable[..., dict[str, str 
 def parse_options(options_model: type[DubOptions], raw: Mapping[str, str | None]) -> DubOptions:
     """The one place the service turns client input into options; a bad value is a 422 naming it."""
     given = {k: v.strip() for k, v in raw.items() if v is not None and v.strip() != ""}
+    for name, text in given.items():  # segments are JSON text: bounded before they are parsed
+        check_json_text(text, name, "invalid_option")
     try:
         return options_model.from_dict(given)
     except OptionError as err:
@@ -100,6 +130,70 @@ def parse_options(options_model: type[DubOptions], raw: Mapping[str, str | None]
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON ``text`` nest, counted without parsing it."""
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def check_json_text(text: str, field: str, code: str) -> None:
+    """A 422 ``code`` naming ``field`` if its text is too long or nests too deep to parse safely."""
+    if len(text) > MAX_JSON_TEXT:
+        raise ApiError(422, code, f"{field} is too long: {len(text)} characters, at most {MAX_JSON_TEXT}", field=field)
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise ApiError(422, code, f"{field} nests more than {MAX_JSON_DEPTH} levels of arrays or objects", field=field)
+
+
+def _check_form_fields(given: tuple[str, ...], allowed: set[str], options_model: type[DubOptions]) -> None:
+    """A field the form does not have is refused, not dropped: ``stepz=5`` would otherwise dub
+    with the default steps, and the caller would never know."""
+    for name in given:
+        if name not in allowed:
+            raise ApiError(
+                422, "unknown_field",
+                f"{name} is not a field of this request; the options are: {', '.join(options_model.model_fields)}; "
+                f"the other fields: {', '.join(sorted(allowed - set(options_model.model_fields)))}",
+                field=name,
+            )
+
+
+def _check_face_points(options: DubOptions, video: Path) -> None:
+    """A face given as X,Y@T (``face``, a segment's ``face``) must point into the video's picture
+    at a time within it; otherwise the job would be queued and fail only after the face analysis."""
+    from latentdub.face.selection import parse_policy
+    from latentdub.media.reader import probe_video
+
+    given = [("face", "face", getattr(options, "face", None))]
+    given += [("segments", f"segments: {seg.label(i)}: face", seg.face)
+              for i, seg in enumerate(getattr(options, "segments", None) or ())]
+    points = [(field, label, pol) for field, label, text in given
+              if isinstance(text, str) and (pol := parse_policy(text)).kind == "point"]
+    if not points:
+        return
+    try:
+        info = probe_video(video)  # the header and one frame: stored uploads were sniffed already
+    except InputError:
+        raise ApiError(422, "bad_video", "video: the stored video can no longer be read", field="video") from None
+    for field, label, pol in points:
+        if not (0 <= pol.x < info.width and 0 <= pol.y < info.height):
+            raise ApiError(
+                422, "invalid_option",
+                f"{label}: the point {pol.x:g},{pol.y:g} is outside the {info.width}x{info.height} video; "
+                f"X must be from 0 to {info.width - 1} and Y from 0 to {info.height - 1} (pixels)",
+                field=field,
+            )
+        if not 0 <= pol.t < info.duration_s:
+            raise ApiError(
+                422, "invalid_option",
+                f"{label}: the time {pol.t:g} s is not within the {info.duration_s:.2f} s video; "
+                f"T must be from 0 to under {info.duration_s:.2f} (seconds)",
+                field=field,
+            )
+
+
 def _parse_consent(text: str | None) -> dict[str, Any]:
     from latentdub.provenance.consent import REQUIRED, ConsentError, parse_consent
 
@@ -110,6 +204,7 @@ def _parse_consent(text: str | None) -> dict[str, Any]:
             f"(consent record is missing: {', '.join(REQUIRED)})",
             field="consent",
         )
+    check_json_text(text, "consent", "invalid_consent")
     try:
         data = json.loads(text)
     except ValueError as err:
@@ -135,7 +230,7 @@ def _check_quota(store: JobStore, settings: ServiceSettings, key_id: str | None)
 def _lookup_asset(store: JobStore, asset_id: str, field: str, kind: str, key_id: str | None) -> Asset:
     """The stored asset ``asset_id`` of this key: 404 if unknown or another key's, 422 if the wrong kind."""
     asset = store.get_asset(asset_id)
-    if asset is None or (key_id is not None and asset.api_key_id != key_id) or not Path(asset.path).is_file():
+    if asset is None or not visible_to(key_id, asset.api_key_id) or not Path(asset.path).is_file():
         raise ApiError(404, "asset_not_found", f"{field}: no {kind} asset with id {asset_id!r}", field=field)
     if asset.kind != kind:
         raise ApiError(
@@ -176,6 +271,8 @@ class Submission:
     video_asset_id: str | None = None
     audio_asset_id: str | None = None
     idempotency_key: str | None = None
+    given_fields: tuple[str, ...] = ()  # the names of every form field the request sent
+    route_fields: tuple[str, ...] = ()  # the route's own fields besides SUBMIT_FIELDS and the options
 
 
 async def _submit(
@@ -184,12 +281,20 @@ async def _submit(
     """Validate, store the uploads, create (or find, by idempotency key) the job and queue it."""
     from latentdub.service.webhooks import check_webhook_target, check_webhook_url
 
+    allowed = {*SUBMIT_FIELDS, *sub.route_fields, *settings.options_model.model_fields}
+    _check_form_fields(sub.given_fields, allowed, settings.options_model)
     sources = {
         "video": _one_source("video", sub.video, sub.video_asset_id),
         "audio": _one_source("audio", sub.audio, sub.audio_asset_id),
     }
     consent_record = _parse_consent(sub.consent)
     parsed = parse_options(settings.options_model, sub.options)
+    if not getattr(parsed, "watermark", True):  # a permission, checked before any upload is stored
+        refusal = await anyio.to_thread.run_sync(
+            lambda: watermark_opt_out_refusal(store.engine, key_id, server_allows=settings.allow_no_watermark)
+        )
+        if refusal is not None:
+            raise ApiError(403, "watermark_required", refusal, field="watermark")
     opts = parsed.to_dict()
     hook = None
     if sub.webhook_url is not None and sub.webhook_url.strip():
@@ -218,6 +323,8 @@ async def _submit(
             if upload is not None:
                 assets[name] = await save_upload(upload, name, name, settings, store, key_id)
                 fresh.append(assets[name].id)
+        # Only now is the video's size and length known (an upload's or a stored asset's).
+        await anyio.to_thread.run_sync(_check_face_points, parsed, Path(assets["video"].path))
     except BaseException:
         await anyio.to_thread.run_sync(store.remove_assets, fresh)
         raise
@@ -255,14 +362,78 @@ async def _submit(
 def _result_file(job: Job) -> Path:
     if job.status != "succeeded":
         raise ApiError(409, "not_ready", f"job {job.id} is {job.status}; the result exists once it succeeded", job_id=job.id)
+    if job.expired_at is not None:
+        raise ApiError(
+            410, "result_expired",
+            f"the result of job {job.id} expired at {schemas.iso(job.expired_at)} (results are kept for a "
+            "limited time after their job ends)", job_id=job.id,
+        )
     path = Path(job.output_path or "")
     if not job.output_path or not path.is_file():
         raise ApiError(410, "result_gone", f"the result of job {job.id} is no longer on the server", job_id=job.id)
     return path
 
 
+_RANGE_SPEC = re.compile(r"(\d*)-(\d*)")
+
+
+def _byte_ranges(header: str) -> list[tuple[str, str]] | None:
+    """The (first, last) texts of a ``Range: bytes=…`` header, or None if it is not valid (RFC 9110
+    §14.1.1: another unit, a spec that is not ``A-B``, ``A-`` or ``-N``, or ``B`` before ``A``)."""
+    unit, eq, specs = header.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        return None
+    out = []
+    for part in specs.split(","):
+        part = part.strip(" \t")
+        if not part:  # empty list elements are allowed (RFC 9110 §5.6.1)
+            continue
+        match = _RANGE_SPEC.fullmatch(part)
+        if match is None or not any(match.groups()):
+            return None
+        first, last = match.groups()
+        if first and last and int(last) < int(first):
+            return None
+        out.append((first, last))
+    return out or None
+
+
+def _satisfiable(spec: tuple[str, str], size: int) -> bool:
+    first, last = spec
+    return int(first) < size if first else int(last) > 0 and size > 0
+
+
+class ResultFileResponse(FileResponse):
+    """A file with HTTP Range as RFC 9110 says: an invalid ``Range`` header is ignored (200 and the
+    whole file, where Starlette answers 400 in text); one that no byte of the file satisfies is a
+    JSON 416 with ``Content-Range: bytes */SIZE``; unsatisfiable parts of a list are left out."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = Headers(scope=scope).get("range")
+        if header is not None:
+            size = (await anyio.to_thread.run_sync(os.stat, self.path)).st_size
+            specs = _byte_ranges(header)
+            kept = [(a, b) for a, b in specs or () if _satisfiable((a, b), size)]
+            if specs is not None and not kept:
+                response = JSONResponse(
+                    schemas.error_body(
+                        "range_not_satisfiable",
+                        f"the Range header asks for no byte of the result, which has {size} bytes "
+                        f"(bytes 0-{max(size - 1, 0)})",
+                    ),
+                    status_code=416, headers={"Content-Range": f"bytes */{size}"},
+                )
+                await response(scope, receive, send)
+                return
+            others = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+            if kept:
+                others.append((b"range", ("bytes=" + ",".join(f"{a}-{b}" for a, b in kept)).encode("latin-1")))
+            scope = {**scope, "headers": others}
+        await super().__call__(scope, receive, send)
+
+
 def _video_response(job: Job) -> FileResponse:
-    return FileResponse(_result_file(job), media_type="video/mp4", filename=f"{job.id}.mp4")
+    return ResultFileResponse(_result_file(job), media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -295,7 +466,7 @@ def submit_router(options_model: type[DubOptions]) -> APIRouter:
 
     @router.post("/jobs", status_code=202, response_model=schemas.JobOut, summary="Submit a dub job")
     async def create_job(
-        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep,
+        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep, given_fields: FormFieldsDep,
         video: VideoFile = None,
         audio: Annotated[UploadFile | None, File(description="The new speech (any audio file, or a video with sound).")] = None,
         consent: ConsentForm = None,
@@ -306,16 +477,17 @@ def submit_router(options_model: type[DubOptions]) -> APIRouter:
         options: dict[str, str | None] = option_fields,
     ) -> JSONResponse:
         """Submit a dub: 202 and the job. With ``Idempotency-Key``, a repeat returns the same job (200)."""
-        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key)
+        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key,
+                         given_fields)
         job, created = await _submit(sub, store=store, runner=runner, settings=settings, key_id=key_id)
-        return JSONResponse(schemas.job_out(job), status_code=202 if created else 200)
+        return JSONResponse(schemas.job_out(job, settings.retention_s), status_code=202 if created else 200)
 
     @router.post(
         "/sync", summary="Dub and wait for the video",
         responses={200: {"content": {"video/mp4": {}}}, 504: {"model": schemas.ErrorResponse}},
     )
     async def sync_dub(
-        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep,
+        store: StoreDep, runner: RunnerDep, settings: SettingsDep, key_id: KeyIdDep, given_fields: FormFieldsDep,
         default_timeout_s: SyncTimeoutDep,
         video: VideoFile = None,
         audio: Annotated[UploadFile | None, File(description="The new speech.")] = None,
@@ -329,7 +501,8 @@ def submit_router(options_model: type[DubOptions]) -> APIRouter:
     ) -> Response:
         """Dub and wait: 200 with the mp4, or 504 with the job id if it takes longer (the job goes on)."""
         limit = _sync_limit(timeout_s, default_timeout_s)
-        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key)
+        sub = Submission(video, audio, consent, webhook_url, options, video_asset_id, audio_asset_id, idempotency_key,
+                         given_fields, route_fields=("timeout_s",))
         job, _ = await _submit(sub, store=store, runner=runner, settings=settings, key_id=key_id)
         return await _wait_for_video(store, job, limit)
 
@@ -378,6 +551,33 @@ class AssetOut(BaseModel):
     kind: str = Field(description="video | audio")
     sha256: str = Field(description="SHA-256 of the uploaded bytes.")
     bytes: int
+    created_at: str
+    expires_at: str | None = Field(
+        None, description="When the asset is removed (kept longer while a queued or running job uses it); "
+        "null: never."
+    )
+
+
+class AssetPage(BaseModel):
+    assets: list[AssetOut]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class StorageOut(BaseModel):
+    bytes: int = Field(description="Bytes stored: assets plus results.")
+    limit_bytes: int = Field(description="The key's storage limit (key_storage_bytes); 0: none.")
+    assets: int
+    asset_bytes: int
+    results: int
+    result_bytes: int
+
+
+class UsageOut(BaseModel):
+    """What the caller's key uses (with auth off: everything stored; no daily count)."""
+
+    storage: StorageOut
+    jobs_today: int = Field(description="Jobs submitted this UTC day (deleted ones included).")
+    daily_quota: int = Field(description="Jobs allowed per UTC day; 0: no limit.")
 
 
 @api.post("/assets", status_code=201, response_model=AssetOut, summary="Upload a video or audio for later jobs")
@@ -394,10 +594,66 @@ async def create_asset(
         raise ApiError(422, "invalid_field", "kind is required: video or audio", field="kind")
     if file is None or isinstance(file, str):
         raise ApiError(422, "missing_field", "file is required: upload it as a multipart file field", field="file")
-    asset = await save_upload(file, "file", kind, settings, store, key_id)
-    return JSONResponse(
-        {"id": asset.id, "kind": asset.kind, "sha256": asset.sha256, "bytes": asset.bytes}, status_code=201
-    )
+    asset = await save_upload(file, "file", kind, settings, store, key_id)  # 413 storage_quota past the limit
+    return JSONResponse(asset_json(asset, settings), status_code=201)
+
+
+def _own_asset(store: JobStore, asset_id: str, key_id: str | None) -> Asset:
+    """The asset of this key (any with auth off); another key's or an owner-less one is a 404."""
+    asset = store.get_asset(asset_id)
+    if asset is None or not visible_to(key_id, asset.api_key_id):
+        raise ApiError(404, "asset_not_found", f"no asset with id {asset_id!r}")
+    return asset
+
+
+@api.get("/assets", response_model=AssetPage, summary="List this key's assets, newest first")
+async def list_assets(
+    store: StoreDep,
+    settings: SettingsDep,
+    key_id: KeyIdDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> dict[str, Any]:
+    assets, nxt = await anyio.to_thread.run_sync(lambda: store.list_assets(key_id, limit=limit, cursor=cursor))
+    return {"assets": [asset_json(a, settings) for a in assets], "next_cursor": nxt}
+
+
+@api.get("/assets/{asset_id}", response_model=AssetOut, summary="One asset")
+async def get_asset(asset_id: str, store: StoreDep, settings: SettingsDep, key_id: KeyIdDep) -> dict[str, Any]:
+    return asset_json(await anyio.to_thread.run_sync(_own_asset, store, asset_id, key_id), settings)
+
+
+@api.delete("/assets/{asset_id}", summary="Delete an asset: its file and cached analysis (409 while a job uses it)")
+async def delete_asset(asset_id: str, store: StoreDep, settings: SettingsDep, key_id: KeyIdDep) -> dict[str, Any]:
+    def delete() -> None:
+        _own_asset(store, asset_id, key_id)
+        try:
+            store.delete_asset(asset_id)
+        except AssetNotFound:  # deleted meanwhile
+            raise ApiError(404, "asset_not_found", f"no asset with id {asset_id!r}") from None
+        except AssetInUse as err:
+            raise ApiError(409, "asset_in_use", str(err), job_id=err.job_id) from None
+        remove_cached(settings, asset_id)
+
+    await anyio.to_thread.run_sync(delete)
+    return {"id": asset_id, "deleted": True}
+
+
+@api.get("/usage", response_model=UsageOut, summary="This key's stored bytes and jobs today, with its limits")
+async def usage(store: StoreDep, settings: SettingsDep, key_id: KeyIdDep) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        stored = store.storage_usage(key_id)
+        return {
+            "storage": {
+                "bytes": stored.bytes, "limit_bytes": settings.key_storage_bytes if key_id else 0,
+                "assets": stored.assets, "asset_bytes": stored.asset_bytes,
+                "results": stored.results, "result_bytes": stored.result_bytes,
+            },
+            "jobs_today": store.usage(key_id) if key_id else 0,
+            "daily_quota": settings.key_daily_quota if key_id else 0,
+        }
+
+    return await anyio.to_thread.run_sync(read)
 
 
 @api.get(
@@ -418,13 +674,14 @@ async def analyze_asset(asset_id: str, store: StoreDep, key_id: KeyIdDep, analyz
 
 
 @api.get("/jobs/{job_id}", response_model=schemas.JobOut, summary="A job's status, progress and result")
-async def get_job(job: JobDep) -> dict[str, Any]:
-    return schemas.job_out(job)
+async def get_job(job: JobDep, settings: SettingsDep) -> dict[str, Any]:
+    return schemas.job_out(job, settings.retention_s)
 
 
 @api.get("/jobs", response_model=schemas.JobPage, summary="List jobs, newest first")
 async def list_jobs(
     store: StoreDep,
+    settings: SettingsDep,
     key_id: KeyIdDep,
     status: Annotated[str | None, Query(description="queued, running, succeeded, failed or cancelled")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -433,7 +690,7 @@ async def list_jobs(
     jobs, nxt = await anyio.to_thread.run_sync(
         lambda: store.list(status=status or None, limit=limit, cursor=cursor, api_key_id=key_id)
     )
-    return {"jobs": [schemas.job_out(j) for j in jobs], "next_cursor": nxt}
+    return {"jobs": [schemas.job_out(j, settings.retention_s) for j in jobs], "next_cursor": nxt}
 
 
 @api.get(
@@ -445,8 +702,8 @@ async def get_result(job: JobDep) -> FileResponse:
 
 
 @api.post("/jobs/{job_id}/cancel", response_model=schemas.JobOut, summary="Cancel a job")
-async def cancel_job(job: JobDep, runner: RunnerDep) -> dict[str, Any]:
-    return schemas.job_out(await anyio.to_thread.run_sync(runner.cancel, job.id))
+async def cancel_job(job: JobDep, runner: RunnerDep, settings: SettingsDep) -> dict[str, Any]:
+    return schemas.job_out(await anyio.to_thread.run_sync(runner.cancel, job.id), settings.retention_s)
 
 
 @api.delete("/jobs/{job_id}", summary="Delete a finished or queued job and its files")
@@ -472,12 +729,12 @@ async def readyz(runner: RunnerDep) -> JSONResponse:
 
 
 @probes.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(store: StoreDep, runner: RunnerDep) -> PlainTextResponse:
-    text = await anyio.to_thread.run_sync(render_metrics, store, runner)
+async def metrics(store: StoreDep, runner: RunnerDep, settings: SettingsDep) -> PlainTextResponse:
+    text = await anyio.to_thread.run_sync(render_metrics, store, runner, settings)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def render_metrics(store: JobStore, runner: Runner) -> str:
+def render_metrics(store: JobStore, runner: Runner, settings: ServiceSettings | None = None) -> str:
     counts = store.counts_by_status()
     lines = ["# HELP latentdub_jobs Jobs in the database by status.", "# TYPE latentdub_jobs gauge"]
     lines += [f'latentdub_jobs{{status="{s}"}} {n}' for s, n in counts.items()]
@@ -485,6 +742,9 @@ def render_metrics(store: JobStore, runner: Runner) -> str:
         "# HELP latentdub_queue_depth Jobs waiting for the worker.",
         "# TYPE latentdub_queue_depth gauge",
         f"latentdub_queue_depth {runner.queue_depth()}",
+        "# HELP latentdub_outbox_pending Queued jobs whose message the broker has not accepted yet.",
+        "# TYPE latentdub_outbox_pending gauge",
+        f"latentdub_outbox_pending {store.outbox_pending()}",
     ]
     done, _ = store.list(status="succeeded", limit=500)
     wall = video_s = frames = 0.0
@@ -503,6 +763,10 @@ def render_metrics(store: JobStore, runner: Runner) -> str:
         "# TYPE latentdub_frames_per_second gauge",
         f"latentdub_frames_per_second {frames / wall if wall else 'NaN'}",
     ]
+    if settings is not None:  # database sums (and a cached size of the analysis folder): no folder walk
+        lines += ["# HELP latentdub_storage_bytes Bytes stored by kind: uploaded assets, job results, "
+                  "cached analyses.", "# TYPE latentdub_storage_bytes gauge"]
+        lines += [f'latentdub_storage_bytes{{kind="{k}"}} {n}' for k, n in storage_bytes(store, settings).items()]
     return "\n".join(lines) + "\n"
 
 

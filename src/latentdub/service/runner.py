@@ -6,6 +6,12 @@
 In the in-process runner, one worker thread keeps the pipeline loaded and runs queued jobs one at a time, in submission
 order (one job at a time per GPU). Jobs live in the database, so a restart loses nothing:
 :meth:`InProcessRunner.recover` puts back what was queued or running when the server stopped.
+
+Webhooks: the process that ends a job (or cancels a queued one, or fails it because the model did
+not load) records the event and makes its first attempt at once; the :class:`WebhookLoop` of each
+serving process (both runners start one) then sends, every ``webhook_poll_s``, whatever is due: a
+retry after a network error or a 5xx / 429 answer, or a delivery whose sender died. Claims in the
+database keep several serving processes from sending one event twice.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from latentdub.service.db import open_database
-from latentdub.service.jobs import redeliver_webhooks, run_job, worker_name
+from latentdub.service.jobs import redeliver_webhooks, run_job, send_webhook, worker_name
 from latentdub.service.models import Job
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import JobStore
@@ -25,6 +31,62 @@ from latentdub.service.store import JobStore
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+class Periodic:
+    """``work()`` in a daemon thread every ``interval_s`` (and at once on :meth:`wake`) until :meth:`stop`.
+
+    An exception in ``work`` is logged and the next round comes as usual."""
+
+    def __init__(self, name: str, interval_s: float, work: Callable[[], Any]) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.work = work
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.work()
+            except Exception:
+                log.exception("%s: a round failed", self.name)
+            self._wake.wait(self.interval_s)
+
+
+class WebhookLoop(Periodic):
+    """Sends the webhooks that are due (:func:`~.jobs.redeliver_webhooks`) every ``webhook_poll_s``."""
+
+    def __init__(self, store: JobStore, settings: ServiceSettings) -> None:
+        super().__init__("latentdub-webhooks", settings.webhook_poll_s, self._round)
+        self.store = store
+        self.settings = settings
+
+    def _round(self) -> None:
+        sent = redeliver_webhooks(self.store, self.settings)
+        if sent:
+            log.info("redelivered %d webhook(s)", len(sent))
 
 
 @runtime_checkable
@@ -89,7 +151,7 @@ class InProcessRunner:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._webhooks: threading.Thread | None = None
+        self._webhooks = WebhookLoop(store, settings)
         self._pipe: Any = None
         self._load_error: str | None = None
         self._loading = False
@@ -101,7 +163,7 @@ class InProcessRunner:
     def start(self, *, preload: bool = False) -> None:
         """Start the worker thread (a no-op if it runs); ``preload`` loads the model first.
 
-        Webhooks that an earlier run did not deliver are sent again, in a background thread."""
+        The webhook loop starts too: it sends webhooks an earlier run did not deliver, and retries."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -110,25 +172,13 @@ class InProcessRunner:
                 target=self._work, args=(preload,), name="latentdub-worker", daemon=True
             )
             self._thread.start()
-            self._webhooks = threading.Thread(
-                target=self._redeliver, name="latentdub-webhook-redelivery", daemon=True
-            )
             self._webhooks.start()
 
-    def _redeliver(self) -> None:
-        """Send again the webhooks a previous run did not deliver (same Webhook-Id)."""
-        try:
-            sent = redeliver_webhooks(self.store, self.settings)
-        except Exception:
-            log.exception("webhook redelivery failed")
-            return
-        if sent:
-            log.info("redelivered %d webhook(s)", len(sent))
-
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the worker; a running job is interrupted and stays running in the store, so the
-        next start's :meth:`recover` runs it again."""
+        """Stop the worker and the webhook loop; a running job is interrupted and stays running in
+        the store, so the next start's :meth:`recover` runs it again."""
         self._shutdown.set()
+        self._webhooks.stop()
         with self._lock:
             thread = self._thread
             current = self._current
@@ -149,16 +199,23 @@ class InProcessRunner:
 
     # -- jobs -----------------------------------------------------------------------------------
     def submit(self, job_id: str) -> None:
-        """Queue a job that the store holds as queued (a second submit of the same id is ignored)."""
+        """Queue a job that the store holds as queued (a second submit of the same id is ignored).
+
+        The job is marked dispatched: its queue is this process's memory, refilled by :meth:`recover`."""
         with self._lock:
             if job_id in self._pending:
                 return
             self._pending.add(job_id)
         self._queue.put(job_id)
+        try:
+            self.store.mark_dispatched(job_id)
+        except Exception:  # only the outbox metric would be off
+            log.warning("could not mark job %s dispatched", job_id, exc_info=True)
 
     def cancel(self, job_id: str) -> Job:
-        """Ask the job to stop: a queued one is cancelled at once, a running one within seconds."""
-        job = self.store.request_cancel(job_id)
+        """Ask the job to stop: a queued one is cancelled at once (its ``job.cancelled`` webhook goes
+        out in the background), a running one within seconds (its worker sends the webhook)."""
+        job = cancel_job(self.store, self.settings, job_id)
         with self._lock:
             current = self._current
         if current is not None and current[0] == job_id:
@@ -249,9 +306,11 @@ class InProcessRunner:
 
             code = "weights" if isinstance(err, LatentdubError) else "internal"
             try:
-                self.store.fail(job_id, code, f"the model could not be loaded: {err}")
+                failed = self.store.fail(job_id, code, f"the model could not be loaded: {err}")
             except Exception:
                 log.exception("could not fail job %s", job_id)
+                return
+            send_webhook(failed, self.store, self.settings, background=True)
             return
         run_job(
             job_id,
@@ -263,3 +322,13 @@ class InProcessRunner:
             webhook_in_background=True,
             shutdown_event=self._shutdown,
         )
+
+
+def cancel_job(store: JobStore, settings: ServiceSettings, job_id: str) -> Job:
+    """:meth:`JobStore.request_cancel`, and the ``job.cancelled`` webhook of a job it cancelled at
+    once (a queued one), sent in the background (recorded first, so a delete right after cannot
+    lose it; a repeated cancel sends nothing more)."""
+    job = store.request_cancel(job_id)
+    if job.status == "cancelled":
+        send_webhook(job, store, settings, background=True)
+    return job

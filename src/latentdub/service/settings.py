@@ -72,7 +72,8 @@ class ServiceSettings(BaseSettings):
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook request, in seconds.")
     webhook_retries: int = Field(
-        5, ge=0, description="Retries of a webhook after a network error or a 5xx / 429 answer."
+        5, ge=0, description="Ignored (kept so old settings still load): a webhook is retried after a network "
+        "error or a 5xx / 429 answer until it is 3 days old, webhook_backoff_s apart, doubling up to 10 minutes."
     )
     webhook_backoff_s: float = Field(
         2.0, ge=0, description="First retry delay of a webhook; doubles with each retry."
@@ -108,6 +109,41 @@ class ServiceSettings(BaseSettings):
     )
     analysis_workers: int = Field(
         1, ge=0, description="Processes one face analysis uses; 0: one per CPU core (results are the same)."
+    )
+    key_storage_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="Bytes one API key may keep stored: its uploaded assets plus its jobs' results; an upload "
+        "past it is refused (413 storage_quota). 0: no limit.",
+    )
+    retention_s: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="Seconds results and uploaded assets are kept: a result from its job's end, an asset from "
+        "its upload (not while a queued or running job uses it). Job rows stay. 0: keep forever.",
+    )
+    sweep_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds between storage sweeps of a serving process (expired results and assets, orphaned "
+        "files); one also runs at start-up.",
+    )
+    allow_no_watermark: bool = Field(
+        False,
+        description="Without auth (auth_enabled=false): may a job turn the invisible watermark off "
+        "(watermark=false)? With auth, only keys made with `latentdub keys create --allow-no-watermark` may.",
+    )
+    outbox_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="With a broker: seconds between rounds of a serving process that publish again the queued "
+        "jobs whose message the broker did not accept (it was down when they were submitted).",
+    )
+    webhook_poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between rounds of a serving process that send the webhooks whose next attempt is "
+        "due (retries after a network error or a 5xx / 429 answer, and deliveries whose sender died).",
     )
     # A class, or its import path from the environment ("package.module.Class"), so separate
     # worker processes load the same model as the HTTP app.

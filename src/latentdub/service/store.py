@@ -19,10 +19,13 @@ the key's row first (``SELECT … FOR NO KEY UPDATE`` on PostgreSQL; SQLite's ``
 already holds the write lock), so simultaneous submissions of one key are counted one after the
 other. The daily quota counts :class:`~.models.KeyUsage`, which deleting jobs does not change.
 
-The uploaded assets jobs are made from are recorded here too (:meth:`JobStore.add_asset`,
-:meth:`JobStore.remove_unused_assets`), and so are the webhook deliveries
-(:meth:`JobStore.webhook_delivery_log`, :meth:`JobStore.webhook_to_redeliver`), so that the
-routes, the workers and the webhook sender never open a session.
+The uploaded assets jobs are made from are recorded here too (:meth:`JobStore.add_asset`, which
+checks the key's storage limit under the same lock, :meth:`JobStore.remove_unused_assets`), with
+the storage sweep's moves (:meth:`JobStore.expire_results`, :meth:`JobStore.expire_assets`: one
+locked transaction per row), and so are the webhook deliveries
+(:meth:`JobStore.start_webhook`, :meth:`JobStore.claim_webhooks`, :meth:`JobStore.webhook_delivery_log`),
+and which queued jobs the broker has not accepted yet (the outbox: :meth:`JobStore.dispatch_outbox`),
+so that the routes, the workers and the webhook sender never open a session.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import BigInteger, Engine, Text, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +50,7 @@ from latentdub.progress import STAGES, ProgressEvent
 from latentdub.service.db import read_session, write_session
 from latentdub.service.models import (
     ACTIVE_STATUSES,
+    FINAL_STATUSES,
     JOB_STATUSES,
     ApiKey,
     Asset,
@@ -76,6 +80,10 @@ del _acc, _name
 
 ANONYMOUS_SCOPE = "-"  # idempotency scope of requests made without an API key (auth off)
 MAX_PAGE = 500
+# The result file's size, recorded in ``job.result`` by :meth:`JobStore.finish`: storage is summed
+# from rows (quota, /metrics), never by walking the results folder.
+RESULT_BYTES = "output_bytes"
+_RESULT_BYTES = cast(Job.result[RESULT_BYTES].as_string(), BigInteger)
 
 
 class JobStoreError(LatentdubError):
@@ -126,6 +134,50 @@ class LimitReached(JobStoreError):
         else:
             message = f"this API key used its {limit} jobs for today"
         super().__init__(message)
+
+
+class StorageQuotaReached(JobStoreError):
+    """An upload that would take its API key past its storage limit (HTTP 413 ``storage_quota``)."""
+
+    def __init__(self, limit: int, used: int, size: int) -> None:
+        self.limit = limit
+        self.used = used
+        self.size = size
+        super().__init__(
+            f"this API key stores {used} bytes of its {limit}; {size} more would pass the limit. Delete "
+            "assets (DELETE /api/v1/assets/{id}) or jobs, or wait for them to expire"
+        )
+
+
+class AssetNotFound(JobStoreError):
+    """No asset with that id (or it was deleted)."""
+
+    def __init__(self, asset_id: str) -> None:
+        self.asset_id = asset_id
+        super().__init__(f"no asset with id {asset_id!r}")
+
+
+class AssetInUse(JobStoreError):
+    """A queued or running job uses the asset, so it stays (HTTP 409)."""
+
+    def __init__(self, asset_id: str, job_id: str) -> None:
+        self.asset_id = asset_id
+        self.job_id = job_id
+        super().__init__(f"asset {asset_id} is used by job {job_id}, which is queued or running; cancel it first")
+
+
+@dataclass(frozen=True)
+class StorageUsage:
+    """Stored assets and results (their count and bytes), of one key or of everything."""
+
+    assets: int
+    asset_bytes: int
+    results: int
+    result_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.asset_bytes + self.result_bytes
 
 
 @dataclass(frozen=True)
@@ -421,6 +473,8 @@ class JobStore:
             job.result = dict(result)
             if output_path is not None:
                 job.output_path = output_path
+                with contextlib.suppress(OSError):  # counted in the key's storage (storage_usage)
+                    job.result[RESULT_BYTES] = Path(output_path).stat().st_size
             job.progress, job.eta_s = 1.0, 0.0
             self._close(job)
         return job
@@ -525,16 +579,86 @@ class JobStore:
         return job
 
     # -- assets ---------------------------------------------------------------------------------
-    def add_asset(self, *, kind: str, sha256: str, size: int, path: str, api_key_id: str | None) -> Asset:
-        """Record an upload stored at ``path`` (already sniffed) as a new asset."""
+    def add_asset(
+        self, *, kind: str, sha256: str, size: int, path: str, api_key_id: str | None, limit_bytes: int = 0
+    ) -> Asset:
+        """Record an upload stored at ``path`` (already sniffed) as a new asset.
+
+        With an API key and ``limit_bytes``, the key's storage (:meth:`storage_usage`) is checked
+        in the transaction that inserts the row, under the key's row lock (as :meth:`_admit` does
+        for jobs): simultaneous uploads of one key are counted one after the other, each with the
+        bytes of those before it, so together they never pass the limit. Over it:
+        :class:`StorageQuotaReached` (nothing recorded; the caller removes the file).
+        """
         asset = Asset(kind=kind, sha256=sha256, bytes=size, path=path, api_key_id=api_key_id, created_at=utcnow())
         with write_session(self.engine) as session:
+            if api_key_id is not None and limit_bytes:
+                session.execute(select(ApiKey.id).where(ApiKey.id == api_key_id).with_for_update(key_share=True))
+                used = self._storage_usage(session, api_key_id).bytes
+                if used + size > limit_bytes:
+                    raise StorageQuotaReached(limit_bytes, used, size)
             session.add(asset)
         return asset
 
     def get_asset(self, asset_id: str) -> Asset | None:
         with read_session(self.engine) as session:
             return session.get(Asset, asset_id)
+
+    def list_assets(
+        self, api_key_id: str | None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[builtins.list[Asset], str | None]:
+        """A page of ``api_key_id``'s assets (None: every asset), newest first, and the next cursor
+        (None on the last page); keyset paging on ``(created_at, id)``, as :meth:`list`."""
+        limit = max(1, min(int(limit), MAX_PAGE))
+        query = select(Asset)
+        if api_key_id is not None:
+            query = query.where(Asset.api_key_id == api_key_id)
+        if cursor:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(Asset.created_at < created, and_(Asset.created_at == created, Asset.id < last_id))
+            )
+        query = query.order_by(Asset.created_at.desc(), Asset.id.desc()).limit(limit + 1)
+        with read_session(self.engine) as session:
+            assets = list(session.scalars(query))
+        if len(assets) <= limit:
+            return assets, None
+        assets = assets[:limit]
+        return assets, _encode_cursor(assets[-1])
+
+    def storage_usage(self, api_key_id: str | None = None) -> StorageUsage:
+        """What ``api_key_id`` stores (None: the whole database), from the rows alone: the assets'
+        bytes and the results' ``output_bytes`` (recorded by :meth:`finish`)."""
+        with read_session(self.engine) as session:
+            return self._storage_usage(session, api_key_id)
+
+    @staticmethod
+    def _storage_usage(session: Session, api_key_id: str | None) -> StorageUsage:
+        assets = select(func.count(), func.coalesce(func.sum(Asset.bytes), 0)).select_from(Asset)
+        results = select(func.count(), func.coalesce(func.sum(_RESULT_BYTES), 0)).select_from(Job).where(
+            Job.output_path.is_not(None)
+        )
+        if api_key_id is not None:
+            assets = assets.where(Asset.api_key_id == api_key_id)
+            results = results.where(Job.api_key_id == api_key_id)
+        n_assets, asset_bytes = session.execute(assets).one()
+        n_results, result_bytes = session.execute(results).one()
+        return StorageUsage(int(n_assets), int(asset_bytes), int(n_results), int(result_bytes))
+
+    def delete_asset(self, asset_id: str) -> Asset:
+        """Remove an asset's row and file: :class:`AssetNotFound`, or :class:`AssetInUse` while a
+        queued or running job names it. Returns it (its analysis cache is the caller's)."""
+        with write_session(self.engine) as session:
+            asset = self._locked_asset(session, asset_id)
+            if asset is None:
+                raise AssetNotFound(asset_id)
+            user = self._active_user(session, asset_id)
+            if user is not None:
+                raise AssetInUse(asset_id, user)
+            session.delete(asset)
+        with contextlib.suppress(OSError):
+            Path(asset.path).unlink(missing_ok=True)
+        return asset
 
     def remove_assets(self, asset_ids: Iterable[str | None]) -> None:
         """Delete asset rows and their files (missing ones are fine)."""
@@ -566,10 +690,216 @@ class JobStore:
                 unused.append(asset_id)
         self.remove_assets(unused)
 
+    # -- expiry ---------------------------------------------------------------------------------
+    def expire_results(self, before: dt.datetime, *, batch: int = 100) -> builtins.list[tuple[str, Path, int]]:
+        """Remove the result files of final jobs that ended before ``before``: up to ``batch`` jobs
+        per transaction, locked and checked again, get ``output_path`` NULL and ``expired_at`` now;
+        after the commit their files go. The rows stay. Returns ``(job id, path, bytes)`` of each
+        result expired here (a process sweeping at the same time finds those without a path)."""
+        done: builtins.list[tuple[str, Path, int]] = []
+        while True:
+            now = utcnow()
+            with write_session(self.engine) as session:
+                jobs = list(session.scalars(
+                    select(Job)
+                    .where(Job.status.in_(FINAL_STATUSES), Job.output_path.is_not(None), Job.finished_at < before)
+                    .order_by(Job.finished_at, Job.id)
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)  # PostgreSQL: rows another sweep holds are its own
+                ))
+                expired = []
+                for job in jobs:
+                    expired.append((job.id, Path(job.output_path or ""), int((job.result or {}).get(RESULT_BYTES) or 0)))
+                    job.output_path = None
+                    job.expired_at = now
+            for _, path, _ in expired:  # the rows no longer name them: removing them is safe at any time
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            done += expired
+            if len(jobs) < batch:
+                return done
+
+    def expire_assets(self, before: dt.datetime, *, batch: int = 10) -> builtins.list[Asset]:
+        """Remove the assets uploaded before ``before`` that no queued or running job names: up to
+        ``batch`` rows per transaction, locked and checked again, then their files. Returns them
+        (their analysis caches are the caller's)."""
+        # Small batches: deleting an asset makes the database look up the jobs that name it (ON
+        # DELETE SET NULL), a scan of jobs while jobs.video_asset_id/audio_asset_id have no index
+        # (~90 ms with 200,000 jobs on SQLite), and SQLite's write lock is held meanwhile.
+        done: builtins.list[Asset] = []
+        after: tuple[dt.datetime, str] | None = None
+        while True:
+            query = select(Asset).where(Asset.created_at < before)
+            if after is not None:  # past the ones kept (in use) by the batches before
+                query = query.where(
+                    or_(Asset.created_at > after[0], and_(Asset.created_at == after[0], Asset.id > after[1]))
+                )
+            with write_session(self.engine) as session:
+                # On PostgreSQL a job insert naming an asset holds a key-share lock on its row, which
+                # this waits for: a job committed meanwhile is then seen by _in_use.
+                assets = list(session.scalars(
+                    query.order_by(Asset.created_at, Asset.id).limit(batch).with_for_update()
+                ))
+                used = self._in_use(session, [a.id for a in assets])
+                gone = [a for a in assets if a.id not in used]
+                for asset in gone:
+                    session.delete(asset)
+            for asset in gone:
+                with contextlib.suppress(OSError):
+                    Path(asset.path).unlink(missing_ok=True)
+            done += gone
+            if len(assets) < batch:
+                return done
+            after = (assets[-1].created_at, assets[-1].id)
+
+    # -- what the orphan sweep compares the folders with ----------------------------------------
+    def asset_file_names(self) -> set[str]:
+        """The file names (not paths: machines may mount the folder elsewhere) of every asset."""
+        with read_session(self.engine) as session:
+            return {Path(p).name for p in session.scalars(select(Asset.path).execution_options(yield_per=5000))}
+
+    def existing_assets(self, asset_ids: Iterable[str]) -> set[str]:
+        """Which of ``asset_ids`` have a row."""
+        ids = list(asset_ids)
+        with read_session(self.engine) as session:
+            return set(session.scalars(select(Asset.id).where(Asset.id.in_(ids)))) if ids else set()
+
+    def result_owners(self, job_ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """``{job id: (status, output_path)}`` of those of ``job_ids`` that have a row."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        with read_session(self.engine) as session:
+            rows = session.execute(select(Job.id, Job.status, Job.output_path).where(Job.id.in_(ids))).all()
+        return {job_id: (status, path) for job_id, status, path in rows}
+
+    @staticmethod
+    def _locked_asset(session: Session, asset_id: str) -> Asset | None:
+        # On PostgreSQL a job insert naming the asset holds a key-share lock on its row, which
+        # this waits for: a job committed meanwhile is then seen by _active_user.
+        return session.scalars(select(Asset).where(Asset.id == asset_id).with_for_update()).one_or_none()
+
+    @staticmethod
+    def _in_use(session: Session, asset_ids: builtins.list[str]) -> set[str]:
+        """Those of ``asset_ids`` that a queued or running job uses (see :meth:`_active_user`)."""
+        if not asset_ids:
+            return set()
+        rows = session.execute(
+            select(Job.video_asset_id, Job.audio_asset_id, cast(Job.options, Text)).where(
+                Job.status.in_(ACTIVE_STATUSES)
+            )
+        ).all()
+        named = {v for row in rows for v in row[:2] if v}
+        texts = [row[2] or "" for row in rows]
+        return {a for a in asset_ids if a in named or any(a in t for t in texts)}
+
+    @staticmethod
+    def _active_user(session: Session, asset_id: str) -> str | None:
+        """A queued or running job that uses the asset (as its video, audio or a segment's audio)."""
+        # A segment's audio is an asset id inside the options JSON; a UUID found in its text is one.
+        return session.scalar(
+            select(Job.id).where(
+                Job.status.in_(ACTIVE_STATUSES),
+                or_(
+                    Job.video_asset_id == asset_id,
+                    Job.audio_asset_id == asset_id,
+                    cast(Job.options, Text).contains(asset_id, autoescape=True),
+                ),
+            ).limit(1)
+        )
+
+    # -- the job outbox (jobs whose broker message may not have been sent) ----------------------
+    def mark_dispatched(self, job_id: str) -> None:
+        """Record that the broker (or the in-process queue) accepted the job's message now."""
+        with write_session(self.engine) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+
+    def outbox_pending(self) -> int:
+        """Queued jobs whose message no broker has accepted yet (the outbox's backlog, for metrics)."""
+        query = select(func.count()).select_from(Job).where(Job.status == "queued", Job.dispatched_at.is_(None))
+        with read_session(self.engine) as session:
+            return int(session.scalar(query) or 0)
+
+    def dispatch_outbox(
+        self, publish: Callable[[str], None], *, older_than: dt.datetime, limit: int = 100
+    ) -> builtins.list[str]:
+        """Publish queued jobs made before ``older_than`` that were never dispatched, oldest first,
+        with ``publish(job_id)``, and record each that it accepted; returns their ids.
+
+        The jobs stay locked while they are published (``FOR UPDATE SKIP LOCKED`` on PostgreSQL:
+        another serving process skips them; SQLite's write lock serializes), so two processes do
+        not publish the same job at once. The first ``publish`` that raises ends the round (the
+        broker is down): that job and the rest stay undispatched for the next round.
+        """
+        done: builtins.list[str] = []
+        with write_session(self.engine) as session:
+            jobs = list(session.scalars(
+                select(Job)
+                .where(Job.status == "queued", Job.dispatched_at.is_(None), Job.created_at < older_than)
+                .order_by(Job.created_at, Job.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ))
+            for job in jobs:
+                try:
+                    publish(job.id)
+                except Exception:
+                    break
+                job.dispatched_at = utcnow()
+                done.append(job.id)
+        return done
+
     # -- the webhook delivery log ---------------------------------------------------------------
-    def webhook_delivery_log(self) -> WebhookDeliveryLog:
-        """Where :func:`~.webhooks.deliver` records a job's webhook (each attempt in its own write)."""
-        return WebhookDeliveryLog(self.engine)
+    def webhook_delivery_log(self, claim_s: float = 60.0) -> WebhookDeliveryLog:
+        """Where :func:`~.webhooks.deliver` records a job's webhook (each attempt in its own write);
+        a delivery it starts is its sender's for ``claim_s`` (see :meth:`claim_webhooks`)."""
+        return WebhookDeliveryLog(self.engine, claim_s=claim_s)
+
+    def start_webhook(self, job_id: str, event: str, url: str, *, claim_s: float) -> PendingWebhook | None:
+        """Record the job's ``event`` webhook, before its first attempt, for the caller to send: None
+        if the job already has that event's webhook (or is gone), so each event is sent once.
+
+        The new record is the caller's for ``claim_s`` (its next attempt is due then): if the caller
+        dies before it records an attempt, :meth:`claim_webhooks` hands the record to another run.
+        """
+        with write_session(self.engine) as session:
+            # Lock the job: two enders of the same job (a cancel and a redelivered message) wait
+            # for each other, and the second sees the first's record.
+            if session.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
+                return None
+            if session.scalar(select(WebhookDelivery.id).where(
+                WebhookDelivery.job_id == job_id, WebhookDelivery.event == event
+            ).limit(1)) is not None:
+                return None
+            record = _new_delivery(new_id(), job_id, event, url, claim_s)
+            session.add(record)
+        return _pending(record)
+
+    def claim_webhooks(self, *, since: dt.datetime, claim_s: float, limit: int = 8) -> builtins.list[str]:
+        """Ids of up to ``limit`` undelivered webhooks made since ``since`` whose next attempt is
+        due, now claimed by the caller: their next attempt is pushed ``claim_s`` ahead in the same
+        locked transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's write lock), so no
+        other process sends them meanwhile. Older ones still due are given up (no next attempt)."""
+        now = utcnow()
+        due = and_(
+            WebhookDelivery.delivered_at.is_(None),
+            WebhookDelivery.next_attempt_at.is_not(None),
+            WebhookDelivery.next_attempt_at <= now,
+        )
+        with read_session(self.engine) as session:  # most rounds find nothing: no write transaction then
+            if session.scalar(select(WebhookDelivery.id).where(due).limit(1)) is None:
+                return []
+        with write_session(self.engine) as session:
+            session.execute(
+                update(WebhookDelivery).where(due, WebhookDelivery.created_at < since).values(next_attempt_at=None)
+            )
+            records = list(session.scalars(
+                select(WebhookDelivery).where(due).order_by(WebhookDelivery.next_attempt_at).limit(limit)
+                .with_for_update(skip_locked=True)
+            ))
+            for record in records:
+                record.next_attempt_at = now + dt.timedelta(seconds=claim_s)
+        return [record.id for record in records]
 
     def undelivered_webhooks(self, since: dt.datetime) -> builtins.list[str]:
         """Ids of the webhook deliveries made since ``since`` that never got through, oldest first."""
@@ -588,10 +918,7 @@ class JobStore:
             record = session.get(WebhookDelivery, delivery_id)
             if record is None or record.delivered_at is not None:
                 return None
-            pending = PendingWebhook(
-                id=record.id, job_id=record.job_id, event=record.event, url=record.url,
-                attempts=record.attempts, created_at=record.created_at,
-            )
+            pending = _pending(record)
             job = None if record.job_id is None else session.get(Job, record.job_id)
         if job is None:  # the job was deleted: nothing to report any more
             with write_session(self.engine) as session:
@@ -618,7 +945,8 @@ class JobStore:
 
 @dataclass(frozen=True)
 class PendingWebhook:
-    """An undelivered webhook, as :meth:`JobStore.webhook_to_redeliver` finds it."""
+    """An undelivered webhook, as :meth:`JobStore.webhook_to_redeliver` and
+    :meth:`JobStore.start_webhook` give it."""
 
     id: str  # its Webhook-Id
     job_id: str | None
@@ -628,18 +956,30 @@ class PendingWebhook:
     created_at: dt.datetime
 
 
+def _pending(record: WebhookDelivery) -> PendingWebhook:
+    return PendingWebhook(id=record.id, job_id=record.job_id, event=record.event, url=record.url,
+                          attempts=record.attempts, created_at=record.created_at)
+
+
+def _new_delivery(webhook_id: str, job_id: str | None, event: str, url: str, claim_s: float) -> WebhookDelivery:
+    """A delivery before its first attempt, its sender's for ``claim_s``: due then, should the sender die."""
+    now = utcnow()
+    return WebhookDelivery(id=webhook_id, job_id=job_id, event=event, url=url, attempts=0, created_at=now,
+                           next_attempt_at=now + dt.timedelta(seconds=claim_s))
+
+
 class WebhookDeliveryLog:
     """The :class:`~.webhooks.DeliveryLog` of :func:`~.webhooks.deliver` in the database: each call
-    is one short write transaction, committed before the next attempt is made."""
+    is one short write transaction, committed before the next attempt is made. A delivery started
+    here is due again ``claim_s`` later unless an attempt is recorded before (its sender died)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, claim_s: float = 60.0) -> None:
         self.engine = engine
+        self.claim_s = claim_s
 
     def started(self, webhook_id: str, job_id: str | None, event: str, url: str) -> None:
         with write_session(self.engine) as session:
-            session.add(WebhookDelivery(
-                id=webhook_id, job_id=job_id, event=event, url=url, attempts=0, created_at=utcnow()
-            ))
+            session.add(_new_delivery(webhook_id, job_id, event, url, self.claim_s))
 
     def attempted(
         self,
@@ -662,8 +1002,8 @@ class WebhookDeliveryLog:
             record.next_attempt_at = next_attempt_at
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+def _encode_cursor(row: Job | Asset) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}".encode()
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 

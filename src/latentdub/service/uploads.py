@@ -2,7 +2,8 @@
 
 The stored name is a fresh UUID and the extension comes from what PyAV finds in the content;
 the client's filename and content type are never used. Limits (bytes, duration, frame size)
-come from :class:`~latentdub.service.settings.ServiceSettings`.
+come from :class:`~latentdub.service.settings.ServiceSettings`, and so does the per-key storage
+limit an upload is recorded within (``key_storage_bytes``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import anyio
 from latentdub.errors import InputError
 from latentdub.service.models import Asset
 from latentdub.service.settings import ServiceSettings
-from latentdub.service.store import JobStore
+from latentdub.service.store import JobStore, StorageQuotaReached
 
 UPLOADS_DIR = "uploads"
 CHUNK = 1 << 20
@@ -173,16 +174,37 @@ def _check_audio(path: Path, field: str, settings: ServiceSettings) -> None:
         raise UploadError(422, "bad_audio", f"{field}: {_clean(str(err), path, field)}", field) from None
 
 
+def _storage_quota(err: StorageQuotaReached, field: str) -> UploadError:
+    return UploadError(413, "storage_quota", f"{field}: {err}", field)
+
+
+def check_storage(settings: ServiceSettings, store: JobStore, api_key_id: str | None, field: str) -> None:
+    """An early 413 ``storage_quota`` when the key already stores its limit, before an upload
+    streams in; :meth:`~.store.JobStore.add_asset` decides, under the key's lock."""
+    limit = settings.key_storage_bytes
+    if api_key_id is None or not limit:
+        return
+    used = store.storage_usage(api_key_id).bytes
+    if used >= limit:
+        raise _storage_quota(StorageQuotaReached(limit, used, 1), field)
+
+
 async def save_upload(
     upload: Any, field: str, kind: str, settings: ServiceSettings, store: JobStore, api_key_id: str | None
 ) -> Asset:
-    """Receive, sniff and record one upload as an :class:`Asset` (through the job store)."""
+    """Receive, sniff and record one upload as an :class:`Asset` (through the job store), within
+    the key's storage limit (``settings.key_storage_bytes``: 413 ``storage_quota`` past it)."""
+    await anyio.to_thread.run_sync(check_storage, settings, store, api_key_id, field)
     path, sha, size = await receive(upload, field, settings)
     final = await anyio.to_thread.run_sync(sniff, path, field, kind, settings)
     try:
         return await anyio.to_thread.run_sync(
-            lambda: store.add_asset(kind=kind, sha256=sha, size=size, path=str(final), api_key_id=api_key_id)
+            lambda: store.add_asset(kind=kind, sha256=sha, size=size, path=str(final), api_key_id=api_key_id,
+                                    limit_bytes=settings.key_storage_bytes)
         )
+    except StorageQuotaReached as err:
+        final.unlink(missing_ok=True)
+        raise _storage_quota(err, field) from None
     except BaseException:
         final.unlink(missing_ok=True)
         raise

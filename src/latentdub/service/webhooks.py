@@ -14,7 +14,9 @@ or, without latentdub::
 
 Each event has a ``Webhook-Id`` that stays the same over retries (receivers de-duplicate on it);
 every attempt is signed afresh with its own timestamp. Network errors, 5xx and 429 answers are
-retried with exponential backoff; other answers are final.
+retried with exponential backoff (:func:`backoff_delay`); other answers, and an address refused
+as not public, are final. The retry schedule lives in :func:`deliver` alone: it says when the next
+attempt is due, whether within the call (``retries``) or later, by another run (``retry_until``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ TIMESTAMP_HEADER = "Webhook-Timestamp"
 SCHEME = "v1"
 MAX_BACKOFF_S = 600.0
 EVENTS = ("job.succeeded", "job.failed", "job.cancelled")
+
+
+def backoff_delay(attempts: int, backoff_s: float) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt: ``backoff_s * 2**(attempts-1)``, at
+    most :data:`MAX_BACKOFF_S`."""
+    return min(backoff_s * 2.0 ** min(max(attempts - 1, 0), 32), MAX_BACKOFF_S)
 
 
 def _mac(body: bytes, secret: str, timestamp: int) -> str:
@@ -176,6 +184,7 @@ class DeliveryResult:
     status: int | None  # the last HTTP status, None if the last attempt got no answer
     error: str | None  # the last network error or unexpected status, None when delivered
     webhook_id: str
+    next_attempt_at: dt.datetime | None = None  # when a later run should try again (None: never)
 
 
 def encode_event(event: str, payload: Mapping[str, Any], webhook_id: str, created: int) -> bytes:
@@ -236,11 +245,16 @@ def deliver(
     created_at: dt.datetime | None = None,
     attempts_before: int = 0,
     allow_private: bool = False,
+    retry_until: dt.datetime | None = None,
 ) -> DeliveryResult:
     """POST the event to ``url``, signed, retrying up to ``retries`` times.
 
-    The delay before retry ``n`` (1-based) is ``backoff_s * 2**(n-1)`` (at most 10 minutes).
-    Redirects are not followed.
+    The delay after the event's ``n``-th failed attempt (earlier runs' included) is
+    :func:`backoff_delay` ``(n, backoff_s)``: ``backoff_s * 2**(n-1)``, at most 10 minutes.
+    Redirects are not followed. Once this call's retries are spent, a retryable failure still gets a
+    next attempt time (``next_attempt_at`` in the log and the result) if it falls before
+    ``retry_until``: a later run sends it then (the service's redelivery loop); without
+    ``retry_until``, or past it, the event is given up.
 
     Every attempt resolves the host again, refuses it if any of its addresses is not public
     (:mod:`latentdub.service.addresses`; ``allow_private`` skips that check, the server setting
@@ -257,9 +271,10 @@ def deliver(
     certificate against the address). A client shared between hosts could reuse a TLS connection
     made for one name for another name on the same address: give each delivery its own.
 
-    To send an undelivered event again (after a restart), pass its ``webhook_id`` (it stays the
-    ``Webhook-Id``), its ``created_at`` (the envelope's creation time) and ``attempts_before``,
-    the attempts made so far (the count goes on from there); ``started`` is not called then.
+    To send an event already recorded (the service records it before the first attempt) or an
+    undelivered one again, pass its ``webhook_id`` (it stays the ``Webhook-Id``), its ``created_at``
+    (the envelope's creation time) and ``attempts_before``, the attempts made so far (the count and
+    the backoff go on from there); ``started`` is not called then.
     """
     import httpx
 
@@ -280,6 +295,7 @@ def deliver(
         timeout=timeout_s, follow_redirects=False, trust_env=False
     )
     attempts, status, error = 0, None, None
+    next_at: dt.datetime | None = None
     try:
         for attempt in range(max(0, int(retries)) + 1):
             attempts = attempt + 1
@@ -309,17 +325,19 @@ def deliver(
                 else:
                     error = f"HTTP {status}"
                     retry = status >= 500 or status == 429
-            delay = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
+            delay = backoff_delay(attempts_before + attempts, backoff_s)
             more = retry and attempt < retries
+            now = dt.datetime.now(dt.UTC)
+            due = now + dt.timedelta(seconds=delay)
+            next_at = due if more or (retry and retry_until is not None and due <= retry_until) else None
             if log is not None:
-                now = dt.datetime.now(dt.UTC)
                 log.attempted(
                     webhook_id,
                     attempts=attempts_before + attempts,
                     status=status,
                     error=error,
                     delivered_at=now if error is None else None,
-                    next_attempt_at=now + dt.timedelta(seconds=delay) if more else None,
+                    next_attempt_at=next_at,
                 )
             if not more:
                 break
@@ -327,4 +345,4 @@ def deliver(
     finally:
         if own_client:
             http.close()
-    return DeliveryResult(error is None, attempts, status, error, webhook_id)
+    return DeliveryResult(error is None, attempts, status, error, webhook_id, next_at)
