@@ -73,7 +73,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, media_
     from latentdub.pipeline import LipSyncPipeline
 
     root = tmp_path_factory.mktemp("service")
-    settings = ServiceSettings(data_dir=root / "data", key_concurrency=0, key_daily_quota=0, webhook_retries=1,
+    settings = ServiceSettings(data_dir=root / "data", key_concurrency=0, key_daily_quota=0,
                                webhook_backoff_s=0.1, allow_private_webhooks=True)
     app = create_app(settings, pipe_factory=lambda: LipSyncPipeline.from_pretrained(tiny_weights, device="cpu"),
                      preload=True)

@@ -88,7 +88,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, media_d
     from latentdub.pipeline import LipSyncPipeline
 
     root = tmp_path_factory.mktemp("hardening")
-    settings = ServiceSettings(data_dir=root / "data", key_concurrency=0, key_daily_quota=0, webhook_retries=1,
+    settings = ServiceSettings(data_dir=root / "data", key_concurrency=0, key_daily_quota=0,
                                webhook_backoff_s=0.1, allow_private_webhooks=True)
     app = create_app(settings, pipe_factory=lambda: LipSyncPipeline.from_pretrained(tiny_weights, device="cpu"),
                      preload=True)

@@ -178,7 +178,7 @@ def test_migration_counts_the_jobs_already_made(db_url: str) -> None:
         store = JobStore(engine)
         assert store.usage(key.id) == 2
         assert store.usage(key.id, (now - dt.timedelta(days=2)).date()) == 1
-        migrate(engine)  # on to the head: 0003 adds columns the store now uses
+        migrate(engine)  # on to the head: 0003 adds columns the store now uses, 0004 indexes
         assert store.usage(key.id) == 2  # and keeps the counts (no table copy that cascades)
         assert _create(store, key.id, KeyLimits(daily_quota=2)) == "daily_quota"
         with engine.connect() as conn:  # the migration and the models describe one schema

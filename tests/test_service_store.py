@@ -33,6 +33,7 @@ from latentdub.service.models import Base, Job
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.store import (
     STAGE_WEIGHTS,
+    AssetGone,
     Conflict,
     InvalidTransition,
     JobNotFound,
@@ -168,7 +169,7 @@ def test_migrate_creates_tables_and_is_idempotent(empty_engine: Engine) -> None:
     migrate(empty_engine)
     assert set(inspect(empty_engine).get_table_names()) >= TABLES
     head = current_revision(empty_engine)
-    assert head == "0003_hardening"
+    assert head == "0004_asset_indexes"
     migrate(empty_engine)  # a second run changes nothing
     assert current_revision(empty_engine) == head
     # The migration and the ORM models describe the same schema.
@@ -497,6 +498,20 @@ def test_assets_and_purge_go_through_the_store(store: JobStore, tmp_path: Path) 
     assert files["shared"].exists() and store.get_asset(shared.id) is not None
     store.remove_assets([shared.id, None, "unknown"])
     assert not files["shared"].exists() and store.get_asset(shared.id) is None
+
+
+def test_an_asset_deleted_before_the_insert_is_a_clear_error(store: JobStore, tmp_path: Path) -> None:
+    """The sweep (or a DELETE) removes an asset between a submit's lookup and its insert: the
+    foreign key refuses the job, and the store says which asset went, not an IntegrityError."""
+    (tmp_path / "v.bin").write_bytes(b"x")
+    (tmp_path / "a.bin").write_bytes(b"x")
+    video = store.add_asset(kind="video", sha256="c" * 64, size=1, path=str(tmp_path / "v.bin"), api_key_id=None)
+    audio = store.add_asset(kind="audio", sha256="d" * 64, size=1, path=str(tmp_path / "a.bin"), api_key_id=None)
+    store.remove_assets([audio.id])
+    with pytest.raises(AssetGone) as err:
+        store.create(options={}, video_asset_id=video.id, audio_asset_id=audio.id)
+    assert err.value.kind == "audio" and err.value.asset_id == audio.id
+    assert store.list(None)[0] == []  # no job was made
 
 
 # -- settings -----------------------------------------------------------------------------------

@@ -41,11 +41,9 @@ VIDEO = "retalking_face3_woman_25fps.mp4"
 
 
 def fast_settings(root: Path, **more: Any) -> ServiceSettings:
-    """Short intervals, the test secret, local receivers allowed. ``webhook_retries=0``: the old
-    code's in-call retries are off, so only a loop can send an event again."""
+    """Short intervals, the test secret, local receivers allowed."""
     values: dict[str, Any] = {"data_dir": root / "data", "webhook_secret": SECRET, "allow_private_webhooks": True,
-                              "webhook_backoff_s": 0.2, "webhook_poll_s": 0.1, "webhook_timeout_s": 0.5,
-                              "webhook_retries": 0, "auth_enabled": False, "key_concurrency": 0,
+                              "webhook_backoff_s": 0.2, "webhook_poll_s": 0.1, "webhook_timeout_s": 0.5, "auth_enabled": False, "key_concurrency": 0,
                               "key_daily_quota": 0, **more}
     return ServiceSettings(**values)
 

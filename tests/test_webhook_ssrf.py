@@ -130,7 +130,7 @@ def test_a_name_rebound_to_loopback_after_submit_is_not_posted_to(
 ) -> None:
     from latentdub.service.jobs import send_webhook
 
-    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=2,
+    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET,
                                webhook_backoff_s=0.0)
     with Server() as local:
         url = f"http://rebind.example:{local.port}/hook"
@@ -152,7 +152,7 @@ def test_a_redelivery_after_a_restart_checks_the_address_again(
 ) -> None:
     from latentdub.service.jobs import redeliver_webhooks
 
-    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=1,
+    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET,
                                webhook_backoff_s=0.0)
     with Server() as local:
         url = f"http://rebind.example:{local.port}/hook"

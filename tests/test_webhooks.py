@@ -301,7 +301,7 @@ def test_redeliver_webhooks_sends_what_failed(db: Any, tmp_path: Path) -> None:
 
     store = JobStore(db)
     job, _ = store.create(options={})
-    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET, webhook_retries=2,
+    settings = ServiceSettings(data_dir=tmp_path / "data", webhook_secret=SECRET,
                                webhook_backoff_s=0.01, allow_private_webhooks=True)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     with Receiver([503, 200, 410]) as receiver:

@@ -161,10 +161,10 @@ class Job(Base):
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     consent: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     video_asset_id: Mapped[str | None] = mapped_column(
-        ForeignKey("assets.id", ondelete="SET NULL"), default=None
+        ForeignKey("assets.id", ondelete="SET NULL"), default=None, index=True
     )
     audio_asset_id: Mapped[str | None] = mapped_column(
-        ForeignKey("assets.id", ondelete="SET NULL"), default=None
+        ForeignKey("assets.id", ondelete="SET NULL"), default=None, index=True
     )
     output_path: Mapped[str | None] = mapped_column(Text, default=None)
 

@@ -52,6 +52,7 @@ from latentdub.service.runner import Runner
 from latentdub.service.settings import ServiceSettings
 from latentdub.service.storage import asset_json, storage_bytes
 from latentdub.service.store import (
+    AssetGone,
     AssetInUse,
     AssetNotFound,
     Conflict,
@@ -346,6 +347,8 @@ async def _submit(
             )
         except LimitReached as err:
             raise ApiError(429, err.code, str(err)) from None
+        except AssetGone as err:  # swept or deleted since it was looked up
+            raise ApiError(404, "asset_not_found", str(err), field=f"{err.kind}_asset_id") from None
 
     try:
         job, created = await anyio.to_thread.run_sync(create)
@@ -354,8 +357,8 @@ async def _submit(
         raise
     if not created:  # an idempotent repeat: the first request's files are the job's
         await anyio.to_thread.run_sync(store.remove_assets, fresh)
-    else:
-        runner.submit(job.id)
+    else:  # the in-process runner records the dispatch, the Celery one hands it to its outbox: both block
+        await anyio.to_thread.run_sync(runner.submit, job.id)
     return job, created
 
 
@@ -438,7 +441,7 @@ def _video_response(job: Job) -> FileResponse:
 
 # -- routes -------------------------------------------------------------------------------------
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429)
+    code: {"model": schemas.ErrorResponse} for code in (401, 403, 404, 409, 410, 413, 415, 416, 422, 429)
 }
 
 api = APIRouter(prefix="/api/v1", responses=ERRORS)

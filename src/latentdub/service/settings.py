@@ -71,12 +71,9 @@ class ServiceSettings(BaseSettings):
         100, ge=0, description="Jobs one API key may submit per UTC day; 0: no limit."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook request, in seconds.")
-    webhook_retries: int = Field(
-        5, ge=0, description="Ignored (kept so old settings still load): a webhook is retried after a network "
-        "error or a 5xx / 429 answer until it is 3 days old, webhook_backoff_s apart, doubling up to 10 minutes."
-    )
     webhook_backoff_s: float = Field(
-        2.0, ge=0, description="First retry delay of a webhook; doubles with each retry."
+        2.0, ge=0, description="First retry delay of a webhook; doubles with each retry up to 10 minutes. A "
+        "webhook is retried after a network error or a 5xx / 429 answer until it is 3 days old; any other answer is final."
     )
     allow_private_webhooks: bool = Field(
         False,

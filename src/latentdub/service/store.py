@@ -136,6 +136,15 @@ class LimitReached(JobStoreError):
         super().__init__(message)
 
 
+class AssetGone(JobStoreError):
+    """An asset a new job names was deleted (or expired) after it was looked up (HTTP 404)."""
+
+    def __init__(self, kind: str, asset_id: str) -> None:
+        self.kind = kind
+        self.asset_id = asset_id
+        super().__init__(f"the {kind} asset {asset_id} was deleted while the job was submitted; upload it again")
+
+
 class StorageQuotaReached(JobStoreError):
     """An upload that would take its API key past its storage limit (HTTP 413 ``storage_quota``)."""
 
@@ -267,6 +276,10 @@ class JobStore:
                         return earlier, False
                 session.add(job)
         except IntegrityError:
+            # A foreign key: an asset swept or deleted since the caller looked it up.
+            for kind, asset_id in (("video", video_asset_id), ("audio", audio_asset_id)):
+                if asset_id is not None and self.get_asset(asset_id) is None:
+                    raise AssetGone(kind, asset_id) from None
             # Another request with the same key won the race; answer as if we had come second.
             if not idempotency_key:
                 raise
