@@ -1,7 +1,12 @@
 """The provenance of one dub: the hooks the pipeline adds to every render.
 
 * the invisible watermark, a frame filter that runs after the caller's filters (so nothing the
-  caller draws can sit on top of it) — unless ``DubOptions.watermark`` is off;
+  caller draws can sit on top of it) — unless ``DubOptions.watermark`` is off. It goes only on
+  the frames the model made: a frame passed through unchanged (no usable face, silence) is not
+  AI-made and is not marked, and the time ranges of the made frames go into the credentials. A
+  dub that made no frame at all carries no mark and credentials that record the pass-through;
+* the frame's time ranges (``generated``) and whether any were made are known only once the last
+  frame is written, so the credentials' claims are completed when the finalizer runs;
 * signed content credentials (C2PA), a finalizer that runs after the caller's finalizers (the
   signature covers the final bytes);
 * an entry in the hash-chained audit log, written once the signed file is complete and before
@@ -22,7 +27,7 @@ from typing import Any
 
 from latentdub.files import sha256_file
 from latentdub.provenance.audit import AuditLog, chain_path, chain_paths, dub_entry
-from latentdub.provenance.c2pa import ProvenanceClaims, c2pa_finalizer
+from latentdub.provenance.c2pa import C2paSigner, ProvenanceClaims
 from latentdub.provenance.keys import SigningKeys, default_signing
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,34 @@ class ProvenanceSettings:
         return keys
 
 
+class GeneratedFrames:
+    """A frame filter that lets only the frames a model made through to ``mark`` (the watermark,
+    or nothing) and keeps their time ranges. Frames arrive in output order, one sink per dub."""
+
+    def __init__(self, mark: Any | None) -> None:
+        self.mark = mark
+        self.frames = 0
+        self._ranges: list[list[float]] = []  # [start_s, time of the last frame] per run
+        self._last: int | None = None  # index of the previous generated frame
+        self._step = 0.04  # the latest frame interval seen: the length of a run's last frame
+
+    def __call__(self, frame: Any, info: Any = None) -> Any:
+        if info is None or not info.dubbed:
+            return frame
+        if self._ranges and self._last == info.index - 1:
+            self._step = max(1e-3, info.time_s - self._ranges[-1][1])
+            self._ranges[-1][1] = info.time_s
+        else:
+            self._ranges.append([info.time_s, info.time_s])
+        self._last = info.index
+        self.frames += 1
+        return frame if self.mark is None else self.mark(frame, info)
+
+    def ranges(self) -> tuple[tuple[float, float], ...]:
+        """``(start_s, end_s)`` of each run of generated frames, to the millisecond."""
+        return tuple((round(s, 3), round(e + self._step, 3)) for s, e in self._ranges)
+
+
 class DubProvenance:
     """Watermark, content credentials and audit entry of one dub."""
 
@@ -92,8 +125,10 @@ class DubProvenance:
 
             payload = payload_for_job(self.job_id)
             self._watermarker = Watermarker(payload)
-            self.watermark_id = format(payload.job_id, "x")
+            self.watermark_id = payload.hex
+        self.generated = GeneratedFrames(self._watermarker)
         self.keys = self.settings.keys()  # before any work: a bad key fails the dub in a second
+        self._signer = C2paSigner(self.keys)
         self.claims = ProvenanceClaims(
             model=self.model,
             video_sha256=video_sha256,
@@ -111,10 +146,27 @@ class DubProvenance:
         return str(getattr(self.consent, "id", None) or dict(self.consent).get("id") or "") or None
 
     def frame_filters(self) -> list[Any]:
-        return [self._watermarker] if self._watermarker is not None else []
+        return [self.generated]
 
     def finalizers(self) -> list[Any]:
-        return [c2pa_finalizer(self.keys, self.claims), self._audit]
+        return [self._sign, self._audit]
+
+    @property
+    def marked(self) -> bool:
+        """Whether any frame carries the watermark (a dub that made no frame has none)."""
+        return self.watermark_on and self.generated.frames > 0
+
+    def final_claims(self) -> ProvenanceClaims:
+        """The claims with what only the finished render knows: the generated time ranges."""
+        from dataclasses import replace
+
+        marked = self.marked
+        return replace(self.claims, generated=self.generated.ranges(), watermark=marked,
+                       watermark_id=self.watermark_id if marked else None)
+
+    def _sign(self, tmp_path: Path) -> dict[str, Any]:
+        """Sign the finished file with the final claims (content credentials, C2PA)."""
+        return {"c2pa": self._signer.sign_in_place(Path(tmp_path), self.final_claims())}
 
     def _audit(self, tmp_path: Path) -> dict[str, Any]:
         """Record the finished (signed) file; runs just before the rename."""
@@ -126,7 +178,8 @@ class DubProvenance:
             options=self.options,
             model=self.model,
             job_id=self.job_id,
-            watermark_id=self.watermark_id,
+            watermark_id=self.watermark_id if self.marked else None,
+            generated_ranges=[list(r) for r in self.generated.ranges()],
         )
         path, peers = self.settings.audit_paths()
         audit_log = AuditLog(path)
@@ -143,6 +196,7 @@ class DubProvenance:
         return {
             "job_id": self.job_id,
             "consent_id": self.consent_id,
-            "watermark": {"on": self.watermark_on, "id": self.watermark_id},
+            "watermark": {"on": self.watermark_on, "id": self.watermark_id, "marked_frames": self.generated.frames},
+            "generated_ranges": [list(r) for r in self.generated.ranges()],
             "inputs": {"video_sha256": self.video_sha256, "audio_sha256": self.audio_sha256},
         }
