@@ -120,6 +120,12 @@ class WatermarkPayload:
     def _body(self) -> bytes:
         return MARKER.to_bytes(2, "big") + self.job_id.to_bytes(4, "big")
 
+    @property
+    def hex(self) -> str:
+        """The job id as everything shows it (verify, credentials, audit log, API): 8 hex digits,
+        leading zeros kept."""
+        return f"{self.job_id:0{JOB_ID_BITS // 4}x}"
+
     def to_bits(self) -> np.ndarray:
         """The 64 embedded bits (uint8 0/1): marker, job id, CRC-16 of both, MSB first."""
         word = int.from_bytes(self._body(), "big") << CRC_BITS | _crc16(self._body())
@@ -396,7 +402,7 @@ class WatermarkReport:
             "found": self.found,
             "ai_marker": self.ai_marker,
             "job_id": None if self.payload is None else self.payload.job_id,
-            "job_id_hex": None if self.payload is None else f"{self.payload.job_id:08x}",
+            "job_id_hex": None if self.payload is None else self.payload.hex,
             "bit_accuracy": self.bit_accuracy,
             "coded_bit_accuracy": self.coded_bit_accuracy,
             "frame_bit_accuracy": self.frame_bit_accuracy,
