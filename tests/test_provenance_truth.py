@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 
 from latentdub import DubOptions, LipSyncPipeline
+from latentdub.errors import InputError
 from latentdub.provenance.audit import AuditLog
 from latentdub.provenance.c2pa import C2paSigner, ProvenanceClaims, read_credentials
 from latentdub.provenance.dub import GeneratedFrames
@@ -82,6 +83,12 @@ def test_a_dub_that_made_no_frame_claims_no_ai_edit(tiny_weights: Path, media_di
     (action,) = [a for a in creds.claims["actions"] if a["action"] != "c2pa.opened"]
     assert action["action"] == "c2pa.transcoded" and "No frame was changed by an AI model" in action["description"]
     assert result["provenance"]["watermark"]["marked_frames"] == 0
+    # Asked to fail instead: a clear error before any frame is written, and no file.
+    refused = tmp_path / "refused.mp4"
+    with pytest.raises(InputError, match="if_no_face is 'fail'"):
+        pipe(media_dir / "opencv_tree_noface_15fps_cinepak.avi", tmp_path / "a.wav", refused,
+             DubOptions(steps=1, if_no_face="fail"), consent=CONSENT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "tree.mp4"]
 
 
 def test_only_the_frames_a_model_made_are_marked_and_their_ranges_kept() -> None:

@@ -33,6 +33,7 @@ PRESETS: tuple[str, ...] = get_args(Preset)[1:]  # the x264 ones
 Encoder = Literal["auto", "x264", "nvenc"]
 Sampler = Literal["ddim", "dpm++"]
 Silence = Literal["auto", "generate"]
+NoFacePolicy = Literal["pass", "fail"]
 #: Steps used when ``steps`` is not given: the official 20 for DDIM; DPM-Solver++ (2nd order
 #: multistep) reaches a similar level of detail in about half as many model calls.
 DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
@@ -150,8 +151,13 @@ class DubOptions(BaseModel):
     )
     watermark: bool = Field(
         True,
-        description="Embed the invisible AI-generated watermark in every frame. Turning it off is recorded "
-        "in the signed content credentials.",
+        description="Embed the invisible AI-generated watermark in every frame the model made. Turning it off "
+        "is recorded in the signed content credentials.",
+    )
+    if_no_face: NoFacePolicy = Field(
+        "pass",
+        description="When no frame can be dubbed (no usable face): pass (the video passes through with the new "
+        "audio, unmarked, its credentials saying no AI edit was made) or fail (an error, no output).",
     )
     segments: Annotated[tuple[Segment, ...] | None, FromFile(load_segments)] = Field(
         None,

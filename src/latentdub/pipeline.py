@@ -396,6 +396,8 @@ class LipSyncPipeline:
             tokens = [self.encode_audio(wave, timeline) for wave in plan.conditioning]
         job = self.plan_render(inputs, analysis, plan, timeline)
         if not any(w.dub for w in job.windows):
+            if opts.if_no_face == "fail":  # before any frame is encoded: nothing to clean up
+                raise InputError(f"{NO_FACE_WARNING.split(':')[0]}, and if_no_face is 'fail': nothing was written")
             self._warn(warnings, NO_FACE_WARNING)
         output, signed, encoder = self.render(
             job, inputs.output, clip, tokens, opts, run, timer,
