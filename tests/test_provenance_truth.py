@@ -19,6 +19,7 @@ from latentdub.provenance.c2pa import C2paSigner, ProvenanceClaims, read_credent
 from latentdub.provenance.dub import GeneratedFrames
 from latentdub.provenance.keys import init_signing
 from latentdub.provenance.watermark import detect_file, payload_for_job
+from latentdub.provenance.watermark_key import existing_key
 
 CONSENT = {"subject": "the woman in retalking_face3", "granted_by": "the subject", "method": "signed release form",
            "evidence": "release-2026-118.pdf", "id": "consent-truth-0001"}
@@ -55,7 +56,7 @@ def test_a_leading_zero_job_id_reads_the_same_everywhere(
                   DubOptions(steps=1), consent=CONSENT, job_id=job).to_dict()
     shown = result["provenance"]["watermark"]["id"]
     assert len(shown) == 8 and shown.startswith("0")
-    mark = detect_file(out)
+    mark = detect_file(out, key=existing_key())  # the deployment's own key
     assert mark.found and mark.to_dict()["job_id_hex"] == shown
     claims = read_credentials(out).claims
     assert claims["ai_edited"] and claims["latentdub"]["watermark_id"] == shown
@@ -74,7 +75,7 @@ def test_a_dub_that_made_no_frame_claims_no_ai_edit(tiny_weights: Path, media_di
     result = pipe(media_dir / "opencv_tree_noface_15fps_cinepak.avi", _speech(media_dir, tmp_path / "a.wav", 2.0),
                   out, DubOptions(steps=1), consent=CONSENT).to_dict()
     assert result["dubbed_frames"] == 0
-    mark = detect_file(out)
+    mark = detect_file(out, key=existing_key())  # the deployment's own key
     assert not mark.found and not mark.ai_marker  # no "AI-generated" mark on footage no model made
     creds = read_credentials(out)
     assert creds.valid and not creds.claims["ai_edited"]

@@ -89,8 +89,8 @@ def test_verify_route_reports_json_and_leaves_no_upload(client: tuple[TestClient
     r = c.post("/api/v1/verify", files={"video": ("../../v.mp4", video, "video/mp4")}, headers=auth)
     assert r.status_code == 200, r.text
     report = r.json()
-    assert set(report) == {"watermark", "c2pa", "marked"}
-    assert report["marked"] is False and report["watermark"]["found"] is False
+    assert set(report) >= {"watermark", "c2pa", "marked", "status", "segments", "attribution"}
+    assert report["marked"] is False and report["watermark"]["found"] is False and report["status"] == "not_found"
     assert report["watermark"]["frames_checked"] > 0 and report["c2pa"]["present"] is False
     assert str(settings.data_dir) not in r.text
 
@@ -191,6 +191,10 @@ def test_dub_preview_download_and_verify_in_chromium(live_server: tuple[str, str
             assert not page.is_visible("#verify-error"), page.text_content("#verify-error")
             assert page.text_content("#wm-status") == "found"
             assert page.get_attribute("#verify-result", "data-marked") == "true"
+            # read with the service's own key; the picture is the job's output, and the page says so
+            assert page.text_content("#verify-status") == "marked"
+            assert page.locator("#verify-segments tbody tr[data-status=marked]").count() >= 1
+            assert "made by job" in (page.text_content("#verify-attribution") or "")
             page.screenshot(path=str(shots / "verify.png"), full_page=True)
 
             # The jobs list shows the job as succeeded (no Cancel button for it).

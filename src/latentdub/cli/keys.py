@@ -1,4 +1,4 @@
-"""``latentdub keys …``: the keys that sign content credentials (C2PA) and the service's API keys."""
+"""``latentdub keys …``: the keys that sign content credentials (C2PA), the secret watermark key and the service's API keys."""
 
 from __future__ import annotations
 
@@ -41,6 +41,31 @@ def init_signing_cmd(
     console.print(f"  private key        {info['key']}  (keep it private: mode 0600)", highlight=False, soft_wrap=True)
     console.print(f"  CA certificate     {info['ca']}  (give it to verifiers to trust this signer)", highlight=False, soft_wrap=True)
     console.print(f"  signer             {info['subject']}, valid until {info['not_after'][:10]}", highlight=False, soft_wrap=True)
+
+
+@keys_app.command("init-watermark")
+def init_watermark_cmd(
+    dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Data folder for watermark.key (default: the latentdub data folder; "
+                     "a service: its --data-dir)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the key (marks made with the old one can no "
+                                        "longer be read with this folder's key).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Make this deployment's secret watermark key (32 random bytes, mode 0600; the first dub makes one too)."""
+    from latentdub.provenance.watermark_key import init_key, key_id
+
+    path, key = init_key(dir, force=force)
+    info = {"path": str(path), "key_id": key_id(key)}
+    if json_out:
+        print(json.dumps(info))
+        return
+    console.print(f"secret watermark key written to {path} (mode 0600; key id {info['key_id']})",
+                  highlight=False, soft_wrap=True)
+    console.print("  keep it private: whoever holds it can read, forge and remove this deployment's marks",
+                  highlight=False, soft_wrap=True)
 
 
 @keys_app.command("show")

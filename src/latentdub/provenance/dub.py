@@ -28,6 +28,7 @@ from typing import Any
 from latentdub.files import sha256_file
 from latentdub.provenance.audit import AuditLog, chain_path, chain_paths, dub_entry
 from latentdub.provenance.c2pa import C2paSigner, ProvenanceClaims
+from latentdub.provenance.fingerprint import FingerprintFilter
 from latentdub.provenance.keys import SigningKeys, default_signing
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,21 @@ class ProvenanceSettings:
     # ``<audit_dir>/<host>.jsonl`` and a job's earlier entry is looked up in every chain there.
     # Wins over ``audit_log``.
     audit_dir: Path | None = None
+    # The deployment's secret watermark key: these bytes, or else ``watermark.key`` in
+    # ``watermark_key_dir`` (None: the latentdub data folder), made on first use.
+    watermark_key: bytes | None = None
+    watermark_key_dir: Path | None = None
+
+    def watermark_secret(self) -> bytes:
+        """The key the watermark is made with (see :mod:`latentdub.provenance.watermark_key`)."""
+        if self.watermark_key is not None:
+            return self.watermark_key
+        from latentdub.provenance.watermark_key import ensure_key, key_path
+
+        key, created = ensure_key(self.watermark_key_dir)
+        if created:
+            log.warning("created a secret watermark key in %s (verify needs it: keep it)", key_path(self.watermark_key_dir))
+        return key
 
     def audit_paths(self) -> tuple[Path | None, list[Path]]:
         """The log this process appends to (None: the default) and the other chains beside it."""
@@ -124,9 +140,11 @@ class DubProvenance:
             from latentdub.provenance.watermark import Watermarker, payload_for_job
 
             payload = payload_for_job(self.job_id)
-            self._watermarker = Watermarker(payload)
+            self._watermarker = Watermarker(payload, key=self.settings.watermark_secret())
             self.watermark_id = payload.hex
         self.generated = GeneratedFrames(self._watermarker)
+        # What the output looks like, for verify's copied-mark check (after the mark: as written).
+        self.fingerprint = FingerprintFilter() if self.watermark_on else None
         self.keys = self.settings.keys()  # before any work: a bad key fails the dub in a second
         self._signer = C2paSigner(self.keys)
         self.claims = ProvenanceClaims(
@@ -146,7 +164,7 @@ class DubProvenance:
         return str(getattr(self.consent, "id", None) or dict(self.consent).get("id") or "") or None
 
     def frame_filters(self) -> list[Any]:
-        return [self.generated]
+        return [self.generated] + ([self.fingerprint] if self.fingerprint is not None else [])
 
     def finalizers(self) -> list[Any]:
         return [self._sign, self._audit]
@@ -180,6 +198,7 @@ class DubProvenance:
             job_id=self.job_id,
             watermark_id=self.watermark_id if self.marked else None,
             generated_ranges=[list(r) for r in self.generated.ranges()],
+            **({"fingerprint": self.fingerprint.fingerprint().to_dict()} if self.fingerprint and self.marked else {}),
         )
         path, peers = self.settings.audit_paths()
         audit_log = AuditLog(path)

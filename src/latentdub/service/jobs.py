@@ -258,6 +258,8 @@ def run_job(
         provenance = getattr(pipe, "provenance", None)  # the service's chains, unless set explicitly
         if provenance is not None and getattr(provenance, "audit_log", None) is None:
             provenance.audit_dir = audit_dir(settings)
+        if provenance is not None and getattr(provenance, "watermark_key", None) is None:
+            provenance.watermark_key_dir = settings.data_dir  # the service's secret key (verify reads it there)
         result = pipe(video, audio, output, opts, consent=consent, progress=on_progress, cancel=token, job_id=job.id)
         final = store.finish(job.id, result.to_dict(), output_path=str(output))
     except Cancelled:

@@ -6,8 +6,9 @@
   can show that authentication is off; ``options`` is the JSON Schema of the app's options model
   (``settings.options_model``), from which the page builds its option controls: every field a
   control, typed, ranged and described as the schema says (no option is written into the page).
-* ``POST /api/v1/verify`` (a multipart ``video``): the watermark and C2PA findings of any video,
-  as ``latentdub verify`` reports them. The upload is stored under ``data_dir/uploads`` with a
+* ``POST /api/v1/verify`` (a multipart ``video``): the watermark (per segment, with the service's
+  secret key: it never leaves the server), copy check, C2PA findings and attribution of any
+  video, as ``latentdub verify`` reports them. The upload is stored under ``data_dir/uploads`` with a
   fresh UUID name, sniffed with PyAV and deleted afterwards.
 """
 
@@ -75,13 +76,16 @@ async def info(settings: SettingsDep, options_model: OptionsModelDep) -> dict[st
     }
 
 
-def _inspect(path: Path, max_frames: int) -> dict[str, Any]:
-    """Sniff ``path`` (PyAV) and run the watermark detector and the C2PA reader on it."""
+def _inspect(path: Path, max_frames: int, settings: Any) -> dict[str, Any]:
+    """Sniff ``path`` (PyAV) and verify it with the service's own secret key and audit chains
+    (the key never leaves the server)."""
     import av
 
     from latentdub.media.reader import probe_video
-    from latentdub.provenance.c2pa import read_credentials
-    from latentdub.provenance.watermark import detect_file
+    from latentdub.provenance.audit import chain_paths
+    from latentdub.provenance.verify import verify_file
+    from latentdub.provenance.watermark_key import existing_key
+    from latentdub.service.jobs import audit_dir
 
     try:
         probe_video(path)
@@ -100,13 +104,20 @@ def _inspect(path: Path, max_frames: int) -> dict[str, Any]:
     final = path.with_suffix(f".{_extension(fmt)}")  # the C2PA reader goes by the extension
     path.rename(final)
     try:
-        mark = detect_file(final, max_frames=max_frames)
-        creds = read_credentials(final)
+        report = verify_file(final, key=existing_key(settings.data_dir), audit_paths=chain_paths(audit_dir(settings)),
+                             max_frames=max_frames).to_dict()
     finally:
         final.unlink(missing_ok=True)
-    report: dict[str, Any] = {"watermark": mark.to_dict(), "c2pa": creds.to_dict()}
-    report["c2pa"].pop("path", None)  # the server's storage path is nobody's business
-    report["marked"] = bool(mark.found or creds.present)
+    # The server's storage path is nobody's business, nor are other clients' job ids (the mark's
+    # 8-hex-digit id stays: it is what the picture carries).
+    report.pop("file", None)
+    if report.get("c2pa"):
+        report["c2pa"].pop("path", None)
+    report["attribution"].pop("job", None)
+    for check in (report.get("copy_check") or {}).values():
+        check.pop("job", None)
+        for part in check.get("ranges") or []:
+            part.pop("job", None)
     return report
 
 
@@ -118,7 +129,9 @@ async def verify(
         str | None, Form(description="Frames to sample for the watermark (default 150).")
     ] = None,
 ) -> dict[str, Any]:
-    """``{"watermark": {...}, "c2pa": {...}, "marked": bool}`` (as ``latentdub verify --json``)."""
+    """As ``latentdub verify --json``: ``status`` (marked, ai_marker, copied_mark, tampered, not_found),
+    ``segments``, ``watermark``, ``key``, ``copy_check``, ``c2pa``, ``credentials``, ``attribution``,
+    ``marked``; read with the service's secret watermark key, on the server."""
     if video is None or isinstance(video, str):
         raise ApiError(
             422,
@@ -141,7 +154,7 @@ async def verify(
             )
     path, _, _ = await receive(video, "video", settings)  # uploads/<uuid>.part, size-limited
     try:
-        return await anyio.to_thread.run_sync(_inspect, path, frames)
+        return await anyio.to_thread.run_sync(_inspect, path, frames, settings)
     finally:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)

@@ -479,6 +479,40 @@ async function submitVerify(ev) {
   }
 }
 
+const VERDICT_CLASS = { marked: "found", ai_marker: "found", copied_mark: "bad", tampered: "bad", not_found: "notfound" };
+
+function renderVerdict(report) {
+  const status = report.status || "not_found";
+  const word = $("verify-status");
+  word.textContent = status.replace(/_/g, " ");
+  word.className = VERDICT_CLASS[status] || "notfound";
+  const key = report.key || {};
+  $("verify-status-text").textContent =
+    (report.status_text || "") + (key.public ? ` (${key.note})` : "");
+  const att = report.attribution || {};
+  $("verify-attribution").textContent = att.claimed
+    ? `made by job ${att.job_id_hex}: ${att.basis}`
+    : `job not claimed: ${att.reason || "no mark"}`;
+  const body = $("verify-segments").querySelector("tbody");
+  body.replaceChildren();
+  for (const seg of report.segments || []) {
+    const row = document.createElement("tr");
+    row.dataset.status = seg.status;
+    const content = seg.content || {};
+    const picture = content.match === true ? "the job's output" : content.match === false ? "NOT the job's output" : "–";
+    for (const text of [fmt(seg.start_s, 2), fmt(seg.end_s, 2), seg.status.replace(/_/g, " "), seg.job_id_hex || "–",
+                        picture, fmt(seg.score, 1)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.appendChild(cell);
+    }
+    body.appendChild(row);
+  }
+  const creds = report.credentials || {};
+  if (creds.present) li($("c2pa-details"), `mark and credentials: ${(creds.agreement || "?").replace(/_/g, " ")}`,
+                        creds.agreement === "agree" ? "" : "bad");
+}
+
 function renderVerify(report) {
   const wm = report.watermark || {};
   const c2 = report.c2pa || {};
@@ -512,7 +546,9 @@ function renderVerify(report) {
     }
     for (const failure of c2.failures || []) li(c2List, failure, "bad");
   }
+  renderVerdict(report);
   $("verify-result").dataset.marked = String(Boolean(report.marked));
+  $("verify-result").dataset.status = report.status || "";
   $("verify-result").hidden = false;
 }
 
