@@ -77,6 +77,9 @@ def test_init_refuses_to_replace_and_bad_key_files_are_named(tmp_path: Path) -> 
         load_key(short)
     with pytest.raises(WatermarkKeyError, match="does not exist"):
         load_key(tmp_path / "missing.key")
+    # An endless or huge file is refused after reading a few KB, not read whole.
+    with pytest.raises(WatermarkKeyError, match=r"too large to be a key \(over 4096 bytes\)"):
+        load_key("/dev/zero")
 
 
 def test_dubs_use_the_deployment_key_not_the_public_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

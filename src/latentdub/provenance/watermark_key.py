@@ -61,7 +61,8 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
     """The key in ``path`` (its raw bytes), with a clear error when it cannot be one."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:  # bounded: `--key /dev/zero` or a video must not be read whole
+            data = f.read(MAX_KEY_BYTES + 1)
     except FileNotFoundError:
         raise WatermarkKeyError(f"the watermark key file {path} does not exist.") from None
     except IsADirectoryError:
@@ -74,7 +75,7 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
             "(make one with `latentdub keys init-watermark`)."
         )
     if len(data) > MAX_KEY_BYTES:
-        raise WatermarkKeyError(f"the watermark key file {path} is too large to be a key ({len(data)} bytes).")
+        raise WatermarkKeyError(f"the watermark key file {path} is too large to be a key (over {MAX_KEY_BYTES} bytes).")
     return data
 
 
