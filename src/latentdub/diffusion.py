@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from latentdub.acceleration import Acceleration, UNetSteps
+from latentdub.face.mask import blend_weights
 from latentdub.face.paste import CropsToPaste, paste_back_batch
 from latentdub.models.scheduler import ddim_step, sync_free_ddim
 from latentdub.models.vae import VAE_SCALING
@@ -68,8 +69,12 @@ class WindowDiffusion:
         vae_batch: int = 8,
         acceleration: Acceleration | None = None,
         unet_steps: UNetSteps | None = None,
+        occluder_conditioning: bool = True,
     ) -> None:
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        # Occluders given to generate() stay visible in the masked image the U-Net is
+        # conditioned on (False: only the composite keeps them; for measuring what it changes).
+        self.occluder_conditioning = occluder_conditioning
         self.device, self.dtype = device, dtype
         self.steps, self.guidance, self.deepcache, self.seed = steps, guidance, deepcache, seed
         self.vae_batch = vae_batch  # the posterior-noise chunk: fixed, so results never depend on batching
@@ -88,6 +93,10 @@ class WindowDiffusion:
         self._keep_out = 1 - self._mask
         self._latent_mask = latent_mask.to(device, dtype)
         self._grid: tuple[list[int], torch.Tensor] | None = None
+
+    @property
+    def resolution(self) -> int:
+        return int(self._mask.shape[-1])
 
     def window_rng(self, key: int | tuple[int, ...]) -> torch.Generator:
         """The posterior-sampling generator of a window: ``key`` is its first output frame
@@ -113,12 +122,15 @@ class WindowDiffusion:
         accel: Acceleration | None = None,
         steps: UNetSteps | None = None,
         check: Callable[[], None] | None = None,
+        occluders: Sequence[np.ndarray | None] | None = None,
     ) -> torch.Tensor:
         """Composited crops of B windows of F frames each, (B·F, res, res, 3) uint8.
 
         On the device with ``accel.device_composite``, else on the host. ``check`` is called
         between U-Net steps and raises to stop (cancellation). ``accel`` / ``steps`` override
-        the dub's acceleration and U-Net step runner.
+        the dub's acceleration and U-Net step runner. ``occluders`` (per window, (F, res, res)
+        float32 in [0, 1] or None) are kept from the original: shown to the model in the masked
+        image and composited back over the generated pixels.
         """
         accel = accel or self.accel
         b = len(crops)
@@ -126,17 +138,33 @@ class WindowDiffusion:
             raise ValueError("generate needs windows of one shape, with one token block and start each")
         frames = int(crops[0].shape[0])
         pixels = self._upload(crops, accel.pinned_memory).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        masked = pixels * self._mask
-        condition, audio = self._condition(masked, pixels, audio_tokens, starts, frames, accel)
+        keep = self._keep(occluders, b, frames)
+        masked = pixels * keep
+        official = masked if keep is self._mask or self.occluder_conditioning else pixels * self._mask
+        condition, audio = self._condition(official, pixels, audio_tokens, starts, frames, accel)
         latents = self._denoise(condition, audio, b, frames, accel, steps or self.unet_steps, check)
         h, w = latents.shape[-2:]
         decoded = self._decode(latents.permute(0, 2, 1, 3, 4).reshape(b * frames, 4, h, w) / VAE_SCALING, accel)
-        keep_out = self._keep_out
+        keep_out = self._keep_out if keep is self._mask else 1 - keep
         if not accel.device_composite:  # the reference: float32 crops back to the host first
             decoded, keep_out, masked = decoded.cpu(), keep_out.cpu(), masked.cpu()
         composite = decoded.float() * keep_out + masked  # the official composite
         out = composite.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
         return out.permute(0, 2, 3, 1).contiguous()
+
+    def _keep(self, occluders: Sequence[np.ndarray | None] | None, b: int, frames: int) -> torch.Tensor:
+        """The pixels kept from the original: the official mask, or per frame its union with
+        the occluders (B·F, 1, res, res)."""
+        if not occluders or all(o is None for o in occluders):
+            return self._mask
+        if len(occluders) != b:
+            raise ValueError(f"{len(occluders)} occluder masks for {b} windows")
+        keep = self._mask.expand(b * frames, -1, -1, -1).clone()
+        for i, occ in enumerate(occluders):
+            if occ is not None:
+                part = torch.from_numpy(np.ascontiguousarray(occ, dtype=np.float32)).to(self.device)
+                keep[i * frames : (i + 1) * frames, 0] = torch.maximum(keep[i * frames : (i + 1) * frames, 0], part)
+        return keep
 
     # -- the named steps ---------------------------------------------------------------------
     def _condition(
@@ -314,24 +342,28 @@ class DiffusionStage:
         # Lanes share a call only where calls are batched at all (the reference runs one each).
         groups = [items] if len(sizes) == 1 and self.batch > 1 else [[it] for it in items]
         parts: dict[tuple[int, int], GeneratedWindow] = {}
+        res = self.diffusion.resolution
         for group in groups:
             composites = self.diffusion.generate(
                 [w.crops[n] for w, n, _ in group],
                 [self.tokens[self.job.lanes[lane].audio_at(w.start)][w.start : w.stop] for w, _, lane in group],
                 [self.noise_key(w.start, lane) for w, _, lane in group],
                 check=check,
+                occluders=[occluder_masks(w.occlusion[n], res) if w.occlusion else None for w, n, _ in group],
             )
             offset = 0
             for w, n, lane in group:
                 part = composites[offset : offset + w.size]
                 offset += w.size
                 matrices = self.job.lanes[lane].matrices[self.job.timeline.source_index[w.start : w.stop]]
+                weights = paste_weights(w.occlusion[n], res) if w.occlusion else None
                 if self.accel.device_paste:
                     parts[(w.start, n)] = paste_back_batch(
-                        w.frames, part, matrices, pin_memory=self.accel.pinned_memory, copy_stream=self.copy_stream
+                        w.frames, part, matrices, pin_memory=self.accel.pinned_memory, copy_stream=self.copy_stream,
+                        frame_weights=weights,
                     )
                 else:
-                    parts[(w.start, n)] = self._to_host(part, matrices)
+                    parts[(w.start, n)] = self._to_host(part, matrices, weights)
         return [self.job.layered(w, [parts[(w.start, n)] for n in range(len(w.lanes))]) for w in windows]
 
     @staticmethod
@@ -340,9 +372,11 @@ class DiffusionStage:
         the lane for the others, so two faces in one window never share noise."""
         return start if lane == 0 else (start, lane)
 
-    def _to_host(self, part: torch.Tensor, matrices: np.ndarray) -> CropsToPaste:
+    def _to_host(
+        self, part: torch.Tensor, matrices: np.ndarray, weights: list[np.ndarray | None] | None = None
+    ) -> CropsToPaste:
         if part.device.type != "cuda" or not self.accel.pinned_memory:
-            return CropsToPaste(part.cpu().numpy(), matrices)
+            return CropsToPaste(part.cpu().numpy(), matrices, weights=weights)
         host = torch.empty(part.shape, dtype=torch.uint8, pin_memory=True)
         ready = torch.cuda.Event()
         stream = self.copy_stream
@@ -352,4 +386,21 @@ class DiffusionStage:
             host.copy_(part, non_blocking=True)
             part.record_stream(stream)
             ready.record(stream)
-        return CropsToPaste(host, matrices, ready)
+        return CropsToPaste(host, matrices, ready, weights=weights)
+
+
+def occluder_masks(frames: Sequence[Any], resolution: int) -> np.ndarray | None:
+    """A window's occluder masks (F, res, res) float32 from its OccluderFrames (None: none)."""
+    masks = [f.soft_mask(resolution) for f in frames]
+    if all(m is None for m in masks):
+        return None
+    zero = np.zeros((resolution, resolution), np.float32)
+    return np.stack([zero if m is None else m for m in masks])
+
+
+def paste_weights(frames: Sequence[Any], resolution: int) -> list[np.ndarray | None] | None:
+    """Per frame the paste-back weights with the occluder cut out and the pass-through fade
+    (None per frame: the default weights; None: the default everywhere)."""
+    base = blend_weights(resolution)
+    weights = [f.paste_weights(base) for f in frames]
+    return None if all(w is None for w in weights) else weights

@@ -34,6 +34,7 @@ Encoder = Literal["auto", "x264", "nvenc"]
 Sampler = Literal["ddim", "dpm++"]
 Silence = Literal["auto", "generate"]
 NoFacePolicy = Literal["pass", "fail"]
+Occlusion = Literal["auto", "off"]
 #: Steps used when ``steps`` is not given: the official 20 for DDIM; DPM-Solver++ (2nd order
 #: multistep) reaches a similar level of detail in about half as many model calls.
 DEFAULT_STEPS: dict[str, int] = {"ddim": 20, "dpm++": 10}
@@ -130,6 +131,13 @@ class DubOptions(BaseModel):
         description="Where the dub is silent: auto (the original frames pass through where the original is "
         "silent too; elsewhere the mouth is generated from silence, with 3-frame crossfades) or generate "
         "(every frame generated from the dub as it is, the official behaviour).",
+    )
+    occlusion: Occlusion = Field(
+        "auto",
+        description="What covers the mouth (a hand, a microphone, a cup, another person): auto (its pixels stay "
+        "the original's and the model sees it; a frame whose lips are more than 60 % covered passes through, "
+        "with 3-frame crossfades) or off (the mouth is painted over whatever is there, the official "
+        "behaviour).",
     )
     crf: int = Field(
         18, ge=0, le=51, description="Video quality, lower is better (18 is visually lossless; NVENC uses it as -cq)."

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MIN_AUDIO_S = 0.5
 RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS (smoke-test model): the output is not a real dub"
+OCCLUDED_REASON = "mouth covered (occlusion)"
 NO_FACE_WARNING = "the selected face was not found on any frame: the video passes through undubbed"
 
 __all__ = [
@@ -99,6 +100,9 @@ class DubResult:
     tracks: list[dict[str, Any]] = field(default_factory=list)
     silence: dict[str, Any] | None = None  # what silence=auto passed through or generated from silence
     speakers: dict[str, Any] | None = None  # who speaks when in the original (face=auto)
+    # occlusion=auto: the output frames where something covered a dubbed face, and those that
+    # passed through because the mouth was mostly covered (latentdub.occlusion)
+    occlusion: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,6 +234,9 @@ class LipSyncPipeline:
         self.speaker_syncnet: Any = None  # a loaded SyncNet (models.syncnet), or None
         self.speaker_syncnet_file: Path | None = None  # loaded on the first dub that needs it
         self._syncnet_lock = threading.Lock()
+        # occlusion=auto: a factory of fresh occluder detectors per face slot (None: hands and
+        # appearance, latentdub.occlusion.default_detectors). Set it to add your own segmenter.
+        self.occlusion_detectors: Callable[[], list[Any]] | None = None
 
     @property
     def acceleration(self) -> Any:
@@ -399,25 +406,42 @@ class LipSyncPipeline:
             if opts.if_no_face == "fail":  # before any frame is encoded: nothing to clean up
                 raise InputError(f"{NO_FACE_WARNING.split(':')[0]}, and if_no_face is 'fail': nothing was written")
             self._warn(warnings, NO_FACE_WARNING)
-        output, signed, encoder = self.render(
-            job, inputs.output, clip, tokens, opts, run, timer,
-            [*frame_filters, *provenance.frame_filters()],  # the watermark goes on last
-            [*finalizers, *provenance.finalizers()],  # the signature covers the final bytes
-        )
+        occlusion = self.occlusion_stage(job, opts)
+        try:
+            output, signed, encoder = self.render(
+                job, inputs.output, clip, tokens, opts, run, timer,
+                [*frame_filters, *provenance.frame_filters()],  # the watermark goes on last
+                [*finalizers, *provenance.finalizers()],  # the signature covers the final bytes
+                occlusion=occlusion,
+            )
+        finally:
+            if occlusion is not None:
+                occlusion.close()
+        reason = plan.passthrough_reason
+        dubbed = plan.dubbed
+        occlusion_report = None
+        if occlusion is not None:
+            occlusion_report = occlusion.report(plan.dubbed)
+            covered = occlusion.passed_through(plan.dubbed)
+            if covered.any():  # those frames are the original's: say why, as for other pass-throughs
+                reason = reason.copy()
+                reason[covered] = OCCLUDED_REASON
+                dubbed = plan.dubbed & ~covered
 
         return DubResult(
             output=str(output),
             frames=timeline.num_frames,
-            dubbed_frames=int(plan.dubbed.sum()),
+            dubbed_frames=int(dubbed.sum()),
             fps=_average_fps(timeline),
             duration_s=round(timeline.duration_s, 4),
             audio_duration_s=round(clip.duration_s, 4),
             width=inputs.info.width,
             height=inputs.info.height,
-            passthrough_ranges=_output_passthrough_ranges(plan.passthrough_reason, timeline),
+            passthrough_ranges=_output_passthrough_ranges(reason, timeline),
             tracks=plan.tracks,
             silence=plan.silence,
             speakers=plan.speakers,
+            occlusion=occlusion_report,
             timings=timer.totals(),
             options=opts.to_dict(),
             model=dict(self.model_info),
@@ -561,6 +585,14 @@ class LipSyncPipeline:
             unet_steps=self.unet_steps,
         )
 
+    def occlusion_stage(self, job: RenderJob, opts: DubOptions) -> Any:
+        """``occlusion=auto``: the stage that finds what covers each dubbed face (None: off)."""
+        if opts.occlusion == "off" or not any(w.dub for w in job.windows):
+            return None
+        from latentdub.occlusion.stage import OcclusionStage
+
+        return OcclusionStage(job, self.aligner, detectors=self.occlusion_detectors)
+
     def diffusion_stage(self, job: RenderJob, tokens: torch.Tensor, opts: DubOptions) -> DiffusionStage:
         """The generator stage of pass 2 for one dub."""
         return DiffusionStage(self.window_diffusion(opts), job, tokens)
@@ -576,6 +608,7 @@ class LipSyncPipeline:
         timer: StageTimer,
         frame_filters: Sequence[FrameFilter],
         finalizers: Sequence[Finalizer],
+        occlusion: Any = None,
     ) -> tuple[Path, dict[str, Any], str]:
         """Pass 2 through the render engine; returns the output path, the provenance and the
         encoder that wrote it (``auto`` resolves per machine)."""
@@ -602,7 +635,7 @@ class LipSyncPipeline:
         )
         sink = FrameSink(job, writer, frame_filters=frame_filters, progress=run, timer=timer)
         try:
-            reader = FrameReader(job, self.aligner)
+            reader = FrameReader(job, self.aligner, annotate=occlusion)
         except BaseException:
             writer.abort()
             raise

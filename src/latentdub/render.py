@@ -93,6 +93,9 @@ class Window:
     frames: list[np.ndarray] = field(default_factory=list)  # decoded originals, upright RGB
     crops: list[np.ndarray] = field(default_factory=list)  # per lane (F, res, res, 3) uint8 aligned faces
     generated: GeneratedWindow | None = None
+    # per lane, what covers the face on each frame (latentdub.occlusion.OccluderFrame: its
+    # soft mask and paste weight); empty when occlusion is off
+    occlusion: list[list[Any]] = field(default_factory=list)
 
     @property
     def dub(self) -> bool:
@@ -107,6 +110,14 @@ class Window:
         self.frames = []
         self.crops = []
         self.generated = None
+        self.occlusion = []
+
+    def dubbing(self, j: int) -> tuple[int, ...]:
+        """The lanes whose generated mouth reaches frame ``j`` (a lane whose mouth is covered
+        and faded out passes the original through)."""
+        if not self.occlusion:
+            return self.lanes
+        return tuple(i for i, frames in zip(self.lanes, self.occlusion, strict=True) if frames[j].weight > 0.0)
 
 
 def plan_windows(dub: np.ndarray, size: int = WINDOW, breaks: np.ndarray | None = None) -> list[Window]:
@@ -228,12 +239,19 @@ class RenderJob:
 
 
 # -- the stages -------------------------------------------------------------------------------
-class FrameReader:
-    """Source stage: decode the frames of each window (in output order) and cut their crops."""
+#: ``annotate(window, frame_at)``: a hook that sees each loaded window (frames and crops cut)
+#: before it is generated; ``frame_at(source_index)`` reads any frame (occlusion peeks ahead).
+Annotate = Callable[["Window", Callable[[int], np.ndarray]], None]
 
-    def __init__(self, job: RenderJob, aligner: Any) -> None:
+
+class FrameReader:
+    """Source stage: decode the frames of each window (in output order) and cut their crops;
+    then the ``annotate`` hook (occlusion) sees the window."""
+
+    def __init__(self, job: RenderJob, aligner: Any, *, annotate: Annotate | None = None) -> None:
         self.job = job
         self.aligner = aligner
+        self.annotate = annotate
         self._source: Any = None
 
     def __enter__(self) -> FrameReader:
@@ -254,6 +272,8 @@ class FrameReader:
         idx = self.job.timeline.source_index[window.start : window.stop]
         window.frames = [self._source.get(int(i)) for i in idx]
         window.crops = [self.aligner.warp_batch(window.frames, self.job.lanes[i].matrices[idx]) for i in window.lanes]
+        if self.annotate is not None and window.lanes:
+            self.annotate(window, self._source.get)
         return window
 
 
@@ -297,7 +317,7 @@ class FrameSink:
                 frame = frame.copy()  # decoded frames are cached for reuse (ping-pong): never filter those
             if self.filters:
                 with self._timed("frame_filters"):
-                    frame = self._filter(frame, job.frame_info(k, window.lanes))
+                    frame = self._filter(frame, job.frame_info(k, window.dubbing(j)))
             with self._timed("encode"):
                 self.writer.write(frame, pts=int(job.timeline.pts[k]))
             self.frames_written += 1

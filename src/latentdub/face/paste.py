@@ -304,9 +304,12 @@ class CropsToPaste:
     waits for it once). ``matrices`` (F, 2, 3) frame → crop.
     """
 
-    def __init__(self, crops: Any, matrices: np.ndarray, ready: Any = None) -> None:
+    def __init__(
+        self, crops: Any, matrices: np.ndarray, ready: Any = None, *, weights: Sequence[np.ndarray | None] | None = None
+    ) -> None:
         self._crops, self.matrices, self._ready = crops, matrices, ready
         self._host: np.ndarray | None = crops if isinstance(crops, np.ndarray) else None
+        self.weights = weights  # per frame blend weights (None: the default), e.g. with an occluder cut out
 
     def __len__(self) -> int:
         return int(self._crops.shape[0])
@@ -320,7 +323,8 @@ class CropsToPaste:
 
     def apply(self, j: int, frame: np.ndarray) -> np.ndarray:
         """``frame`` with crop ``j`` pasted back (a new array; the frame itself is never modified)."""
-        return paste_back(frame, self[j], self.matrices[j])
+        weights = None if self.weights is None else self.weights[j]
+        return paste_back(frame, self[j], self.matrices[j], blend_mask=weights)
 
 
 class PastedWindow:
@@ -372,6 +376,7 @@ def paste_back_batch(
     pin_memory: bool = False,
     copy_stream: Any = None,
     frames_per_call: int = 4,
+    frame_weights: Sequence[np.ndarray | None] | None = None,
 ) -> PastedWindow:
     """:func:`paste_back` of F frames at once on ``crops``' device (bilinear, as the default).
 
@@ -382,6 +387,8 @@ def paste_back_batch(
     ``copy_stream`` (when given) and the returned object's :meth:`~PastedWindow.apply` waits for
     it, so the caller's thread is never blocked here. Pixel-equal to :func:`paste_back` with
     OpenCV 4.x (4.11 and 4.12 measured; OpenCV 5 changed warpAffine: tests/test_acceleration.py).
+    ``frame_weights`` (per frame, None: ``blend_mask``) may only lower the weights (an occluder
+    cut out, a fade): the boxes are planned on ``blend_mask``.
     """
     import torch
 
@@ -426,14 +433,20 @@ def paste_back_batch(
     weights_dev = _device_weights(weights, device)
     sources = crops
     source_w = weights_dev.expand(n, res, res)
+    own = [j for j in range(n) if frame_weights is not None and frame_weights[j] is not None]
+    if own:
+        source_w = source_w.clone()
+        for j in own:
+            source_w[j] = torch.from_numpy(np.asarray(frame_weights[j], dtype=np.float32)).to(device)  # type: ignore[index]
     shrunk = [j for j in live if plans[j].prefilter is not None]  # type: ignore[union-attr]
     if shrunk:
         sources = crops.clone()
+        unshrunk_w = source_w
         source_w = source_w.clone()
         for j in shrunk:
             rw, rh = plans[j].prefilter  # type: ignore[union-attr, misc]
             sources[j, :rh, :rw] = _area_resize_torch(crops[j], rw, rh)
-            source_w[j, :rh, :rw] = _area_resize_torch(weights_dev[..., None], rw, rh)[..., 0]
+            source_w[j, :rh, :rw] = _area_resize_torch(unshrunk_w[j][..., None].contiguous(), rw, rh)[..., 0]
 
     out = torch.empty((n, box_h, box_w, 3), dtype=torch.uint8, device=device)
     for a in range(0, n, frames_per_call):  # bounds the int32 temporaries
