@@ -87,7 +87,7 @@ Spec = Mapping[str, "Spec | None"]
 RESULT_SPEC: Spec = {
     "frames": None, "dubbed_frames": None, "fps": None, "duration_s": None, "audio_duration_s": None,
     "width": None, "height": None, "passthrough_ranges": None, "timings": None, "fit": None, "encoder": None,
-    "tracks": None, "silence": None, "speakers": None,
+    "tracks": None, "silence": None, "speakers": None, "occlusion": None,
     "model": {"name": None, "version": None, "resolution": None, "random_weights": None, "device": None,
               "dtype": None},
     "provenance": {
