@@ -231,6 +231,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(f"face #{t['track']}", f"dubbed {t['frames']} frames: {spans} s{more} ({how})")
     for r in summary["passthrough_ranges"]:
         table.add_row("untouched", f"{r['start_s']:.2f}–{r['end_s']:.2f} s (frames {r['start_frame']}–{r['end_frame'] - 1}): {r['reason']}")
+    occlusion = summary.get("occlusion")
+    if occlusion and occlusion["occluded_frames"]:
+        spans = ", ".join(f"{r['start_s']:.2f}–{r['end_s']:.2f}" for r in occlusion["occluded"][:6])
+        more = f" (+{len(occlusion['occluded']) - 6} more)" if len(occlusion["occluded"]) > 6 else ""
+        table.add_row("occluded", f"{occlusion['occluded_frames']} frames kept the occluder's pixels: {spans} s{more}")
     if summary.get("fit"):
         table.add_row("fit", json.dumps(summary["fit"], default=str))
     table.add_row("timings", ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings"].items()))
