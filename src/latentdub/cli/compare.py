@@ -26,6 +26,13 @@ def compare(
     ] = 720,
     crf: Annotated[float, typer.Option(help="x264 quality of the review video (0–51, lower is better).")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (the last line of stdout).")] = False,
+    occlusion: Annotated[
+        bool,
+        typer.Option(
+            "--occlusion/--no-occlusion",
+            help="Mark frames where something covers the dubbed mouth (occluder kept, or passed through).",
+        ),
+    ] = True,
 ) -> None:
     """Write a review video: original | dub on top, both mouths enlarged beneath, timecode and
     status (DUBBED / PASS-THROUGH / NO FACE / ORIGINAL ENDED) burned in, with the dub's audio."""
@@ -46,8 +53,9 @@ def compare(
             bar.update(tasks[event.stage], completed=event.done, total=event.total)
 
         result = compare_videos(
-            original, dubbed, output, face=face, max_height=height, crf=crf, progress=on_progress
-        )
+            original, dubbed, output, face=face, max_height=height, crf=crf, progress=on_progress,
+            occlusion=occlusion,
+        )  # fmt: skip
 
     summary = result.to_dict()
     if json_out:
@@ -69,6 +77,18 @@ def _print(s: dict[str, Any]) -> None:
             spans = ", ".join(f"{r['start_s']:.2f}–{r['end_s']:.2f} s" for r in t["ranges"][:6])
             more = f" (+{len(t['ranges']) - 6} more)" if len(t["ranges"]) > 6 else ""
             head.add_row(f"face #{t['track_id']}", f"dubbed on {t['frames_dubbed']} frames: {spans}{more}")
+    occ = s.get("occlusion")
+    if occ is not None:
+        def frames_of(spans: list[dict[str, Any]]) -> str:
+            listed = ", ".join(f"{r['start_frame']}–{r['end_frame'] - 1}" for r in spans[:6])
+            return f" ({listed}{f', +{len(spans) - 6} more' if len(spans) > 6 else ''})" if spans else ""
+
+        head.add_row(
+            "occluders",
+            f"in front of the mouth on {occ['frames_occluded']} frames{frames_of(occ['occluded_ranges'])}, "
+            f"of which passed through (mouth covered) {occ['frames_passed_through']}"
+            f"{frames_of(occ['passed_through_ranges'])}",
+        )
     names = {
         "dubbed_median": "mouth, dubbed frames",
         "passthrough_median": "mouth, pass-through frames",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,7 +20,11 @@ from latentdub.runs import runs
 
 if TYPE_CHECKING:
     from latentdub.face.analysis import FaceAnalysis
+    from latentdub.face.preview import OccluderOverlay
+    from latentdub.face.selection import FaceSelection
     from latentdub.face.speakers import SpeakerTimeline
+    from latentdub.media.reader import Frame
+    from latentdub.occlusion.tracker import OccluderFrame
 
 
 @app.command("faces")
@@ -29,8 +35,15 @@ def faces(
     ] = False,
     preview: Annotated[
         Path | None,
-        typer.Option(help="Also write an annotated .mp4: boxes, anchors, mouth region."),
+        typer.Option(help="Also write an annotated .mp4: boxes, anchors, mouth region, occluders."),
     ] = None,
+    occlusion: Annotated[
+        bool,
+        typer.Option(
+            "--occlusion/--no-occlusion",
+            help="With --preview: find what covers the dubbed mouth (hands, microphones …) and draw it.",
+        ),
+    ] = True,
     face: Annotated[
         str, typer.Option(help="Which face: largest, X,Y@T (pixel at T s), or track:N.")
     ] = "largest",
@@ -75,27 +88,119 @@ def faces(
             video, every_n=every_n, max_frames=max_frames, progress=on_frame
         )
         selection = select_face(analysis, face, resolution=resolution)
+        occluders: PreviewOcclusion | None = None
         if preview is not None:
             from latentdub.face.preview import render_preview
 
+            # The occlusion analysis sits above the face layer: it is run here, frame by frame
+            # as the preview decodes, and handed to the preview as plain overlays.
+            occluders = PreviewOcclusion(analysis, selection) if occlusion else None
             ptask = bar.add_task("preview", total=analysis.num_frames)
-            render_preview(
-                analysis,
-                selection,
-                preview,
-                speakers=speakers,
-                progress=lambda d, t: bar.update(ptask, completed=d, total=t),
-            )
+            try:
+                render_preview(
+                    analysis,
+                    selection,
+                    preview,
+                    speakers=speakers,
+                    progress=lambda d, t: bar.update(ptask, completed=d, total=t),
+                    occluders=occluders,
+                )
+            finally:
+                if occluders is not None:
+                    occluders.close()
 
     summary: dict[str, Any] = analysis.to_dict()
     summary.update(selection.to_dict())
     summary["speakers"] = speakers_summary(analysis, speakers, speaker_note)
     if preview is not None:
         summary["preview"] = str(preview)
+    if occluders is not None:
+        summary["occlusion"] = occluders.summary()
     if json_out:
         print(json.dumps(summary))
         return
     _print_summary(summary)
+
+
+# -- occluders ----------------------------------------------------------------------------------
+class PreviewOcclusion:
+    """The occluders of the selected face, for the preview: a stage that takes the decoded frames
+    in order and yields each with its overlay (:class:`~latentdub.face.preview.OccluderOverlay`,
+    None where nothing covers the face), one frame later (the analysis settles a frame once it
+    has seen the next); it keeps per frame whether the face was occluded or passed through.
+
+    Crops are cut at the selection's resolution, as a dub cuts them; each track's reference crops
+    (frames spread over the track) are read by seeking, so memory is a few frames.
+    """
+
+    def __init__(self, analysis: FaceAnalysis, selection: FaceSelection) -> None:
+        from latentdub.occlusion.analyzer import SelectedFaceOcclusion
+
+        self.analysis = analysis
+        self.selection = selection
+        self.occlusion = SelectedFaceOcclusion(
+            analysis.path, analysis.pts, rotation=analysis.info.rotation, resolution=selection.resolution,
+            matrices=selection.matrices, valid=selection.valid, tracks=selection.track_ids,
+        )
+        self.detectors = self.occlusion.detectors
+        n = analysis.num_frames
+        self.occluded = np.zeros(n, bool)
+        self.passed = np.zeros(n, bool)
+        self.coverage = np.zeros(n, np.float32)
+
+    def __call__(self, frames: Iterator[Frame]) -> Iterator[tuple[Frame, OccluderOverlay | None]]:
+
+        waiting: deque[Frame] = deque()  # decoded, not yet settled (a frame or two)
+        settled: dict[int, OccluderFrame] = {}
+        for frame in frames:
+            settled.update((r.index, r) for r in self.occlusion.feed(frame.index, frame.image))
+            waiting.append(frame)
+            while waiting and (waiting[0].index in settled or not self.occlusion.dubbed(waiting[0].index)):
+                yield self._pair(waiting.popleft(), settled)
+        settled.update((r.index, r) for r in self.occlusion.finish())
+        while waiting:
+            yield self._pair(waiting.popleft(), settled)
+
+    def _pair(self, frame: Frame, settled: dict[int, OccluderFrame]) -> tuple[Frame, OccluderOverlay | None]:
+        from latentdub.face.preview import OccluderOverlay
+
+        r = settled.pop(frame.index, None)
+        if r is None or not (r.occluded or r.passed_through):
+            return frame, None
+        i = frame.index
+        self.occluded[i], self.passed[i], self.coverage[i] = r.occluded, r.passed_through, r.coverage
+        overlay = OccluderOverlay(r.mask, self.selection.matrices[i], self.selection.resolution, r.coverage,
+                                  r.passed_through)  # fmt: skip
+        return frame, overlay
+
+    def summary(self) -> dict[str, Any]:
+        """The ``occlusion`` object of ``faces --json``: frames (and runs) where something covers
+        the selected face's lower face (``occluded``: kept in front of the dub, or passed through)
+        and, of those, the ones passed through because the mouth is covered."""
+        from latentdub.occlusion.tracker import PASS_THROUGH
+
+        times = np.asarray(self.analysis.times_s, dtype=np.float64)
+        n = len(times)
+        end = float(times[0]) + self.analysis.duration_s if n else 0.0
+
+        def spans(mask: np.ndarray) -> list[dict[str, Any]]:
+            return [
+                _span(a, b, float(times[a]), float(times[b]) if b < n else end)
+                for a, b, on in runs(mask) if on
+            ]  # fmt: skip
+
+        return {
+            "detectors": [d.name for d in self.detectors],
+            "pass_through_coverage": PASS_THROUGH,
+            "frames_occluded": int(self.occluded.sum()),
+            "frames_passed_through": int(self.passed.sum()),
+            "occluded": spans(self.occluded),
+            "passed_through": spans(self.passed),
+            "max_coverage": round(float(self.coverage.max()), 4) if n else 0.0,
+        }
+
+    def close(self) -> None:
+        self.occlusion.close()
 
 
 # -- who speaks when ------------------------------------------------------------------------------
@@ -245,6 +350,19 @@ def _print_summary(s: dict[str, Any]) -> None:
     head.add_row("dubbed", f"{s['frames_selected']} frames at {s['resolution']} px")
     if s.get("preview"):
         head.add_row("preview", s["preview"])
+    occ = s.get("occlusion")
+    if occ is not None:
+        def frames_of(spans: list[dict[str, Any]]) -> str:
+            listed = ", ".join(f"{r['start_frame']}–{r['stop_frame'] - 1}" for r in spans[:6])
+            return listed + (f" (+{len(spans) - 6} more)" if len(spans) > 6 else "")
+
+        text = f"in front of the mouth on {occ['frames_occluded']} frames"
+        if occ["occluded"]:
+            text += f" ({frames_of(occ['occluded'])})"
+        text += f", of which passed through (mouth covered) {occ['frames_passed_through']}"
+        if occ["passed_through"]:
+            text += f" ({frames_of(occ['passed_through'])})"
+        head.add_row("occluders", text)
     console.print(head)
     if s["tracks"]:
         table = Table(title="tracks")

@@ -76,6 +76,18 @@ With several faces in the picture each dubbed face gets a DUBBED #N box on the d
 face: the status chip says it). The summary's ``dubbed_tracks`` gives per track the dubbed frames,
 their runs and the median ratio.
 
+Occluders: on the frames the dub's face choice dubs, the occlusion analysis a dub runs
+(:mod:`latentdub.occlusion`, hands and anything unlike the face's own lower half) is run on the
+original as it streams (:mod:`~latentdub.compare.occluders`). A frame whose dubbed face has
+something in front of the mouth gets a magenta chip beside its status, OCCLUDER KEPT n% (the
+dub pastes around it) or PASS-THROUGH: MOUTH COVERED (the lips are too covered: the dub keeps
+the original; a pass-through status then gives "mouth covered" as its reason), and the
+occluder's outline on the enlarged original mouth. The summary's ``occlusion`` counts the dub
+frames with an occluder (``frames_occluded``, kept or passed through) and, of those, the ones
+passed through (``frames_passed_through``), with their runs. The analysis follows the original
+frame by frame: where a dub at a lower frame rate skips original frames it restarts (no vote
+over time there). Only the policy's face is analysed (a multi-speaker dub's other faces are not).
+
 Memory: both inputs are decoded one frame at a time in lockstep
 (:class:`~latentdub.evaluation.lockstep.Lockstep` by time, the reader ``eval`` uses by index);
 the face pass keeps only per-frame numbers. The dub's audio is decoded whole, as a dub
@@ -86,9 +98,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -110,6 +124,7 @@ from latentdub.compare.layout import (
     zoom_window,
 )
 from latentdub.compare.mouth import (
+    GEOMETRY_RESOLUTION,
     Deltas,
     MouthTrack,
     deltas_of,
@@ -119,12 +134,18 @@ from latentdub.compare.mouth import (
     mouth_track,
     panel_rect,
 )
+from latentdub.compare.occluders import Occluder, OriginalOccluders
+from latentdub.compare.occluders import spans as occluder_spans
+from latentdub.compare.occluders import start as start_occluders
 from latentdub.errors import Cancelled, InputError
 from latentdub.face.selection import NO_FACE as SELECTION_NO_FACE
 from latentdub.face.selection import TOO_BRIEF
 from latentdub.media.reader import Frame, VideoInfo
 from latentdub.progress import CancelToken, DubProgress, ProgressCallback
 from latentdub.runs import runs
+
+if TYPE_CHECKING:
+    from latentdub.evaluation.lockstep import FramePair
 
 __all__ = [
     "DUBBED",
@@ -174,6 +195,9 @@ class CompareResult:
     frames_replayed: int = 0  # frames past the original's end that replay one of its frames
     # Per face track of the original: on which dub frames its mouth was changed (dubbed).
     dubbed_tracks: list[dict[str, Any]] = field(default_factory=list)
+    # Dub frames whose dubbed face has an occluder in front and, of those, the ones passed
+    # through (mouth covered), with their runs; None when the occluder analysis was off.
+    occlusion: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -199,20 +223,26 @@ def compare_videos(
     preset: str = "veryfast",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    occlusion: bool = True,
 ) -> CompareResult:
     """Write the review video of ``dubbed`` against ``original`` to ``output`` (see module doc).
 
     ``face`` is the face policy the dub used (``largest``, ``X,Y@T``, ``track:N``).
     ``progress`` receives :class:`~latentdub.progress.ProgressEvent` for the stages ``faces``
     (the face pass over the original) and ``compare``; setting ``cancel`` stops within a frame
-    and raises :class:`~latentdub.errors.Cancelled`. Bad inputs raise
+    and raises :class:`~latentdub.errors.Cancelled`. ``occlusion`` marks what covers the dubbed
+    mouth (see the module doc). Bad inputs raise
     :class:`~latentdub.errors.InputError` before anything is written; the output appears only
     when complete.
     """
     original, dubbed, output = Path(original), Path(dubbed), Path(output)
     run = _Progress(progress, cancel)
-    plan = _plan(original, dubbed, output, face=face, max_height=max_height, run=run)
-    tally = _stream(plan, output, crf=crf, preset=preset, run=run)
+    plan = _plan(original, dubbed, output, face=face, max_height=max_height, run=run, occlusion=occlusion)
+    try:
+        tally = _stream(plan, output, crf=crf, preset=preset, run=run)
+    finally:
+        if plan.occluders is not None:
+            plan.occluders.close()
     return _summarize(plan, tally, output)
 
 
@@ -234,6 +264,7 @@ class _Plan:
     replays: Any = None  # the _Replays of the stream, when the dub outlasts the original
     faces: dict[int, MouthTrack] = field(default_factory=dict)  # every face's mouth, by track
     boxes: dict[int, Any] = field(default_factory=dict)  # every face's box (TrackData), by track
+    occluders: OriginalOccluders | None = None  # what covers the dubbed mouth (None: not analysed)
 
     @property
     def to_dub(self) -> tuple[float, float]:
@@ -247,7 +278,9 @@ class _Plan:
         return L.panel_width / self.orig_info.width, L.panel_height / self.orig_info.height
 
 
-def _plan(original: Path, dubbed: Path, output: Path, *, face: str, max_height: int, run: _Progress) -> _Plan:
+def _plan(
+    original: Path, dubbed: Path, output: Path, *, face: str, max_height: int, run: _Progress, occlusion: bool = True
+) -> _Plan:
     """Every check before anything is written, the layout, and the face pass over the original."""
     from latentdub.evaluation.lockstep import probe_input
     from latentdub.face.selection import parse_policy
@@ -279,10 +312,11 @@ def _plan(original: Path, dubbed: Path, output: Path, *, face: str, max_height: 
     track = mouth_track(analysis, face, window_aspect=mouth_aspect * sy / sx)
     faces = face_mouths(analysis, window_aspect=mouth_aspect * sy / sx)
     boxes = {tid: analysis.track(tid) for tid in faces}
+    occluders = start_occluders(original, analysis, face, orig_info.rotation, warnings) if occlusion else None
     timings["faces"] = round(time.perf_counter() - start, 3)
     return _Plan(
         original, dubbed, orig_info, dub_info, layout, clip, track, analysis.num_frames, warnings, timings,
-        faces=faces, boxes=boxes,
+        faces=faces, boxes=boxes, occluders=occluders,
     )
 
 
@@ -317,9 +351,13 @@ class _Tally:
     last_time: float = 0.0  # where the dub's last frame ends
     dubbed_tracks: list[tuple[int, ...]] = field(default_factory=list)  # per frame
     ratios: dict[int, list[float]] = field(default_factory=dict)  # per track: mouth / reference
+    occluded: list[bool] = field(default_factory=list)  # per frame: an occluder on the dubbed face
+    covered: list[bool] = field(default_factory=list)  # per frame: of those, passed through (mouth covered)
 
     def add(self, state: FrameState, frame: Frame, info: VideoInfo, faces: list[_FaceCheck]) -> None:
         d = state.deltas
+        self.occluded.append(state.occluder is not None)
+        self.covered.append(state.occluder_passed)
         self.dubbed_tracks.append(tuple(f.track_id for f in faces if f.dubbed))
         for f in faces:
             self.ratios.setdefault(f.track_id, []).append(f.ratio)
@@ -421,7 +459,7 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
             crf=crf, preset=preset, audio=plan.clip,
         ) as writer,
     ):
-        for k, pair in enumerate(pairs):
+        for k, pair in enumerate(_settled(pairs, plan.occluders)):
             frame, orig, ended = pair.dub, pair.original, pair.ended
             assert orig is not None  # by time there always is one (held once the original has ended)
             replayed = None
@@ -446,6 +484,26 @@ def _stream(plan: _Plan, output: Path, *, crf: float, preset: str, run: _Progres
     run.finish()
     plan.timings["compare"] = round(time.perf_counter() - start, 3)
     return tally
+
+
+def _settled(pairs: Iterable[FramePair], occluders: OriginalOccluders | None) -> Iterator[FramePair]:
+    """``pairs`` with the occluders of each one's original frame settled: the analysis settles
+    a frame once it has seen the next, so the original is fed up to a frame ahead (a few pairs
+    are held when the dub has more frames per second than the original)."""
+    if occluders is None:
+        yield from pairs
+        return
+    held: deque[FramePair] = deque()
+    for pair in pairs:
+        if pair.original is not None and not pair.ended:
+            occluders.feed(pair.original)
+        else:
+            occluders.finish()  # the original has ended: its last frame settles now
+        held.append(pair)
+        while held and (held[0].original is None or held[0].ended or occluders.ready(held[0].original.index)):
+            yield held.popleft()
+    occluders.finish()
+    yield from held
 
 
 def _replayed_original(
@@ -490,10 +548,14 @@ def _review_frame(
     window = track.window[j]
     own = int(track.track_id[j]) if track.track_id is not None else -1
     dubbed = [c for c in checks if c.dubbed]
+    # The occluders of the policy's face (past the original's end: of the frame replayed).
+    occ = plan.occluders.at(orig.index) if plan.occluders is not None and not ended else None
+    own_window = True
     if dubbed and own not in {c.track_id for c in dubbed}:
         # Another face than the policy's was dubbed (a multi-speaker dub): zoom on that one.
         window = plan.faces[dubbed[0].track_id].window[j]
         has_face = True
+        own_window = False
     zoom: tuple[float, float] | None = None
     if has_face:
         sx, sy = plan.to_dub
@@ -501,12 +563,16 @@ def _review_frame(
         win_d = win_o * np.array([sx, sy, sx, sy])
         orig_mouth = zoom_window(orig.image, win_o, (pw, mh))
         dub_mouth = zoom_window(frame.image, win_d, (pw, mh))
+        if occ is not None and own_window:
+            _outline_occluder(orig_mouth, occ, win_o)
         zoom = (pw / float(win_o[2]), pw / float(win_d[2]))
     else:
         orig_mouth = dub_mouth = no_face_card
     status, reason = _status(ended, has_face, deltas, str(track.reason[j]))
     if status == PASSTHROUGH and dubbed:
         status, reason = DUBBED, ""
+    if status == PASSTHROUGH and occ is not None and occ.passed_through and not track.reason[j]:
+        reason = "mouth covered"  # not "unchanged": the occluder made the dub keep the original
     if replayed:
         reason = f"{reason}; {REPLAY_NOTE}" if reason else REPLAY_NOTE
     state = FrameState(
@@ -521,8 +587,28 @@ def _review_frame(
         replayed=replayed,
         # Boxes only tell faces apart: with one face in the picture the chip says it all.
         dubbed_faces=[(c.track_id, c.box) for c in dubbed] if len(checks) > 1 else [],
+        occluder=occ.label if occ is not None else None,
+        occluder_passed=occ is not None and occ.passed_through,
     )
     return compose(L, orig_panel, dub_panel, orig_mouth, dub_mouth, state), state, checks
+
+
+def _outline_occluder(panel: np.ndarray, occ: Occluder, window: np.ndarray) -> None:
+    """The occluder's outline (crop lattice → original px → enlarged mouth panel) in place;
+    ``window`` is the panel's zoom window (cx, cy, w, h, original px, as :func:`zoom_window`)."""
+    from latentdub.face.alignment import to3x3
+    from latentdub.face.preview import draw_occluder, grid_matrix, mask_to_image
+
+    ph, pw = panel.shape[:2]
+    cx, cy, w, h = (float(v) for v in window)
+    zx, zy = pw / w, ph / h
+    # zoom_window's pixel-centre mapping, inverted: panel px → original px.
+    frame_from_panel = np.array(
+        [[1 / zx, 0.0, (0.5 - pw / 2) / zx + cx - 0.5], [0.0, 1 / zy, (0.5 - ph / 2) / zy + cy - 0.5], [0.0, 0.0, 1.0]]
+    )
+    grid_from_panel = (to3x3(grid_matrix(occ.matrix, occ.resolution, occ.mask.shape[0])) @ frame_from_panel)[:2]
+    region = mask_to_image(occ.mask, grid_from_panel, panel.shape)
+    draw_occluder(panel, region, alpha=0.0, thickness=max(2, ph // 100))
 
 
 @dataclass
@@ -628,6 +714,7 @@ def _summarize(plan: _Plan, tally: _Tally, output: Path) -> CompareResult:
         original_ended_s=None if tally.ended_at is None else round(tally.ended_at, 4),
         frames_replayed=tally.replayed,
         dubbed_tracks=_dubbed_tracks(tally),
+        occlusion=_occlusion(plan, tally),
         warnings=warnings,
         timings=plan.timings,
     )
@@ -653,6 +740,26 @@ def _ranges(tally: _Tally) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _occlusion(plan: _Plan, tally: _Tally) -> dict[str, Any] | None:
+    """Dub frames with an occluder on the dubbed face (kept in front of the dub, or passed
+    through) and, of those, the ones passed through because the mouth is covered."""
+    occ = plan.occluders
+    if occ is None:
+        return None
+    from latentdub.occlusion.tracker import PASS_THROUGH
+
+    kept, covered = np.asarray(tally.occluded, bool), np.asarray(tally.covered, bool)
+    return {
+        "detectors": [d.name for d in occ.occlusion.detectors],
+        "pass_through_coverage": PASS_THROUGH,
+        "resolution": GEOMETRY_RESOLUTION,
+        "frames_occluded": int(kept.sum()),
+        "frames_passed_through": int(covered.sum()),
+        "occluded_ranges": occluder_spans(kept, tally.times, tally.last_time),
+        "passed_through_ranges": occluder_spans(covered, tally.times, tally.last_time),
+    }
 
 
 def _dubbed_tracks(tally: _Tally) -> list[dict[str, Any]]:

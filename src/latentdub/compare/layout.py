@@ -45,6 +45,7 @@ _STYLE: dict[str, tuple[str, tuple[int, int, int]]] = {
 }
 _BAND_COLOUR = (20, 20, 20)
 _REPLAY_COLOUR = (40, 90, 200)  # blue: neither a status colour nor ORIGINAL ENDED's purple
+_OCCLUDER_COLOUR = (255, 0, 255)  # magenta, as the faces preview draws occluders
 _CARD_COLOUR = (96, 96, 96)
 _WHITE = (255, 255, 255)
 _GREY_TEXT = (170, 170, 170)
@@ -207,6 +208,9 @@ class FrameState:
     # Faces whose mouth the dub changed, boxed on the dub's panel when the frame has several
     # faces (track id, face box in panel px); with one face the status chip already says it.
     dubbed_faces: list[tuple[int, Rect]] = field(default_factory=list)
+    # What covers the dubbed mouth ("OCCLUDER KEPT 35%", "PASS-THROUGH: MOUTH COVERED"), or None.
+    occluder: str | None = None
+    occluder_passed: bool = False  # the occluder made the dub keep the original mouth
 
 
 def compose(
@@ -261,6 +265,14 @@ def compose(
     chip_pad = max(2, round(chip_h * 0.35))
     chip_x = bx1 - pad - cw - 2 * chip_pad
     draw_label(canvas, label, (chip_x, by0 + (L.band_height - ch) // 2 - chip_pad), chip_h, _WHITE, colour)
+    if state.occluder:
+        # A second chip, left of the status: what covers the mouth, in the occluder colour.
+        occ_h = fit_height(state.occluder, L.width // 3, lh)
+        ow, oh = text_size(state.occluder, occ_h)
+        occ_pad = max(2, round(occ_h * 0.35))
+        chip_x -= pad + ow + 2 * occ_pad
+        draw_label(canvas, state.occluder, (chip_x, by0 + (L.band_height - oh) // 2 - occ_pad), occ_h, (0, 0, 0),
+                   _OCCLUDER_COLOUR)  # fmt: skip
 
     x, y = L.timecode_origin
     tw, _ = draw_text(canvas, format_timecode(state.time_s), (x, y), L.text_height, _WHITE)

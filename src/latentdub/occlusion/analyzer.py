@@ -10,6 +10,8 @@ with its reference crops (``references(track)``: aligned crops spread over that 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,3 +93,100 @@ class FaceOcclusion:
     def close(self) -> None:
         for d in self.detectors:
             d.close()
+
+
+class VideoReferences:
+    """``references(track)`` for :class:`FaceOcclusion` from a video file: each track's reference
+    crops, read by seeking with a decoder of its own (the caller's stays in order), cut with the
+    face's matrices (``matrices[i]``: frame i → crop) and kept per track."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        pts: np.ndarray,
+        *,
+        rotation: int,
+        aligner: Any,  # face.Aligner at the dub's resolution
+        matrices: np.ndarray,  # (N, 2, 3) per input frame
+        tracks: np.ndarray | None,  # (N,) track per input frame (-1: none); None: one track
+        usable: np.ndarray | None = None,  # (N,) bool: frames where the face is there
+    ) -> None:
+        self.path, self.pts, self.rotation = path, np.asarray(pts), rotation
+        self.aligner, self.matrices, self.tracks, self.usable = aligner, matrices, tracks, usable
+        self._cache: dict[int, np.ndarray] = {}
+        self._source: Any = None
+
+    def frames_of(self, track: int) -> np.ndarray:
+        if self.tracks is not None:
+            mask = np.asarray(self.tracks) == track
+        else:
+            mask = np.ones(len(self.matrices), bool)
+        if self.usable is not None:
+            mask &= np.asarray(self.usable, bool)
+        return np.flatnonzero(mask)
+
+    def __call__(self, track: int) -> np.ndarray:
+        if track not in self._cache:
+            idx = reference_indices(self.frames_of(track))
+            res = self.aligner.resolution
+            if len(idx) == 0:
+                crops = np.zeros((0, res, res, 3), np.uint8)
+            else:
+                if self._source is None:
+                    from latentdub.media.frame_source import FrameSource
+
+                    self._source = FrameSource(self.path, self.pts, rotation=self.rotation, cache_bytes=64 * 2**20)
+                    self._source.__enter__()
+                crops = self.aligner.warp_batch([self._source.get(int(i)) for i in idx], self.matrices[idx])
+            if len(self._cache) >= 8:  # a long video has many shots: keep the recent ones
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[track] = crops
+        return self._cache[track]
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.__exit__(None, None, None)
+            self._source = None
+        self._cache.clear()
+
+
+class SelectedFaceOcclusion:
+    """The occluders of one selected face over a video's frames in decode order (``faces
+    --preview``, ``compare``): :meth:`feed` each frame once, increasing; get the settled frames."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        pts: np.ndarray,
+        *,
+        rotation: int,
+        resolution: int,
+        matrices: np.ndarray,
+        valid: np.ndarray,
+        tracks: np.ndarray,
+        detectors: Sequence[OccluderDetector] | None = None,
+    ) -> None:
+        from latentdub.face import Aligner
+
+        self.aligner = Aligner(resolution)
+        self.matrices, self.valid, self.tracks = np.asarray(matrices), np.asarray(valid, bool), np.asarray(tracks)
+        self.references = VideoReferences(path, pts, rotation=rotation, aligner=self.aligner, matrices=self.matrices,
+                                          tracks=self.tracks, usable=self.valid)  # fmt: skip
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
+        self.analyzer = FaceOcclusion(self.detectors, self.references)
+
+    def dubbed(self, index: int) -> bool:
+        return 0 <= index < len(self.valid) and bool(self.valid[index])
+
+    def feed(self, index: int, image: np.ndarray) -> list[OccluderFrame]:
+        if not self.dubbed(index):
+            return self.analyzer.end()  # the face's run ends: flush its last frame
+        m = self.matrices[index]
+        return self.analyzer.observe(index, FaceView(image, self.aligner.warp(image, m), m, int(self.tracks[index])))
+
+    def finish(self) -> list[OccluderFrame]:
+        return self.analyzer.end()
+
+    def close(self) -> None:
+        self.analyzer.close()
+        self.references.close()

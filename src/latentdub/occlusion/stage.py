@@ -9,7 +9,8 @@ keeps each occluder visible in the conditioning image and in the composite, the 
 cuts it out of the blend weights and applies the pass-through fade; the stage records which
 output frames were occluded and which passed through, for :class:`~latentdub.pipeline.DubResult`.
 
-Reference crops of a track come from a second decoder (the main one stays in order).
+Reference crops of a track come from a second decoder (the main one stays in order):
+:class:`~latentdub.occlusion.analyzer.VideoReferences`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdub.occlusion.analyzer import FaceOcclusion, default_detectors, reference_indices
+from latentdub.occlusion.analyzer import FaceOcclusion, VideoReferences, default_detectors
 from latentdub.occlusion.base import FaceView, OccluderDetector
 from latentdub.occlusion.tracker import OccluderFrame
 from latentdub.runs import true_runs
@@ -46,7 +47,7 @@ class OcclusionStage:
         self._slots: dict[int, FaceOcclusion] = {}
         self._pushed: dict[int, int] = {}  # per lane: the last output frame fed
         self._settled: dict[int, dict[int, OccluderFrame]] = {}
-        self._refs: Any = None  # FrameSource for reference crops, opened on first use
+        self._refs: list[VideoReferences] = []
 
     # -- the hook ----------------------------------------------------------------------------
     def __call__(self, window: Any, frame_at: Callable[[int], np.ndarray]) -> None:
@@ -90,37 +91,21 @@ class OcclusionStage:
 
     def _slot(self, lane_index: int) -> FaceOcclusion:
         if lane_index not in self._slots:
-            self._slots[lane_index] = FaceOcclusion(
-                self.make_detectors(), lambda track, li=lane_index: self._references(li, track),
-                pass_through=self.pass_through,
-            )
+            job, lane = self.job, self.job.lanes[lane_index]
+            refs = VideoReferences(job.video, job.source_pts, rotation=job.rotation, aligner=self.aligner,
+                                   matrices=lane.matrices, tracks=lane.tracks,
+                                   usable=~np.isnan(lane.boxes).any(axis=1))  # fmt: skip
+            self._refs.append(refs)
+            self._slots[lane_index] = FaceOcclusion(self.make_detectors(), refs, pass_through=self.pass_through)
         return self._slots[lane_index]
-
-    def _references(self, lane_index: int, track: int) -> np.ndarray:
-        """Aligned crops of ``track`` spread over its frames (the appearance reference)."""
-        from latentdub.media.frame_source import FrameSource
-
-        lane = self.job.lanes[lane_index]
-        if lane.tracks is not None:
-            frames = np.flatnonzero(lane.tracks == track)
-        else:
-            frames = np.flatnonzero(~np.isnan(lane.boxes).any(axis=1))
-        idx = reference_indices(frames)
-        if len(idx) == 0:
-            return np.zeros((0, self.aligner.resolution, self.aligner.resolution, 3), np.uint8)
-        if self._refs is None:
-            job = self.job
-            self._refs = FrameSource(job.video, job.source_pts, rotation=job.rotation, cache_bytes=64 * 2**20)
-            self._refs.__enter__()
-        return self.aligner.warp_batch([self._refs.get(int(i)) for i in idx], lane.matrices[idx])
 
     def close(self) -> None:
         for slot in self._slots.values():
             slot.close()
         self._slots.clear()
-        if self._refs is not None:
-            self._refs.__exit__(None, None, None)
-            self._refs = None
+        for refs in self._refs:
+            refs.close()
+        self._refs.clear()
 
     # -- the report --------------------------------------------------------------------------
     def passed_through(self, dubbed: np.ndarray) -> np.ndarray:
