@@ -126,7 +126,7 @@ def faces(
 class PreviewOcclusion:
     """The occluders of the selected face, for the preview: a stage that takes the decoded frames
     in order and yields each with its overlay (:class:`~latentdub.face.preview.OccluderOverlay`,
-    None where nothing covers the face), one frame later (the analysis settles a frame once it
+    None where nothing covers the face), a few frames later (the analysis settles a frame once it
     has seen the next); it keeps per frame whether the face was occluded or passed through.
 
     Crops are cut at the selection's resolution, as a dub cuts them; each track's reference crops

@@ -4,7 +4,7 @@ The occlusion analysis (:class:`~latentdub.occlusion.analyzer.FaceOcclusion`, th
 is fed the original's frames as the review decodes them, on the face the dub's own face choice
 uses (strict :func:`~latentdub.face.select_face` at 256 px: the occluder lattice covers the same
 part of the face at any crop size). A frame is settled once the next one has been seen, so the
-stream looks one original frame ahead (:meth:`OriginalOccluders.ready`). Each track's reference
+stream looks a few original frames ahead (:data:`~latentdub.occlusion.tracker.DELAY`, :meth:`OriginalOccluders.ready`). Each track's reference
 crops (frames spread over it) are read by seeking in the original
 (:class:`~latentdub.media.frame_source.FrameSource`), so memory stays a few frames; per analysed
 frame only the coverage, the decision and, where something covers the face, the mask packed to
@@ -22,6 +22,7 @@ import numpy as np
 
 from latentdub.compare.mouth import GEOMETRY_RESOLUTION
 from latentdub.media.reader import Frame
+from latentdub.occlusion.tracker import DELAY
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ class OriginalOccluders:
 
     def ready(self, index: int) -> bool:
         """Whether original frame ``index`` is settled (or never will be: not dubbed, not fed)."""
-        return index in self._results or index < self._last or not self._dubbed(index) or index >= self.num_frames
+        # The analysis holds DELAY frames back: a frame fed that long ago has been settled, or
+        # was never settled (not analysed).
+        return (index in self._results or index <= self._last - DELAY or not self._dubbed(index)
+                or index >= self.num_frames)  # fmt: skip
 
     def _dubbed(self, index: int) -> bool:
         return index < self.num_frames and bool(self.valid[index])

@@ -2,7 +2,8 @@
 
 :class:`FaceOcclusion` is what the render engine, ``faces --preview``, ``compare`` and the
 benchmark all drive: :meth:`~FaceOcclusion.observe` a face view per output frame in order, get
-the settled :class:`~latentdub.occlusion.tracker.OccluderFrame` s back one frame later. A change
+the settled :class:`~latentdub.occlusion.tracker.OccluderFrame` s back a few frames later
+(:data:`~latentdub.occlusion.tracker.DELAY`). A change
 of track (another face, or a scene cut) ends the run and starts the detectors on the new track
 with its reference crops (``references(track)``: aligned crops spread over that track).
 """

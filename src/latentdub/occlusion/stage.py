@@ -3,8 +3,9 @@
 :class:`OcclusionStage` is the render engine's window hook (:class:`~latentdub.render.FrameReader`
 calls it in the source thread, after decoding and cutting the crops). Per lane it feeds the
 window's frames to a :class:`~latentdub.occlusion.analyzer.FaceOcclusion`, plus the lane's next
-frame when the lane goes on (the temporal vote needs one frame ahead; the frame cache makes
-that peek free), so every frame of the window is settled when the window leaves. The diffusion
+few frames when the lane goes on (the vote and the pass-through fade look
+:data:`~latentdub.occlusion.tracker.DELAY` frames ahead; the frame cache makes that peek cheap),
+so every frame of the window is settled when the window leaves. The diffusion
 keeps each occluder visible in the conditioning image and in the composite, the paste-back
 cuts it out of the blend weights and applies the pass-through fade; the stage records which
 output frames were occluded and which passed through, for :class:`~latentdub.pipeline.DubResult`.
@@ -22,7 +23,7 @@ import numpy as np
 
 from latentdub.occlusion.analyzer import FaceOcclusion, VideoReferences, default_detectors
 from latentdub.occlusion.base import FaceView, OccluderDetector
-from latentdub.occlusion.tracker import OccluderFrame
+from latentdub.occlusion.tracker import DELAY, OccluderFrame
 from latentdub.runs import true_runs
 
 
@@ -57,20 +58,23 @@ class OcclusionStage:
             lane = job.lanes[lane_index]
             slot = self._slot(lane_index)
             last = self._pushed.get(lane_index)
-            if last is not None and last != window.start - 1 and last < window.start:
+            if last is not None and last < window.start - 1:
                 self._store(lane_index, slot.end())  # the lane paused: a new run
                 last = None
             for j, k in enumerate(range(window.start, window.stop)):
                 if last is not None and k <= last:
                     continue  # peeked with the previous window
                 self._feed(lane_index, slot, k, window.frames[j], window.crops[n][j])
-            k = window.stop
-            if k < job.num_frames and bool(lane.dub[k]):
+            # Peek ahead as far as the tracker holds frames back, so the whole window settles.
+            for k in range(window.stop, window.stop + DELAY):
+                if k >= job.num_frames or not bool(lane.dub[k]):
+                    self._store(lane_index, slot.end())
+                    break
+                if k <= self._pushed[lane_index]:
+                    continue
                 src = int(job.timeline.source_index[k])
                 frame = frame_at(src)
                 self._feed(lane_index, slot, k, frame, self.aligner.warp(frame, lane.matrices[src]))
-            else:
-                self._store(lane_index, slot.end())
             settled = self._settled[lane_index]
             window.occlusion.append([settled.pop(k) for k in range(window.start, window.stop)])
 

@@ -1,22 +1,25 @@
 """One face's occluder mask over time: thresholds, a 3-frame majority, coverage, pass-through.
 
-Frames go in one at a time, in output order, with the detectors' evidence; each comes out one
-frame later (the majority vote needs the next frame) as an :class:`OccluderFrame`:
+Frames go in one at a time, in output order, with the detectors' evidence; each comes out
+:data:`DELAY` frames later (the vote needs the next frame, the fade three more) as an
+:class:`OccluderFrame`:
 
 * the mask: evidence ≥ 0.5, specks removed, then per cell the majority of the previous, this and
   the next frame, so one stray frame neither adds nor removes an occluder (hands, found by a
   hand model with landmarks, are added without the vote: a hand is never painted over);
 * coverage: the share of the lips zone (:func:`~latentdub.occlusion.base.mouth_zone`) covered;
-* pass-through: once coverage reaches ``pass_through`` (0.6) the generated mouth fades out over
-  :data:`FADE_FRAMES` frames (weights 3/4, 2/4, 1/4) and the frame is the original; it fades
-  back in the same way once coverage falls below ``pass_through - 0.1`` (hysteresis: a mouth
-  half behind a bobbing microphone does not blink in and out);
+* pass-through: where coverage reaches ``pass_through`` (0.6) the frame is the original; the
+  generated mouth fades out over the :data:`FADE_FRAMES` frames before (weights 3/4, 2/4, 1/4)
+  and back in over the three after, so every passed-through frame is the original's; it ends
+  once coverage falls below ``pass_through - 0.1`` (hysteresis: a mouth half behind a bobbing
+  microphone does not blink in and out);
 * :meth:`OccluderFrame.soft_mask`: the mask at crop resolution, 1 on the occluder and one crop
   pixel around it, feathered outwards, so the original's occluder pixels are pasted exactly.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -89,20 +92,26 @@ class OcclusionTrack:
     """The occluder state of one dubbed face slot (a lane) over consecutive output frames.
 
     :meth:`push` one frame's evidence (``soft``: voted over time; ``hard``: kept as found, e.g.
-    hands) and get back the frames now settled (the previous one); :meth:`end` flushes the last
-    frame when the face's run ends (a gap, a cut, the video's end), and the next push starts
+    hands) and get back the frames now settled, :data:`DELAY` frames behind (one for the vote,
+    ``fade_frames`` to see a pass-through coming and fade out before it); :meth:`end` flushes
+    the rest when the face's run ends (a gap, a cut, the video's end), and the next push starts
     afresh.
     """
 
     def __init__(self, *, pass_through: float = PASS_THROUGH, fade_frames: int = FADE_FRAMES) -> None:
         self.pass_through = pass_through
-        self.fade_step = 1.0 / (fade_frames + 1)
+        self.fade_frames = fade_frames
         self._zone = mouth_zone(GRID)
         self._zone_cells = float(self._zone.sum())
+        self._reset()
+
+    def _reset(self) -> None:
         self._prev: np.ndarray | None = None  # the soft mask of the frame before the pending one
+        self._prev_hard: np.ndarray | None = None
         self._pending: tuple[int, np.ndarray, np.ndarray | None] | None = None
-        self._weight: float | None = None
+        self._voted: deque[tuple[int, np.ndarray, float, bool]] = deque()  # decided, not yet out
         self._passing = False
+        self._last_passing: int | None = None  # the latest frame that passed through
 
     def push(self, index: int, soft: np.ndarray, hard: np.ndarray | None = None) -> list[OccluderFrame]:
         s = clean(soft)
@@ -112,21 +121,27 @@ class OcclusionTrack:
             if index != self._pending[0] + 1:  # not the next frame: the run ended
                 out += self.end()
             else:
-                out.append(self._settle(nxt=s))
+                self._vote(nxt=s, nxt_hard=h)
         self._pending = (index, s, h)
+        while self._voted and self._voted[-1][0] - self._voted[0][0] >= self.fade_frames:
+            out.append(self._emit())
         return out
 
     def end(self) -> list[OccluderFrame]:
-        """Flush the pending frame; the next :meth:`push` starts a new run."""
-        out = [] if self._pending is None else [self._settle(nxt=None)]
-        self._prev, self._pending, self._weight, self._passing = None, None, None, False
+        """Flush every frame held; the next :meth:`push` starts a new run."""
+        if self._pending is not None:
+            self._vote(nxt=None, nxt_hard=None)
+        out = []
+        while self._voted:
+            out.append(self._emit())
+        self._reset()
         return out
 
-    def _settle(self, nxt: np.ndarray | None) -> OccluderFrame:
+    def _vote(self, nxt: np.ndarray | None, nxt_hard: np.ndarray | None) -> None:
         assert self._pending is not None
         index, cur, hard = self._pending
-        prev = self._prev
-        self._prev = cur
+        prev, prev_hard = self._prev, self._prev_hard
+        self._prev, self._prev_hard = cur, hard
         if prev is None and nxt is None:
             mask = cur.copy()
         elif prev is None or nxt is None:  # a run's first or last frame: the one neighbour it has
@@ -138,25 +153,39 @@ class OcclusionTrack:
         else:
             votes = prev.astype(np.uint8) + cur + nxt
             mask = votes >= 2
-        if hard is not None:
-            mask |= hard
+        # Hands move fast and a hand half in view is found late: where one is found on this
+        # frame or a neighbour, it is kept on this frame too.
+        for h in (hard, prev_hard, nxt_hard):
+            if h is not None:
+                mask |= h
         coverage = float((mask & self._zone).sum()) / self._zone_cells
-        return self._decide(index, mask, coverage)
+        # Hysteresis: a mouth half behind a bobbing microphone does not blink in and out.
+        limit = self.pass_through - HYSTERESIS if self._passing else self.pass_through
+        self._passing = coverage >= limit
+        self._voted.append((index, mask, coverage, self._passing))
 
-    def _decide(self, index: int, mask: np.ndarray, coverage: float) -> OccluderFrame:
-        if self._passing:
-            self._passing = coverage >= self.pass_through - HYSTERESIS
-        else:
-            self._passing = coverage >= self.pass_through
-        target = 0.0 if self._passing else 1.0
-        if self._weight is None:  # a run's first frame: no fade from nothing
-            self._weight = target
-        elif target < self._weight:
-            self._weight = max(target, self._weight - self.fade_step)
-        elif target > self._weight:
-            self._weight = min(target, self._weight + self.fade_step)
-        weight = round(self._weight, 6)
-        return OccluderFrame(index, mask, coverage, weight, self._passing)
+    def _emit(self) -> OccluderFrame:
+        """The oldest decided frame, with its weight: 0 when it passes through, else the
+        crossfade to the nearest pass-through within ``fade_frames`` (before or after it)."""
+        index, mask, coverage, passing = self._voted.popleft()
+        if passing:
+            self._last_passing = index
+            return OccluderFrame(index, mask, coverage, 0.0, True)
+        gap = self.fade_frames + 1
+        if self._last_passing is not None:
+            gap = min(gap, index - self._last_passing)
+        for later, *_, later_passing in self._voted:
+            if later - index > self.fade_frames:
+                break
+            if later_passing:
+                gap = min(gap, later - index)
+                break
+        return OccluderFrame(index, mask, coverage, round(gap / (self.fade_frames + 1), 6), False)
+
+
+#: Frames an :class:`OcclusionTrack` holds before a frame is settled (the vote's look-ahead and
+#: the fade's): a caller that peeks ahead needs this many frames beyond what it emits.
+DELAY = 1 + FADE_FRAMES
 
 
 def _big(mask: np.ndarray) -> np.ndarray:
