@@ -86,6 +86,12 @@ def test_check_webhook_url() -> None:
 
 
 # -- delivery to a real receiver ----------------------------------------------------------------
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) resets connections when many deliveries arrive at once on
+    # a busy machine; a real receiver's is larger.
+    request_queue_size = 128
+
+
 class Receiver:
     """A tiny HTTP server on 127.0.0.1 that verifies signatures and answers planned statuses."""
 
@@ -112,7 +118,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -21,6 +21,14 @@ from latentdub.occlusion.base import GRID, FaceView
 MAX_SIDE = 256
 CONTEXT = 1.6  # the square around the crop that hands are searched in, in crop sizes
 FINGER = 0.12  # hull growth, as a share of the hand's size (a finger's width)
+# Palm detection and landmark presence, and the model size. The light model at 0.5 or 0.7 sees
+# "hands" in talking faces (infinitetalk_hdtf_man frames 53-63, sadtalker_wda_katiehill frames
+# 133-140, tracked on for up to 10 frames: 94.5 % clean frames there); the full model at 0.5
+# in retalking_face2 (93.6 %) and costs ~3 ms/frame more. The light model at 0.8 finds none on
+# the clean clips of shared/media and still most of the pasted real hands (bench/bench_occlusion.py),
+# though it loses some hands that 0.7 keeps.
+MIN_CONFIDENCE = 0.8
+COMPLEXITY = 0
 
 
 class HandDetector:
@@ -29,7 +37,7 @@ class HandDetector:
     name = "hands"
     keep_as_found = True  # landmarks are evidence enough: a hand is never voted away
 
-    def __init__(self, *, min_confidence: float = 0.5, complexity: int = 0) -> None:
+    def __init__(self, *, min_confidence: float = MIN_CONFIDENCE, complexity: int = COMPLEXITY) -> None:
         self.min_confidence = min_confidence
         self.complexity = complexity
         self._hands: Any = None
